@@ -1,0 +1,102 @@
+"""What every family adapter provides to the generic loop in ``dymu_viz.encoder``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..encoder import BlockParts, EncoderResult, MergeConfig, run_blocks
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, heads*D) -> (B, heads, N, D)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def separate_qkv(q: nn.Module, k: nn.Module, v: nn.Module, heads: int) -> Callable:
+    """qkv callable for blocks with three projection layers (HF CLIP / SigLIP)."""
+    return lambda h: (split_heads(q(h), heads), split_heads(k(h), heads), split_heads(v(h), heads))
+
+
+def fused_qkv(weight: Tensor, bias: Tensor | None, heads: int) -> Callable:
+    """qkv callable for blocks with one packed in-projection (open_clip, timm)."""
+    def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        packed = torch.nn.functional.linear(h, weight, bias).unflatten(-1, (3, heads, -1))
+        return tuple(packed.permute(2, 0, 3, 1, 4).unbind(0))  # 3 x (B, heads, N, D)
+    return qkv
+
+
+def optional(module: nn.Module) -> nn.Module | None:
+    """None for an Identity layer (skipped by the loop), else the module."""
+    return None if isinstance(module, nn.Identity) else module
+
+
+class EncoderAdapter:
+    """Base adapter: subclasses name their family and fill in embed / blocks / finish."""
+
+    family: str = ""
+    protected: int = 0
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.check_supported()
+        self.blocks: list[BlockParts] = self.build_blocks()
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def check_supported(self) -> None:
+        """Raise NotImplementedError for configurations the adapter does not cover."""
+
+    def build_blocks(self) -> list[BlockParts]:
+        raise NotImplementedError
+
+    def expected_size(self) -> tuple[int, int] | None:
+        """(H, W) the encoder accepts, or None when any size is fine."""
+        return None
+
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def embed(self, pixels: Tensor, **kwargs: Any) -> Tensor:
+        """(B, 3, H, W) -> (B, N0, C) tokens entering the first block."""
+        raise NotImplementedError
+
+    def pool(self, result: EncoderResult) -> Tensor | None:
+        """The family's pooled output, respecting sizes and padding."""
+        return None
+
+    def forward(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+        """The patched module's forward, with the unpatched signature and return type."""
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def check_pixels(self, pixels: Tensor, resize_ok: bool = False) -> None:
+        if not isinstance(pixels, Tensor) or pixels.dim() != 4:
+            got = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(f"{self.family} encoder expects pixels of shape (B, 3, H, W), got {got}")
+        expected = self.expected_size()
+        if expected is not None and not resize_ok and tuple(pixels.shape[-2:]) != tuple(expected):
+            raise ValueError(
+                f"{self.family} encoder expects {expected[0]}x{expected[1]} images, got "
+                f"{pixels.shape[-2]}x{pixels.shape[-1]}; preprocess with the model's own transform")
+        if torch.isnan(pixels).any():
+            raise ValueError("input pixels contain NaN; check the image loading and preprocessing")
+
+    def run(self, pixels: Tensor, config: MergeConfig, output_hidden_states: bool = False,
+            **embed_kwargs: Any) -> EncoderResult:
+        """Embed, run every block with merging, pool."""
+        self.check_pixels(pixels, resize_ok=bool(embed_kwargs.get("interpolate_pos_encoding")))
+        config.check_depth(self.depth, self.family)
+        x = self.embed(pixels, **embed_kwargs)
+        ph, pw = self.patch_size()
+        grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+        result = run_blocks(x, self.blocks, config, self.protected, grid, output_hidden_states)
+        result.pooled = self.pool(result)
+        return result

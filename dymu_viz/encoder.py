@@ -1,0 +1,182 @@
+"""One generic merging ViT loop, shared by every model family.
+
+An adapter (see ``dymu_viz.adapters``) says where a family keeps its pieces; this module runs
+them:
+
+    embed -> for each block:  h = norm1(x); q, k, v = qkv(h)
+                              x = x + ls1(proj(SDPA(q, k, v, bias = log size + padding)))
+                              merge (DToMe / ToMe / calibration) using k averaged over heads
+                              x = x + ls2(mlp(norm2(x)))
+          -> the family's own pooling / output, made aware of sizes and padding.
+
+Proportional attention is an additive float mask ``log(size)`` on keys (finfo.min on padding)
+given to ``scaled_dot_product_attention`` before the softmax. Until a first merge happens the
+mask is omitted, so with merging off the kernels are those of the unpatched model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import merge
+
+MODES = ("off", "threshold", "fixed_r", "calibrate")
+
+
+@dataclass
+class BlockParts:
+    """The pieces of one pre-norm transformer block. ``qkv`` maps (B, N, C) to three
+    (B, heads, N, head_dim) tensors; ``proj`` maps (B, N, heads*head_dim) to (B, N, C).
+    ls1 / ls2 are layer-scales (None when the block has none)."""
+
+    norm1: Callable[[Tensor], Tensor]
+    qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    proj: Callable[[Tensor], Tensor]
+    norm2: Callable[[Tensor], Tensor]
+    mlp: Callable[[Tensor], Tensor]
+    ls1: Optional[Callable[[Tensor], Tensor]] = None
+    ls2: Optional[Callable[[Tensor], Tensor]] = None
+
+
+@dataclass
+class MergeConfig:
+    """What every layer does. ``values[i]`` is tau_i (threshold), r_i (fixed_r, calibrate)."""
+
+    mode: str = "off"
+    thresholds: Optional[list[float]] = None  # per layer, threshold mode
+    r: Optional[list[int]] = None  # per layer; in threshold mode r_i = 0 disables layer i
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown merge mode {self.mode!r}; choose one of {', '.join(MODES)}")
+
+    def check_depth(self, layers: int, family: str) -> None:
+        for name, values in (("thresholds", self.thresholds), ("r", self.r)):
+            if values is not None and len(values) != layers:
+                raise ValueError(
+                    f"{len(values)} {name} given but the {family} encoder has {layers} layers; "
+                    f"give exactly one value per layer (calibrate thresholds for this model)")
+        if self.thresholds is not None and any(t != t for t in self.thresholds):
+            raise ValueError("a threshold is NaN; thresholds must be numbers (use inf to disable a layer)")
+
+    def select(self, i: int, best: Tensor, size: Tensor, protected: int) -> tuple[Optional[Tensor], Optional[float]]:
+        """Edges to merge at layer i: (src (B, Na) bool or None, batch threshold or None)."""
+        r_i = self.r[i] if self.r is not None else None
+        if self.mode == "off" or r_i == 0:
+            return None, None
+        if self.mode == "threshold":
+            return merge.select_threshold(best, size, self.thresholds[i], protected), None
+        if self.mode == "fixed_r":
+            return merge.select_fixed_r(best, size, r_i, protected), None
+        return merge.select_batch_top(best, size, r_i, protected)
+
+
+@dataclass
+class EncoderResult:
+    """Everything DToMe knows about one encoder call, per image.
+
+    tokens: (B, N, C) output of the last block (padded; before any final norm);
+    sizes: (B, N) patches per token, 0 on padding; groups: (B, N0) row of every original token;
+    counts: (B, L+1) valid tokens after the embedding and after every block;
+    layer_sizes / layer_groups: the same after every block (L+1 entries, first = input);
+    hidden_states: L+1 padded (B, N_l, C) block outputs when requested, else None;
+    pooled: the model's pooled output (None where the family has none);
+    batch_thresholds: per layer, the calibration value of this batch (calibrate mode).
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    groups: Tensor
+    counts: Tensor
+    layer_sizes: list[Tensor]
+    layer_groups: list[Tensor]
+    protected: int
+    grid: tuple[int, int]
+    hidden_states: Optional[tuple[Tensor, ...]] = None
+    pooled: Optional[Tensor] = None
+    batch_thresholds: list[Optional[float]] = field(default_factory=list)
+
+    @property
+    def padding_mask(self) -> Tensor:
+        """(B, N) bool, True on padding slots."""
+        return self.sizes == 0
+
+    @property
+    def n_tokens(self) -> Tensor:
+        """(B,) valid output tokens per image."""
+        return self.counts[:, -1]
+
+    def image_tokens(self, b: int) -> Tensor:
+        """(n_b, C) the valid output tokens of image b."""
+        return self.tokens[b, : int(self.counts[b, -1])]
+
+    def layer_padding_mask(self, layer: int) -> Tensor:
+        return self.layer_sizes[layer] == 0
+
+    def membership(self, layer: int = -1) -> Tensor:
+        """Dense (B, N_l, N0) 0/1 provenance at a layer (0 = input, -1 = last)."""
+        return merge.membership(self.layer_groups[layer], self.layer_sizes[layer].shape[1])
+
+    def patch_groups(self, layer: int = -1) -> Tensor:
+        """(B, gh, gw) group id of every image patch (protected tokens dropped), for maps."""
+        groups = self.layer_groups[layer][:, self.protected:]
+        return groups.reshape(groups.shape[0], *self.grid)
+
+
+def attention_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, 1, 1, N) additive mask: log(size) on valid keys, the most negative value on padding."""
+    bias = torch.where(size > 0, size.clamp_min(1).log(), torch.finfo(dtype).min)
+    return bias.to(dtype)[:, None, None, :]
+
+
+def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """Mean over original patches: size-weighted mean of (B, N, C) tokens; padding weighs 0."""
+    w = size.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+
+def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, protected: int,
+               grid: tuple[int, int], output_hidden_states: bool = False) -> EncoderResult:
+    """Run the transformer blocks on embedded tokens x: (B, N0, C) with merging."""
+    B, N0, _ = x.shape
+    size = torch.ones((B, N0), dtype=torch.float32, device=x.device)
+    groups = torch.arange(N0, device=x.device).expand(B, N0).contiguous()
+    layer_sizes, layer_groups = [size], [groups]
+    hidden = [x] if output_hidden_states else None
+    batch_thresholds: list[Optional[float]] = []
+    merged = False
+    for i, blk in enumerate(blocks):
+        h = blk.norm1(x)
+        q, k, v = blk.qkv(h)
+        bias = attention_bias(size, q.dtype) if merged else None
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        a = blk.proj(a.transpose(1, 2).flatten(2))
+        x = x + (blk.ls1(a) if blk.ls1 is not None else a)
+
+        src, tau = None, None
+        if config.mode != "off" and int(merge.merge_cap(size, protected).max()) > 0:
+            best, dst = merge.bipartite_scores(k.mean(1), size, protected)
+            src, tau = config.select(i, best, size, protected)
+        batch_thresholds.append(tau)
+        if src is not None and bool(src.any()):
+            x, size, groups = merge.merge_tokens(x, size, groups, src, dst)
+            merged = True
+
+        m = blk.mlp(blk.norm2(x))
+        x = x + (blk.ls2(m) if blk.ls2 is not None else m)
+        layer_sizes.append(size)
+        layer_groups.append(groups)
+        if hidden is not None:
+            hidden.append(x)
+    counts = torch.stack([(s > 0).sum(-1) for s in layer_sizes], dim=1)
+    return EncoderResult(
+        tokens=x, sizes=size, groups=groups, counts=counts, layer_sizes=layer_sizes,
+        layer_groups=layer_groups, protected=protected, grid=grid,
+        hidden_states=tuple(hidden) if hidden is not None else None,
+        batch_thresholds=batch_thresholds if config.mode == "calibrate" else [],
+    )

@@ -1,0 +1,129 @@
+"""Bipartite token matching and size-weighted merging: pure tensor functions.
+
+Shapes: B images, N current tokens (padded to the longest image), C channels, N0 original
+tokens, Na = ceil(N/2) "A" tokens (even slots), Nb = N//2 "B" tokens (odd slots).
+
+Conventions shared by every path (fixed r, threshold, calibration; one image or a batch):
+
+* Each image's valid tokens form a prefix of its row; padding follows. A padding slot has
+  ``size == 0``, so ``valid = size > 0`` and no separate mask has to be kept in sync.
+* ``protected`` leading tokens (1 for a CLS token, else 0) are never sources; they are A
+  tokens (slot 0), so they are never destinations either.
+* After a merge, surviving tokens keep their relative order (stable compaction) and each
+  merged source is added into its destination. An image that merges nothing keeps its rows
+  untouched. The order therefore depends only on the image itself, never on the batch.
+* Provenance is a group id per original token: ``groups[b, p]`` is the row that original
+  token ``p`` lives in now. The dense 0/1 membership matrix is built only on demand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Matching and merging run in at least float32 (bf16 scores tie far too often)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def bipartite_scores(metric: Tensor, size: Tensor, protected: int = 0) -> tuple[Tensor, Tensor]:
+    """Best B partner of every A token by cosine similarity.
+
+    metric: (B, N, C) similarity features (keys averaged over heads); size: (B, N), 0 = padding.
+    Returns best: (B, Na) edge scores (-inf for protected and padded A slots, or when the
+    image has no valid B token) and dst: (B, Na) index of the chosen B token.
+    """
+    m = metric.to(score_dtype(metric.dtype))
+    m = m / m.norm(dim=-1, keepdim=True)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # (B, Na, Nb)
+    valid = size > 0
+    scores = scores.masked_fill(~valid[:, 1::2, None].transpose(1, 2), -torch.inf)
+    scores = scores.masked_fill(~valid[:, ::2, None], -torch.inf)
+    scores[:, :protected] = -torch.inf
+    best, dst = scores.max(dim=-1)
+    return best, dst
+
+
+def merge_cap(size: Tensor, protected: int) -> Tensor:
+    """Most merges an image may make in one layer: floor((n_valid - protected) / 2). (B,)"""
+    n_valid = (size > 0).sum(-1)
+    return (n_valid - protected).clamp_min(0) // 2
+
+
+def edge_ranks(best: Tensor) -> Tensor:
+    """Rank of each A edge inside its image, 0 = best score; ties broken by slot. (B, Na)"""
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(-1, order, torch.arange(best.shape[-1], device=best.device).expand_as(order))
+
+
+def select_fixed_r(best: Tensor, size: Tensor, r: int, protected: int) -> Tensor:
+    """ToMe: the r best edges of every image (capped). Returns src: (B, Na) bool."""
+    cap = merge_cap(size, protected).clamp_max(max(r, 0))
+    return (edge_ranks(best) < cap[:, None]) & torch.isfinite(best)
+
+
+def select_threshold(best: Tensor, size: Tensor, tau: float, protected: int) -> Tensor:
+    """DToMe inference: every edge scoring strictly above tau, capped per image. (B, Na) bool."""
+    cap = merge_cap(size, protected)
+    return (best > tau) & (edge_ranks(best) < cap[:, None])
+
+
+def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int) -> tuple[Tensor, float | None]:
+    """Calibration: the B*r best edges of the whole batch (spec section 3.2).
+
+    r is first capped by the longest image's merge cap, as in the reference. Padded and
+    protected slots (score -inf) are never picked. Returns src: (B, Na) bool and the batch
+    threshold: the score of the best edge *not* picked, clamped to >= 0, or None when every
+    valid edge was picked (the batch says nothing about the threshold then).
+    """
+    r = min(r, int(merge_cap(size, protected).max()))
+    flat = best.flatten()
+    n_edges = int(torch.isfinite(flat).sum())
+    k = min(best.shape[0] * max(r, 0), n_edges)
+    order = flat.argsort(descending=True, stable=True)
+    src = torch.zeros_like(flat, dtype=torch.bool)
+    src[order[:k]] = True
+    tau = max(float(flat[order[k]]), 0.0) if k < n_edges else None
+    return src.view_as(best), tau
+
+
+def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Size-weighted merge of every selected A token into its B partner.
+
+    x: (B, N, C); size: (B, N); groups: (B, N0); src, dst: (B, Na) from the selection and
+    bipartite_scores. Returns x: (B, N', C), size: (B, N'), groups: (B, N0) with
+    N' = the largest surviving count. Features are averaged in at least float32.
+    """
+    B, N, C = x.shape
+    is_src = torch.zeros_like(size, dtype=torch.bool)
+    is_src[:, ::2] = src
+    survive = (size > 0) & ~is_src
+    pos = survive.long().cumsum(-1) - 1  # new row of every surviving token
+    n_new = int(survive.sum(-1).max())
+    dump = n_new  # one scratch row that collects padding; dropped below
+    dst_row = pos[:, 1::2].gather(1, dst)  # (B, Na): new row of each A token's partner
+    target = torch.where(survive, pos, torch.full_like(pos, dump))
+    target[:, ::2] = torch.where(src, dst_row, target[:, ::2])
+
+    wdtype = score_dtype(x.dtype)
+    w = size.to(wdtype)
+    summed = x.new_zeros((B, n_new + 1, C), dtype=wdtype)
+    summed.scatter_add_(1, target[..., None].expand(B, N, C), x.to(wdtype) * w[..., None])
+    new_size = size.new_zeros((B, n_new + 1)).scatter_add_(1, target, size)
+    new_x = summed[:, :n_new] / new_size[:, :n_new, None].clamp_min(1).to(wdtype)
+    return new_x.to(x.dtype), new_size[:, :n_new], target.gather(1, groups)
+
+
+def membership(groups: Tensor, n_rows: int) -> Tensor:
+    """Dense provenance: (B, n_rows, N0) 0/1 matrix, [b, j, p] = 1 iff token p is in row j."""
+    B, N0 = groups.shape
+    dense = groups.new_zeros((B, n_rows, N0))
+    return dense.scatter_(1, groups[:, None, :], 1)
+
+
+def unmerge(x: Tensor, groups: Tensor) -> Tensor:
+    """Copy every merged token back to each original slot it covers: (B, N, C) -> (B, N0, C)."""
+    return x.gather(1, groups[..., None].expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,142 @@
+"""``Thresholds``: per-layer DToMe thresholds with the schedule and provenance that made them.
+
+Saved as JSON. The reference repository's ``.pth`` threshold checkpoints (``{"name",
+"state_dict"}`` with one 0-dim ``...threshold`` buffer per block) can be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from .schedule import kout_r_total, make_schedule
+
+FORMAT = "dymu_viz.thresholds/1"
+
+# The three key layouts of reference checkpoints (spec section 3.3), by block index.
+_REFERENCE_KEYS = (
+    re.compile(r"^(?:module\.)?visual\.transformer\.resblocks\.(\d+)\.threshold$"),
+    re.compile(r"^(?:module\.)?visual\.trunk\.blocks\.(\d+)\.threshold$"),
+    re.compile(r"^(?:module\.)?vision_model\.encoder\.layers\.(\d+)\.threshold$"),
+)
+
+
+@dataclass
+class Thresholds:
+    """values[i] = tau_i; r[i] = scheduled merges of layer i (0 = layer never merges)."""
+
+    values: list[float]
+    r: list[int]
+    model: str = ""
+    schedule: str = "constant"
+    r_total: Optional[int] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.values = [float(v) for v in self.values]
+        self.r = [int(v) for v in self.r]
+        if len(self.values) != len(self.r):
+            raise ValueError(f"{len(self.values)} thresholds but {len(self.r)} schedule entries; they must match")
+        if any(math.isnan(v) for v in self.values):
+            raise ValueError("a threshold is NaN; the calibration that produced it is broken")
+
+    @property
+    def layers(self) -> int:
+        return len(self.values)
+
+    def check_depth(self, layers: int) -> None:
+        if self.layers != layers:
+            name = f" ({self.model})" if self.model else ""
+            raise ValueError(
+                f"these thresholds{name} have {self.layers} layers but the encoder has {layers}; "
+                "use thresholds calibrated for this encoder")
+
+    @classmethod
+    def uniform(cls, value: float, layers: int, **kwargs: Any) -> "Thresholds":
+        """The same tau in every layer, every layer allowed to merge."""
+        return cls([value] * layers, [1] * layers, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Thresholds":
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a dymu_viz thresholds file (format {data.get('format')!r}, expected {FORMAT!r})")
+        fields = {k: data[k] for k in ("values", "r", "model", "schedule", "r_total", "metadata") if k in data}
+        return cls(**fields)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Thresholds":
+        path = Path(path)
+        if path.suffix in (".pth", ".pt", ".bin"):
+            return cls.from_reference_checkpoint(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_reference_checkpoint(cls, path: Union[str, Path], n_patches: Optional[int] = None,
+                                  schedule: Optional[str] = None) -> "Thresholds":
+        """Import a reference ``.pth`` threshold checkpoint (loaded with weights_only=True).
+
+        The schedule (which layers may merge) comes from the checkpoint's name, e.g.
+        "ViT-L-14-336-tome-72out-linear"; n_patches is read from the name too unless given.
+        Without a recognisable "Kout" in the name every layer may merge.
+        """
+        import torch
+
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path} is not a threshold checkpoint (found {type(ckpt).__name__}, not a dict)")
+        state = ckpt.get("state_dict", ckpt)
+        found: dict[int, float] = {}
+        for key, value in state.items():
+            for pattern in _REFERENCE_KEYS:
+                match = pattern.match(key)
+                if match:
+                    found[int(match.group(1))] = float(value)
+        if not found:
+            raise ValueError(f"{path} holds no '...threshold' entries in any known layout")
+        if sorted(found) != list(range(len(found))):
+            raise ValueError(f"{path}: threshold entries for blocks {sorted(found)} are not contiguous from 0")
+        values = [found[i] for i in range(len(found))]
+        name = str(ckpt.get("name", ""))
+        return cls(values, _reference_r(name, len(values), n_patches, schedule), model=name,
+                   schedule=schedule or _schedule_from_name(name), r_total=None,
+                   metadata={"source": "reference checkpoint", "file": Path(path).name})
+
+
+def _schedule_from_name(name: str) -> str:
+    if re.search(r"reverse[-_]linear", name):
+        return "reverse_linear"
+    return "linear" if re.search(r"[-_]linear", name) else "constant"
+
+
+def _patches_from_name(name: str) -> Optional[int]:
+    """Patch count from names like ViT-L-14-336, ViT-B-16-SigLIP-384, siglip-so400m-patch14-384."""
+    match = re.search(r"(?:patch|-)(\d{1,2})-(?:[A-Za-z0-9]+-)?(\d{3})", name)
+    if not match:
+        return None
+    patch, size = int(match.group(1)), int(match.group(2))
+    return (size // patch) ** 2
+
+
+def _reference_r(name: str, layers: int, n_patches: Optional[int], schedule: Optional[str]) -> list[int]:
+    kout = re.search(r"(\d+)out", name)
+    n_patches = n_patches or _patches_from_name(name)
+    if kout is None or n_patches is None:
+        return [1] * layers
+    r_total = kout_r_total(kout.group(0), n_patches)
+    return make_schedule(r_total, layers, schedule or _schedule_from_name(name))
