@@ -16,7 +16,7 @@ mask is omitted, so with merging off the kernels are those of the unpatched mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -110,6 +110,15 @@ class EncoderResult:
     def n_tokens(self) -> Tensor:
         """(B,) valid output tokens per image."""
         return self.counts[:, -1]
+
+    def select(self, b: int) -> "EncoderResult":
+        """The result of image b alone (a batch of one, padding of the batch kept)."""
+        one = slice(b, b + 1)
+        return replace(
+            self, tokens=self.tokens[one], sizes=self.sizes[one], groups=self.groups[one], counts=self.counts[one],
+            layer_sizes=[s[one] for s in self.layer_sizes], layer_groups=[g[one] for g in self.layer_groups],
+            hidden_states=None if self.hidden_states is None else tuple(h[one] for h in self.hidden_states),
+            pooled=None if self.pooled is None else self.pooled[one])
 
     def image_tokens(self, b: int) -> Tensor:
         """(n_b, C) the valid output tokens of image b."""

@@ -56,7 +56,7 @@ class DyMUState:
 
     @r.setter
     def r(self, value: Optional[RSpec]) -> None:
-        self.configure(r=value)
+        self.configure(thresholds=self.config.thresholds, r=value)
 
     def configure(self, thresholds: ThresholdSpec = None, r: Optional[RSpec] = None) -> None:
         """Threshold mode when thresholds are given (r_i = 0 layers never merge), fixed-r
@@ -83,7 +83,8 @@ class DyMUState:
         return self.last
 
 
-def _state(model: nn.Module) -> Optional[DyMUState]:
+def get_state(model: nn.Module) -> Optional[DyMUState]:
+    """The ``DyMUState`` of the encoder inside ``model``, or None when it is not patched."""
     module, _ = find_encoder(model)
     return getattr(module, "dymu", None)
 
@@ -126,7 +127,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def encode(model: nn.Module, pixels: Tensor, output_hidden_states: bool = False, **embed_kwargs: Any) -> EncoderResult:
     """Run a patched model's encoder and return the full ``EncoderResult``."""
-    state = _state(model)
+    state = get_state(model)
     if state is None:
         raise ValueError("call dymu_viz.patch(model, ...) before encode()")
     return state.run(pixels, output_hidden_states, **embed_kwargs)

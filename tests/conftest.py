@@ -1,0 +1,22 @@
+"""Shared fixtures for the dymu_viz tests; the model factories live in ``tiny_models.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import FACTORIES  # noqa: E402
+
+
+@pytest.fixture
+def make_model() -> Callable[..., nn.Module]:
+    """make_model(family, **overrides) -> a fresh, eval-mode, randomly initialised encoder."""
+    def make(family: str, **kwargs: Any) -> nn.Module:
+        return FACTORIES[family](**kwargs)
+    return make

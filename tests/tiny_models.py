@@ -1,0 +1,148 @@
+"""Tiny randomly initialised encoders of every supported family (no weights are
+ever downloaded), synthetic test images, and helpers to collect a family's outputs.
+
+Families (``FAMILIES``):
+  hf_clip     HF CLIPVisionModel (CLS, pooler = post_layernorm(CLS))
+  hf_siglip   HF SiglipVisionModel (no CLS, MAP attention-pool head)
+  open_clip   open_clip's OpenAI-CLIP VisionTransformer (CLS, 'tok' pooling, projection)
+  timm_map    timm VisionTransformer, SigLIP style (no CLS, global_pool='map')
+  timm_cls    timm VisionTransformer with a CLS token and global_pool='token'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+FAMILIES = ("hf_clip", "hf_siglip", "open_clip", "timm_map", "timm_cls")
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def make_hf_clip(layers: int = 4, hidden: int = 64, heads: int = 4, image: int = 56, patch: int = 14,
+                 intermediate: int | None = None, seed: int = 0) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    _seeded(seed)
+    cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads, image_size=image,
+                           patch_size=patch)
+    return CLIPVisionModel(cfg).eval()
+
+
+def make_hf_siglip(layers: int = 4, hidden: int = 64, heads: int = 4, image: int = 56, patch: int = 14,
+                   intermediate: int | None = None, seed: int = 0) -> nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    _seeded(seed)
+    cfg = SiglipVisionConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=heads, image_size=image,
+                             patch_size=patch)
+    return SiglipVisionModel(cfg).eval()
+
+
+def make_open_clip(layers: int = 3, hidden: int = 64, heads: int = 4, image: int = 64, patch: int = 16,
+                   output_tokens: bool = False, seed: int = 0) -> nn.Module:
+    from open_clip.transformer import VisionTransformer
+    _seeded(seed)
+    return VisionTransformer(image_size=image, patch_size=patch, width=hidden, layers=layers, heads=heads,
+                             mlp_ratio=4, output_dim=32, output_tokens=output_tokens).eval()
+
+
+def make_timm_map(layers: int = 3, hidden: int = 64, heads: int = 4, image: int = 64, patch: int = 16,
+                  seed: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+    _seeded(seed)
+    return VisionTransformer(img_size=image, patch_size=patch, embed_dim=hidden, depth=layers, num_heads=heads,
+                             class_token=False, global_pool="map", no_embed_class=True, num_classes=0).eval()
+
+
+def make_timm_cls(layers: int = 3, hidden: int = 64, heads: int = 4, image: int = 64, patch: int = 16,
+                  seed: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+    _seeded(seed)
+    return VisionTransformer(img_size=image, patch_size=patch, embed_dim=hidden, depth=layers, num_heads=heads,
+                             class_token=True, global_pool="token", num_classes=10).eval()
+
+
+FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "hf_clip": make_hf_clip, "hf_siglip": make_hf_siglip, "open_clip": make_open_clip,
+    "timm_map": make_timm_map, "timm_cls": make_timm_cls,
+}
+
+# (patches per image, protected leading tokens) for each family
+PROTECTED = {"hf_clip": 1, "hf_siglip": 0, "open_clip": 1, "timm_map": 0, "timm_cls": 1}
+
+
+def image_size(model: nn.Module) -> int:
+    """Square input size the encoder expects."""
+    if hasattr(model, "config"):  # HF
+        return int(model.config.image_size)
+    if hasattr(model, "patch_embed"):  # timm
+        return int(model.patch_embed.img_size[0])
+    return int(model.image_size[0])  # open_clip
+
+
+def patch_size(model: nn.Module) -> int:
+    if hasattr(model, "config"):
+        return int(model.config.patch_size)
+    if hasattr(model, "patch_embed"):
+        return int(model.patch_embed.patch_size[0])
+    return int(model.patch_size[0])
+
+
+def zero_position_embedding(model: nn.Module) -> None:
+    """Zero every positional embedding of the encoder (so equal patches give equal tokens)."""
+    with torch.no_grad():
+        if hasattr(model, "config"):  # HF CLIP / SigLIP: nn.Embedding
+            getattr(model, "vision_model", model).embeddings.position_embedding.weight.zero_()
+        elif hasattr(model, "patch_embed"):  # timm
+            model.pos_embed.zero_()
+        else:  # open_clip
+            model.positional_embedding.zero_()
+
+
+def redundancy_images(size: int, patch: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
+    """(4, 3, size, size): constant colour, pure noise, half constant / half noise, and a
+    checkerboard of patch-sized squares -- four very different amounts of redundancy."""
+    g = torch.Generator().manual_seed(seed)
+    const = torch.tensor([0.3, -0.5, 0.8])[:, None, None].expand(3, size, size).clone()
+    noise = torch.randn(3, size, size, generator=g)
+    half = const.clone()
+    half[:, size // 2:] = torch.randn(3, size - size // 2, size, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    board = ((yy // patch + xx // patch) % 2).to(torch.float32) * 2 - 1
+    board = board.expand(3, size, size).clone()
+    return torch.stack([const, noise, half, board]).to(dtype)
+
+
+def family_outputs(family: str, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Call the model the way its users do and collect every output it returns."""
+    if family in ("hf_clip", "hf_siglip"):
+        out = model(pixel_values=x, output_hidden_states=True)
+        tup = model(pixel_values=x, output_hidden_states=True, return_dict=False)
+        return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output,
+                "hidden_states": tuple(out.hidden_states), "tuple": tuple(tup)}
+    out = model(x)
+    if isinstance(out, tuple):  # open_clip with output_tokens=True
+        return {"pooled": out[0], "tokens": out[1]}
+    return {"out": out}
+
+
+def flatten_outputs(outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                add(f"{name}[{i}]", v)
+        elif value is not None:
+            flat[name] = value
+
+    for key, value in outputs.items():
+        add(key, value)
+    return flat
+
+
