@@ -139,7 +139,8 @@ class EncoderResult:
 
 def attention_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, 1, 1, N) additive mask: log(size) on valid keys, the most negative value on padding."""
-    bias = torch.where(size > 0, size.clamp_min(1).log(), torch.finfo(dtype).min)
+    s = size.to(torch.promote_types(dtype, torch.float32))
+    bias = torch.where(s > 0, s.clamp_min(1).log(), torch.finfo(dtype).min)
     return bias.to(dtype)[:, None, None, :]
 
 

@@ -108,12 +108,17 @@ def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tens
     target = torch.where(survive, pos, torch.full_like(pos, dump))
     target[:, ::2] = torch.where(src, dst_row, target[:, ::2])
 
+    # Each destination keeps its own value and gains sum_u s_u (x_u - x_dst) / new_size: the
+    # size-weighted mean, and rows that receive nothing stay bitwise unchanged.
     wdtype = score_dtype(x.dtype)
-    w = size.to(wdtype)
-    summed = x.new_zeros((B, n_new + 1, C), dtype=wdtype)
-    summed.scatter_add_(1, target[..., None].expand(B, N, C), x.to(wdtype) * w[..., None])
+    xw = x.to(wdtype)
+    keep = torch.where(survive, pos, torch.full_like(pos, dump))[..., None].expand(B, N, C)
+    base = xw.new_zeros((B, n_new + 1, C)).scatter_(1, keep, xw)
+    index = target[..., None].expand(B, N, C)
+    delta = (xw - base.gather(1, index)) * size.to(wdtype)[..., None]
+    gained = torch.zeros_like(base).scatter_add_(1, index, delta)
     new_size = size.new_zeros((B, n_new + 1)).scatter_add_(1, target, size)
-    new_x = summed[:, :n_new] / new_size[:, :n_new, None].clamp_min(1).to(wdtype)
+    new_x = base[:, :n_new] + gained[:, :n_new] / new_size[:, :n_new, None].clamp_min(1).to(wdtype)
     return new_x.to(x.dtype), new_size[:, :n_new], target.gather(1, groups)
 
 

@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -336,3 +334,47 @@ def test_threshold_mode_runs_in_low_and_high_precision(family: str, dtype: torch
         if name.startswith("last_hidden_state") or name.startswith("hidden_states") or name.startswith("tuple"):
             continue  # padded slots may hold anything
         assert torch.isfinite(value).all(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Size-aware pooling: a merged token of size s pools like s copies of itself
+# ---------------------------------------------------------------------------------------------
+
+def _timm_avg() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, class_token=True,
+                             global_pool="avg", num_classes=0).eval()
+
+
+def _open_clip_avg() -> nn.Module:
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=64, patch_size=16, width=64, layers=3, heads=4, mlp_ratio=4,
+                             output_dim=32, pool_type="avg").eval()
+
+
+POOLERS = {
+    "hf_siglip_map": lambda: make_hf_siglip(image=112, patch=14),
+    "timm_map": lambda: make_timm_map(layers=4, image=64, patch=8),
+    "timm_avg": _timm_avg,
+    "open_clip_avg": _open_clip_avg,
+}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(POOLERS))
+def test_pooling_of_merged_tokens_equals_pooling_of_their_unmerged_copies(name: str, dtype, tol) -> None:
+    """Proportional pooling (spec 2.7): the MAP head's log-size bias and the size-weighted mean
+    make a token of size s count like s equal tokens, so pooling the merged sequence equals
+    pooling the sequence expanded back to one copy per original token (with sizes 1)."""
+    from dataclasses import replace
+    model = POOLERS[name]().to(dtype)
+    x = redundancy_images(image_size(model), patch_size(model), dtype)
+    dymu_viz.patch(model, thresholds=0.5)
+    result = dymu_viz.encode(model, x)
+    assert result.sizes.max() > 2 and result.padding_mask.any()  # uneven sizes and padding
+    expanded = replace(result, tokens=merge.unmerge(result.tokens, result.groups),
+                       sizes=torch.ones_like(result.groups, dtype=result.sizes.dtype))
+    pooled_expanded = model.dymu.adapter.pool(expanded)
+    torch.testing.assert_close(result.pooled, pooled_expanded, atol=tol, rtol=tol)

@@ -1,0 +1,150 @@
+"""Bad inputs give clear errors that name the problem (design.md section 3, "Errors"), and a
+rejected setting leaves the model as it was."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dymu_viz
+from dymu_viz import Thresholds
+from tiny_models import make_hf_clip, make_hf_siglip, make_open_clip, make_timm_map
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def assert_unpatched(model: nn.Module) -> None:
+    assert not hasattr(model, "dymu")
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("factory, depth", [(make_hf_clip, 4), (make_hf_siglip, 4), (make_open_clip, 3),
+                                            (make_timm_map, 3)], ids=["hf_clip", "hf_siglip", "open_clip", "timm_map"])
+def test_wrong_threshold_count_names_both_numbers_and_does_not_patch(factory, depth) -> None:
+    model = factory()
+    wrong = depth - 1
+    with pytest.raises(ValueError, match=rf"{wrong} thresholds.*{depth} layers"):
+        dymu_viz.patch(model, thresholds=[0.5] * wrong)
+    assert_unpatched(model)
+    with pytest.raises(ValueError, match=rf"{depth + 2} thresholds.*{depth} layers"):
+        dymu_viz.patch(model, thresholds=[0.5] * (depth + 2))
+    assert_unpatched(model)
+
+
+def test_wrong_threshold_count_on_a_patched_model_keeps_the_old_settings() -> None:
+    model = dymu_viz.patch(make_hf_clip(), thresholds=0.7)
+    with pytest.raises(ValueError, match=r"3 thresholds.*4 layers"):
+        model.dymu.thresholds = [0.5] * 3
+    assert model.dymu.mode == "threshold" and model.dymu.thresholds == [0.7] * 4
+    with pytest.raises(ValueError, match=r"3 thresholds.*4 layers"):
+        dymu_viz.patch(model, thresholds=[0.5] * 3)
+    assert model.dymu.thresholds == [0.7] * 4
+
+
+def test_thresholds_object_with_wrong_depth() -> None:
+    model = make_hf_clip()
+    with pytest.raises(ValueError, match=r"\(ViT-tiny\) have 6 layers but the encoder has 4"):
+        dymu_viz.patch(model, thresholds=Thresholds.uniform(0.5, 6, model="ViT-tiny"))
+    assert_unpatched(model)
+
+
+def test_r_list_longer_than_the_model() -> None:
+    with pytest.raises(ValueError, match=r"r lists 6 layers but the model has 4"):
+        dymu_viz.patch(make_hf_clip(), r=[1] * 6)
+
+
+def test_unknown_model_type_lists_supported_families() -> None:
+    with pytest.raises(ValueError, match=r"Linear.*supported families") as info:
+        dymu_viz.patch(nn.Linear(2, 2))
+    for family in ("open_clip ViT", "timm ViT", "HF CLIPVisionModel", "HF SiglipVisionModel"):
+        assert family in str(info.value)
+    with pytest.raises(ValueError, match=r"supported families"):
+        dymu_viz.encode(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 3, 4, 4))
+
+
+def test_not_a_module_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"torch.nn.Module.*str"):
+        dymu_viz.patch("ViT-B-16")
+
+
+@pytest.mark.parametrize("factory, size", [(make_hf_clip, 56), (make_hf_siglip, 56), (make_open_clip, 64),
+                                           (make_timm_map, 64)], ids=["hf_clip", "hf_siglip", "open_clip", "timm_map"])
+def test_wrong_image_size_mentions_the_expected_size(factory, size) -> None:
+    model = dymu_viz.patch(factory(), thresholds=0.5)
+    x = torch.zeros(1, 3, size + 16, size + 16)
+    expected = rf"expects {size}x{size} images, got {size + 16}x{size + 16}"
+    with pytest.raises(ValueError, match=expected):
+        dymu_viz.encode(model, x)
+    with pytest.raises(ValueError, match=expected):
+        model(x)
+
+
+def test_wrong_pixel_rank() -> None:
+    model = dymu_viz.patch(make_hf_clip(), thresholds=0.5)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got \(3, 56, 56\)"):
+        dymu_viz.encode(model, torch.zeros(3, 56, 56))
+
+
+@pytest.mark.parametrize("factory, size", [(make_hf_siglip, 56), (make_timm_map, 64)], ids=["hf_siglip", "timm_map"])
+def test_nan_pixels(factory, size) -> None:
+    model = dymu_viz.patch(factory(), thresholds=0.5)
+    x = torch.zeros(2, 3, size, size)
+    x[1, 2, 5, 7] = math.nan
+    with pytest.raises(ValueError, match=r"NaN"):
+        dymu_viz.encode(model, x)
+    with pytest.raises(ValueError, match=r"NaN"):
+        model(x)
+
+
+def test_nan_threshold() -> None:
+    model = make_hf_clip()
+    with pytest.raises(ValueError, match=r"threshold is NaN"):
+        dymu_viz.patch(model, thresholds=math.nan)
+    assert_unpatched(model)
+    with pytest.raises(ValueError, match=r"threshold is NaN"):
+        dymu_viz.patch(model, thresholds=[0.5, math.nan, 0.5, 0.5])
+    assert_unpatched(model)
+    dymu_viz.patch(model, thresholds=0.5)
+    with pytest.raises(ValueError, match=r"threshold is NaN"):
+        model.dymu.thresholds = [math.nan] * 4
+    assert model.dymu.thresholds == [0.5] * 4
+    with pytest.raises(ValueError, match=r"threshold is NaN"):
+        Thresholds([0.5, math.nan], [1, 1])
+
+
+def test_unpatch_an_unpatched_model() -> None:
+    model = make_open_clip()
+    with pytest.raises(ValueError, match=r"VisionTransformer is not patched"):
+        dymu_viz.unpatch(model)
+    dymu_viz.patch(model)
+    dymu_viz.unpatch(model)
+    with pytest.raises(ValueError, match=r"not patched"):
+        dymu_viz.unpatch(model)
+
+
+def test_encode_an_unpatched_model() -> None:
+    model = make_hf_clip()
+    with pytest.raises(ValueError, match=r"dymu_viz\.patch\(model.*before encode"):
+        dymu_viz.encode(model, torch.zeros(1, 3, 56, 56))
+    dymu_viz.patch(model)
+    dymu_viz.unpatch(model)
+    with pytest.raises(ValueError, match=r"before encode"):
+        dymu_viz.encode(model, torch.zeros(1, 3, 56, 56))
+
+
+def test_unknown_merge_mode() -> None:
+    with pytest.raises(ValueError, match=r"unknown merge mode 'tome'.*threshold"):
+        dymu_viz.MergeConfig(mode="tome")
+
+
+def test_timm_attn_mask_is_rejected() -> None:
+    model = dymu_viz.patch(make_timm_map(), thresholds=0.5)
+    with pytest.raises(ValueError, match=r"attn_mask"):
+        model(torch.zeros(1, 3, 64, 64), attn_mask=torch.zeros(1, 1, 16, 16))
