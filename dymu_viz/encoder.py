@@ -3,7 +3,7 @@
 An adapter (see ``dymu_viz.adapters``) says where a family keeps its pieces; this module runs
 them:
 
-    embed -> for each block:  h = norm1(x); q, k, v = qkv(h)
+    embed -> for each block:  q, k, v = qkv(norm1(x))
                               x = x + ls1(proj(SDPA(q, k, v, bias = log size + padding)))
                               merge (DToMe / ToMe / calibration) using k averaged over heads
                               x = x + ls2(mlp(norm2(x)))
@@ -11,7 +11,9 @@ them:
 
 Proportional attention is an additive float mask ``log(size)`` on keys (finfo.min on padding)
 given to ``scaled_dot_product_attention`` before the softmax. Until a first merge happens the
-mask is omitted, so with merging off the kernels are those of the unpatched model.
+mask is omitted, so with merging off the kernels are those of the unpatched model. Once images
+have different lengths, the position-wise parts (norms, projections, MLP) run on the valid
+tokens only; just the attention itself sees the padded layout.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ MODES = ("off", "threshold", "fixed_r", "calibrate")
 
 @dataclass
 class BlockParts:
-    """The pieces of one pre-norm transformer block. ``qkv`` maps (B, N, C) to three
-    (B, heads, N, head_dim) tensors; ``proj`` maps (B, N, heads*head_dim) to (B, N, C).
+    """The pieces of one pre-norm transformer block, all position-wise: ``qkv`` maps (..., C)
+    to (..., 3, heads, head_dim); ``proj`` maps (..., heads*head_dim) to (..., C).
     ls1 / ls2 are layer-scales (None when the block has none)."""
 
     norm1: Callable[[Tensor], Tensor]
-    qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+    qkv: Callable[[Tensor], Tensor]
     proj: Callable[[Tensor], Tensor]
     norm2: Callable[[Tensor], Tensor]
     mlp: Callable[[Tensor], Tensor]
@@ -150,6 +152,33 @@ def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
 
 
+def valid_rows(size: Tensor) -> Optional[Tensor]:
+    """Flat (B*N) indices of the valid tokens, or None when nothing is padded."""
+    valid = size > 0
+    return None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)
+
+
+def rowwise(fn: Callable[[Tensor], Tensor], x: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """Apply a position-wise fn to (B, N, C) x on its valid rows only (zeros on padding), so
+    padded batches spend no norm / projection / MLP work on padding. (B, N, *fn's trailing)."""
+    if rows is None:
+        return fn(x)
+    flat = x.flatten(0, 1)
+    y = fn(flat.index_select(0, rows))
+    out = y.new_zeros((flat.shape[0], *y.shape[1:])).index_copy_(0, rows, y)
+    return out.view(*x.shape[:2], *y.shape[1:])
+
+
+def attention_branch_out(blk: BlockParts, a: Tensor) -> Tensor:
+    a = blk.proj(a)
+    return blk.ls1(a) if blk.ls1 is not None else a
+
+
+def mlp_branch(blk: BlockParts, x: Tensor) -> Tensor:
+    m = blk.mlp(blk.norm2(x))
+    return blk.ls2(m) if blk.ls2 is not None else m
+
+
 def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, protected: int,
                grid: tuple[int, int], output_hidden_states: bool = False) -> EncoderResult:
     """Run the transformer blocks on embedded tokens x: (B, N0, C) with merging."""
@@ -159,14 +188,13 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
     layer_sizes, layer_groups = [size], [groups]
     hidden = [x] if output_hidden_states else None
     batch_thresholds: list[Optional[float]] = []
-    merged = False
+    merged, rows = False, None
     for i, blk in enumerate(blocks):
-        h = blk.norm1(x)
-        q, k, v = blk.qkv(h)
+        qkv = rowwise(lambda t: blk.qkv(blk.norm1(t)), x, rows)  # (B, N, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim) each
         bias = attention_bias(size, q.dtype) if merged else None
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        a = blk.proj(a.transpose(1, 2).flatten(2))
-        x = x + (blk.ls1(a) if blk.ls1 is not None else a)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
+        x = x + rowwise(lambda t: attention_branch_out(blk, t), a, rows)
 
         src, tau = None, None
         if config.mode != "off" and int(merge.merge_cap(size, protected).max()) > 0:
@@ -175,10 +203,9 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
         batch_thresholds.append(tau)
         if src is not None and bool(src.any()):
             x, size, groups = merge.merge_tokens(x, size, groups, src, dst)
-            merged = True
+            merged, rows = True, valid_rows(size)
 
-        m = blk.mlp(blk.norm2(x))
-        x = x + (blk.ls2(m) if blk.ls2 is not None else m)
+        x = x + rowwise(lambda t: mlp_branch(blk, t), x, rows)
         layer_sizes.append(size)
         layer_groups.append(groups)
         if hidden is not None:

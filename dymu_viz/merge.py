@@ -35,7 +35,7 @@ def bipartite_scores(metric: Tensor, size: Tensor, protected: int = 0) -> tuple[
     image has no valid B token) and dst: (B, Na) index of the chosen B token.
     """
     m = metric.to(score_dtype(metric.dtype))
-    m = m / m.norm(dim=-1, keepdim=True)
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # padding rows are all zero
     scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # (B, Na, Nb)
     valid = size > 0
     scores = scores.masked_fill(~valid[:, 1::2, None].transpose(1, 2), -torch.inf)

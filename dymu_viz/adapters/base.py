@@ -10,22 +10,16 @@ from torch import Tensor, nn
 from ..encoder import BlockParts, EncoderResult, MergeConfig, run_blocks
 
 
-def split_heads(t: Tensor, heads: int) -> Tensor:
-    """(B, N, heads*D) -> (B, heads, N, D)."""
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+def separate_qkv(q: nn.Module, k: nn.Module, v: nn.Module, heads: int) -> Callable[[Tensor], Tensor]:
+    """qkv callable for blocks with three projection layers (HF CLIP / SigLIP):
+    (..., C) -> (..., 3, heads, head_dim)."""
+    return lambda h: torch.stack([q(h), k(h), v(h)], dim=-2).unflatten(-1, (heads, -1))
 
 
-def separate_qkv(q: nn.Module, k: nn.Module, v: nn.Module, heads: int) -> Callable:
-    """qkv callable for blocks with three projection layers (HF CLIP / SigLIP)."""
-    return lambda h: (split_heads(q(h), heads), split_heads(k(h), heads), split_heads(v(h), heads))
-
-
-def fused_qkv(weight: Tensor, bias: Tensor | None, heads: int) -> Callable:
-    """qkv callable for blocks with one packed in-projection (open_clip, timm)."""
-    def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        packed = torch.nn.functional.linear(h, weight, bias).unflatten(-1, (3, heads, -1))
-        return tuple(packed.permute(2, 0, 3, 1, 4).unbind(0))  # 3 x (B, heads, N, D)
-    return qkv
+def fused_qkv(project: Callable[[Tensor], Tensor], heads: int) -> Callable[[Tensor], Tensor]:
+    """qkv callable for blocks with one packed in-projection (open_clip, timm):
+    ``project`` maps (..., C) -> (..., 3*heads*head_dim); the result is (..., 3, heads, head_dim)."""
+    return lambda h: project(h).unflatten(-1, (3, heads, -1))
 
 
 def optional(module: nn.Module) -> nn.Module | None:

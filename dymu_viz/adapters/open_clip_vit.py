@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..encoder import BlockParts, EncoderResult, weighted_mean
 from .base import EncoderAdapter, fused_qkv, optional
+
+
+def in_projection(attn: nn.MultiheadAttention):
+    """The packed q/k/v in-projection of an nn.MultiheadAttention, read at call time."""
+    return lambda h: F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
 
 
 class OpenClipViTAdapter(EncoderAdapter):
@@ -35,7 +41,7 @@ class OpenClipViTAdapter(EncoderAdapter):
         for blk in self.module.transformer.resblocks:
             attn: nn.MultiheadAttention = blk.attn
             parts.append(BlockParts(
-                norm1=blk.ln_1, qkv=fused_qkv(attn.in_proj_weight, attn.in_proj_bias, attn.num_heads),
+                norm1=blk.ln_1, qkv=fused_qkv(in_projection(attn), attn.num_heads),
                 proj=attn.out_proj, norm2=blk.ln_2, mlp=blk.mlp, ls1=optional(blk.ls_1), ls2=optional(blk.ls_2)))
         return parts
 

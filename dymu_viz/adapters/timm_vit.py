@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..encoder import BlockParts, EncoderResult, attention_bias, weighted_mean
@@ -37,11 +38,11 @@ class TimmViTAdapter(EncoderAdapter):
         parts = []
         for blk in self.module.blocks:
             attn = blk.attn
-            packed = fused_qkv(attn.qkv.weight, attn.qkv.bias, attn.num_heads)
-
-            def qkv(h: Tensor, packed=packed, attn=attn) -> tuple[Tensor, Tensor, Tensor]:
-                q, k, v = packed(h)
-                return attn.q_norm(q), attn.k_norm(k), v
+            qkv = fused_qkv(attn.qkv, attn.num_heads)
+            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+                def qkv(h: Tensor, packed=qkv, attn=attn) -> Tensor:
+                    q, k, v = packed(h).unbind(-3)  # (..., heads, head_dim) each
+                    return torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=-3)
 
             def proj(o: Tensor, attn=attn) -> Tensor:
                 return attn.proj(attn.norm(o))
