@@ -1,45 +1,35 @@
-"""Threshold finding (spec section 3.2): per layer, on the tokens surviving earlier layers,
-merge the B*r_i best edges of the whole batch and record the best edge not merged; the
-threshold is the running mean of these per-batch values.
+"""Threshold finding (spec section 3.2).
+
+Per layer, on the tokens surviving earlier layers, the B*r_i best edges of the whole batch are
+merged and the best edge *not* merged is that batch's value for the layer. A layer's threshold
+is the mean of its batch values over all batches that produced one (explicit counts, no
+sentinel).
+
+The data set is cut into global batches in its own order: batch j holds images
+[j*B, (j+1)*B). Under ``torchrun`` batch j goes to rank j % world_size, and at the end the
+per-batch values are gathered and averaged in batch order, so the thresholds do not depend on
+the number of processes. Finished batches are checkpointed, so an interrupted run resumed
+(even with another process count) ends with exactly the thresholds of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .encoder import MergeConfig
-from .patch import get_state, patch
+from .patch import DyMUState, get_state, patch
 from .schedule import kout_r_total, make_schedule
 from .thresholds import Thresholds
 
-
-@dataclass
-class RunningThresholds:
-    """Per-layer running mean of batch thresholds, with an explicit count per layer (a layer
-    whose batches never leave an edge unpicked has count 0 and threshold None)."""
-
-    sums: list[float]
-    counts: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.counts = self.counts or [0] * len(self.sums)
-
-    @classmethod
-    def empty(cls, layers: int) -> "RunningThresholds":
-        return cls([0.0] * layers)
-
-    def update(self, batch_values: list[Optional[float]]) -> None:
-        for i, v in enumerate(batch_values):
-            if v is not None:
-                self.sums[i] += v
-                self.counts[i] += 1
-
-    def means(self) -> list[Optional[float]]:
-        return [s / c if c else None for s, c in zip(self.sums, self.counts)]
+BatchValues = list[Optional[float]]  # one batch's value per layer (None: no edge left unpicked)
 
 
 def resolve_r(depth: int, n_patches: int, r_total: Optional[int] = None, target: Optional[str] = None,
@@ -52,33 +42,230 @@ def resolve_r(depth: int, n_patches: int, r_total: Optional[int] = None, target:
     return r_total, make_schedule(r_total, depth, schedule)
 
 
+def encoder_state(model: nn.Module) -> DyMUState:
+    """The patched encoder inside model (patching it, merging off, if needed)."""
+    return get_state(model) or get_state(patch(model))
+
+
+def n_patches_of(state: DyMUState) -> int:
+    (h, w), (ph, pw) = state.adapter.expected_size(), state.adapter.patch_size()
+    return (h // ph) * (w // pw)
+
+
 @torch.no_grad()
-def batch_thresholds(model: nn.Module, pixels: Tensor, r: list[int]) -> list[Optional[float]]:
-    """One calibration step: the per-layer batch threshold of one batch of pixels."""
-    state = get_state(model) or get_state(patch(model))
-    return state.run(pixels, config=MergeConfig("calibrate", None, list(r))).batch_thresholds
+def batch_thresholds(model: nn.Module, pixels: Tensor, r: Sequence[int]) -> tuple[BatchValues, Tensor]:
+    """One calibration step: (per-layer batch values, (B,) output token counts)."""
+    result = encoder_state(model).run(pixels, config=MergeConfig("calibrate", None, list(r)))
+    return result.batch_thresholds, result.n_tokens
+
+
+def mean_thresholds(per_batch: dict[int, BatchValues], layers: int) -> tuple[list[float], list[int]]:
+    """Per-layer mean over batches in batch order (incremental form m += (v - m) / c, exact
+    when all values are equal); layers with no value get +inf ("never merge").
+    Returns (thresholds, number of batches behind each)."""
+    means, counts = [0.0] * layers, [0] * layers
+    for j in sorted(per_batch):
+        for i, v in enumerate(per_batch[j]):
+            if v is not None:
+                counts[i] += 1
+                means[i] += (v - means[i]) / counts[i]
+    return [m if c else float("inf") for m, c in zip(means, counts)], counts
 
 
 def find_thresholds(model: nn.Module, batches: Iterable[Tensor], r_total: Optional[int] = None,
                     target: Optional[str] = None, schedule: str = "constant", name: str = "") -> Thresholds:
-    """Calibrate thresholds of ``model``'s encoder over an iterable of pixel batches.
-
-    Layers that never produced a value (r_i = 0, or every edge always picked) get +inf,
-    which means "never merge"."""
-    state = get_state(model) or get_state(patch(model))
-    depth = state.depth
-    grid = state.adapter.expected_size()
-    ph, pw = state.adapter.patch_size()
-    n_patches = (grid[0] // ph) * (grid[1] // pw)
-    r_total, rs = resolve_r(depth, n_patches, r_total, target, schedule)
-    running = RunningThresholds.empty(depth)
-    n_images = n_batches = 0
-    for pixels in batches:
-        running.update(batch_thresholds(model, pixels, rs))
+    """Calibrate thresholds of ``model``'s encoder over an in-memory iterable of pixel batches."""
+    state = encoder_state(model)
+    r_total, rs = resolve_r(state.depth, n_patches_of(state), r_total, target, schedule)
+    per_batch, n_images = {}, 0
+    for j, pixels in enumerate(batches):
+        per_batch[j], _ = batch_thresholds(model, pixels, rs)
         n_images += pixels.shape[0]
-        n_batches += 1
     if n_images == 0:
         raise ValueError("calibration got no images; check the dataset")
-    values = [v if v is not None else float("inf") for v in running.means()]
+    values, counts = mean_thresholds(per_batch, state.depth)
     return Thresholds(values, rs, model=name, schedule=schedule, r_total=r_total,
-                      metadata={"n_images": n_images, "n_batches": n_batches})
+                      metadata={"n_images": n_images, "n_batches": len(per_batch), "batches_per_layer": counts})
+
+
+@dataclass
+class Progress:
+    """What a run has finished: per-batch values, images used, bad images (index, reason)."""
+
+    per_batch: dict[int, BatchValues] = field(default_factory=dict)
+    n_images: dict[int, int] = field(default_factory=dict)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    def merge(self, other: "Progress") -> None:
+        self.per_batch.update(other.per_batch)
+        self.n_images.update(other.n_images)
+        known = {i for i, _ in self.failures}
+        self.failures += [(i, e) for i, e in other.failures if i not in known]
+
+    def to_json(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        return {"fingerprint": fingerprint, "per_batch": {str(j): v for j, v in self.per_batch.items()},
+                "n_images": {str(j): n for j, n in self.n_images.items()}, "failures": self.failures}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Progress":
+        return cls({int(j): v for j, v in data["per_batch"].items()}, {int(j): n for j, n in data["n_images"].items()},
+                   [(int(i), str(e)) for i, e in data["failures"]])
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoint_paths(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(out.name + ".partial.rank*.json"))
+
+
+def load_checkpoints(out: Path, fingerprint: dict[str, Any]) -> Progress:
+    """Everything earlier (possibly killed) runs of the same calibration finished, any ranks."""
+    progress = Progress()
+    for path in checkpoint_paths(out):
+        data = json.loads(path.read_text())
+        if data["fingerprint"] != fingerprint:
+            raise ValueError(f"{path} belongs to a different calibration ({data['fingerprint']}); "
+                             f"use --overwrite to start afresh")
+        progress.merge(Progress.from_json(data))
+    return progress
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): torch.distributed's when initialised, else (0, 1)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """The obj of every rank (a list of one without torch.distributed)."""
+    import torch.distributed as dist
+    rank, world = dist_info()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def global_batches(n: int, batch_size: int) -> list[list[int]]:
+    """The data set's batches in order: batch j = images [j*B, (j+1)*B)."""
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+
+
+def _loader(paths: Sequence[Path], transform: Any, batches: list[list[int]], workers: int):
+    from .dataset import ImageSet, collate
+    return torch.utils.data.DataLoader(ImageSet(list(paths), transform), batch_sampler=batches,
+                                       collate_fn=collate, num_workers=workers)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+@dataclass
+class CalibrationJob:
+    """A data-set calibration: what to run and where its results and checkpoints go."""
+
+    model: nn.Module
+    transform: Any
+    paths: list[Path]
+    r: list[int]
+    out: Path
+    batch_size: int = 64
+    name: str = ""
+    schedule: str = "constant"
+    r_total: Optional[int] = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    workers: int = 2
+    checkpoint_every: int = 20
+    resume: bool = False
+    progress_bar: bool = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model": self.name, "r": self.r, "batch_size": self.batch_size, "n_paths": len(self.paths),
+                "first": str(self.paths[0].name) if self.paths else "", "dtype": str(self.dtype)}
+
+
+def run_calibration(job: CalibrationJob) -> tuple[Thresholds, Progress]:
+    """Calibrate over job.paths (this process's share under torchrun), with checkpoints."""
+    rank, world = dist_info()
+    layers = encoder_state(job.model).depth
+    fingerprint = job.fingerprint()
+    done = load_checkpoints(job.out, fingerprint) if job.resume else Progress()
+    batches = global_batches(len(job.paths), job.batch_size)
+    mine = [j for j in range(len(batches)) if j % world == rank and j not in done.per_batch]
+    local = Progress()
+    local.merge(done)
+    checkpoint = job.out.with_name(job.out.name + f".partial.rank{rank}.json")
+    bar = _bar(sum(len(batches[j]) for j in mine), f"calibrating (rank {rank}/{world})" if world > 1 else "calibrating",
+               job.progress_bar and rank == 0)
+    tokens_sum = tokens_n = 0
+    delay = float(os.environ.get("DYMU_VIZ_BATCH_DELAY", "0"))  # seconds per batch; lets tests interrupt a run
+    for k, (j, batch) in enumerate(zip(mine, _loader(job.paths, job.transform, [batches[j] for j in mine], job.workers))):
+        local.failures += [f for f in batch["failures"] if f[0] not in {i for i, _ in local.failures}]
+        if batch["pixels"] is None:
+            local.per_batch[j], local.n_images[j] = [None] * layers, 0
+        else:
+            values, n_tokens = batch_thresholds(job.model, batch["pixels"].to(job.device, job.dtype), job.r)
+            local.per_batch[j], local.n_images[j] = values, len(batch["indices"])
+            tokens_sum, tokens_n = tokens_sum + int(n_tokens.sum()), tokens_n + len(n_tokens)
+        bar.update(len(batches[j]))
+        bar.set_postfix(tokens=f"{tokens_sum / max(tokens_n, 1):.1f}", bad=len(local.failures))
+        if (k + 1) % job.checkpoint_every == 0:
+            write_atomic(checkpoint, json.dumps(local.to_json(fingerprint)))
+        if delay:
+            time.sleep(delay)
+    bar.close()
+    write_atomic(checkpoint, json.dumps(local.to_json(fingerprint)))
+    total = Progress()
+    for part in gather_objects(local.to_json(fingerprint)):
+        total.merge(Progress.from_json(part))
+    if sum(total.n_images.values()) == 0:
+        raise ValueError(f"no readable image among {len(job.paths)}; {len(total.failures)} failed to load")
+    values, counts = mean_thresholds(total.per_batch, layers)
+    thresholds = Thresholds(values, job.r, model=job.name, schedule=job.schedule, r_total=job.r_total, metadata={
+        "n_images": sum(total.n_images.values()), "n_batches": len(total.per_batch), "batch_size": job.batch_size,
+        "batches_per_layer": counts, "bad_images": len(total.failures), "processes": world, "dtype": str(job.dtype)})
+    return thresholds, total
+
+
+@torch.no_grad()
+def token_report(model: nn.Module, thresholds: Thresholds, paths: Sequence[Path], transform: Any, batch_size: int,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, workers: int = 2,
+                 progress_bar: bool = True, desc: str = "token counts") -> dict[str, Any]:
+    """Output tokens per image with these thresholds (this process's share, gathered):
+    mean ± std, min / median / max and histogram data."""
+    import numpy as np
+
+    from .patch import encode
+    rank, world = dist_info()
+    patch(model, thresholds)
+    batches = global_batches(len(paths), batch_size)
+    mine = [batches[j] for j in range(len(batches)) if j % world == rank]
+    counts: dict[int, int] = {}
+    bar = _bar(sum(map(len, mine)), desc, progress_bar and rank == 0)
+    for batch in _loader(paths, transform, mine, workers):
+        if batch["pixels"] is not None:
+            n = encode(model, batch["pixels"].to(device, dtype)).n_tokens.tolist()
+            counts.update(zip(batch["indices"], n))
+        bar.update(len(batch["indices"]) + len(batch["failures"]))
+    bar.close()
+    for part in gather_objects(counts):
+        counts.update(part)
+    if not counts:
+        raise ValueError("no readable image to report token counts on")
+    values = np.array([counts[i] for i in sorted(counts)])
+    hist, edges = np.histogram(values, bins=min(20, max(1, len(np.unique(values)))))
+    return {"n_images": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
+            "min": int(values.min()), "median": float(np.median(values)), "max": int(values.max()),
+            "histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
+            "per_image": {str(paths[i]): counts[i] for i in sorted(counts)}}

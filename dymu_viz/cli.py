@@ -1,4 +1,8 @@
-"""``python -m dymu_viz demo``: DToMe on the bundled photos, a token-count table and merge maps."""
+"""Command line: ``python -m dymu_viz demo | calibrate``.
+
+demo       DToMe on the bundled photos: a token-count table and merge-map PNGs.
+calibrate  threshold finding on an image set (JSON list or folder); also under torchrun.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,105 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--out", type=Path, default=Path("dymu_out"), help="folder for the PNGs and counts.json")
+
+
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="find DToMe thresholds on an image set (works under torchrun)")
+    p.add_argument("--model", required=True, help=f"encoder name or local HF folder; known: {', '.join(known_models())}")
+    p.add_argument("--pretrained", default="auto",
+                   help="'auto' (local weights if cached, else random init), 'random', a tag such as 'openai', or a path")
+    p.add_argument("--download", action="store_true", help="allow downloading pretrained weights")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--json", type=Path, help='reference-format list: [{"image": "relative/path.jpg"}, ...]')
+    data.add_argument("--folder", type=Path, help="a folder of images (searched recursively)")
+    p.add_argument("--image-root", type=Path, help="folder the JSON paths are relative to (default: the JSON's folder)")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--target", help="'Kout' preset: about K output tokens per image, e.g. 72out, 192out")
+    amount.add_argument("--r-total", type=int, help="total merges over all layers")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse_linear"])
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch and process (the reference used 64)")
+    p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--heldout-json", type=Path, help="a held-out image list to report realized token counts on")
+    p.add_argument("--heldout-root", type=Path)
+    p.add_argument("--no-report", action="store_true", help="skip the realized token-count pass")
+    p.add_argument("--export-pth", type=Path, help="also write the thresholds as a reference-layout .pth")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from .calibrate import CalibrationJob, encoder_state, n_patches_of, resolve_r, run_calibration, token_report
+    from .dataset import list_images
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else (args.device or "cpu")
+    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        if args.out.exists() and not (args.overwrite or args.resume):
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it or --resume to continue")
+        paths, skipped = list_images(args.json or args.folder, args.image_root)
+        loaded = load_encoder(args.model, args.pretrained, device, dtype, args.download)
+        say(f"model   : {loaded.name}\nweights : {loaded.weights}")
+        state = encoder_state(loaded.model)
+        r_total, rs = resolve_r(state.depth, n_patches_of(state), args.r_total, args.target, args.schedule)
+        say(f"data    : {len(paths)} images ({skipped} JSON entries without an image skipped), "
+            f"batch {args.batch_size} x {world} process(es)")
+        say(f"schedule: {args.schedule}, r_total {r_total}, r per layer {rs}")
+        if args.overwrite and not args.resume:
+            from .calibrate import checkpoint_paths
+            for old in checkpoint_paths(args.out):
+                old.unlink()
+        job = CalibrationJob(loaded.model, loaded.preprocess, paths, rs, args.out, args.batch_size, loaded.name,
+                             args.schedule, r_total, device, dtype, args.workers, args.checkpoint_every, args.resume,
+                             not args.quiet)
+        thresholds, progress = run_calibration(job)
+        reports = {}
+        if not args.no_report:
+            reports["calibration"] = token_report(loaded.model, thresholds, paths, loaded.preprocess, args.batch_size,
+                                                  device, dtype, args.workers, not args.quiet, "calibration set")
+            if args.heldout_json:
+                held, _ = list_images(args.heldout_json, args.heldout_root)
+                reports["heldout"] = token_report(loaded.model, thresholds, held, loaded.preprocess, args.batch_size,
+                                                  device, dtype, args.workers, not args.quiet, "held-out set")
+        if rank == 0:
+            thresholds.metadata["reports"] = {k: {f: v for f, v in r.items() if f != "per_image"} for k, r in reports.items()}
+            thresholds.save(args.out)
+            report_path = args.out.with_name(args.out.stem + ".report.json")
+            report_path.write_text(json.dumps({"failures": [{"image": str(paths[i]), "error": e} for i, e in
+                                                            sorted(progress.failures)], **reports}, indent=1) + "\n")
+            if args.export_pth:
+                thresholds.save_reference_checkpoint(args.export_pth, state.adapter.reference_prefix)
+            from .calibrate import checkpoint_paths
+            for old in checkpoint_paths(args.out):
+                old.unlink()
+            say(f"thresholds: {', '.join(f'{v:.4f}' for v in thresholds.values)}")
+            for kind, rep in reports.items():
+                say(f"{kind:<12}: {rep['mean']:.1f} ± {rep['std']:.1f} tokens per image "
+                    f"(min {rep['min']}, median {rep['median']:.0f}, max {rep['max']}; {rep['n_images']} images)")
+            if progress.failures:
+                say(f"skipped {len(progress.failures)} unreadable image(s):")
+                for i, err in sorted(progress.failures):
+                    say(f"  {paths[i]}: {err}")
+            say(f"wrote {args.out} and {report_path}" + (f" and {args.export_pth}" if args.export_pth else ""))
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def demo_images(names: Optional[Sequence[str]] = None) -> dict:
@@ -102,10 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dymu_viz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    _calibrate_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return run_demo(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        return {"demo": run_demo, "calibrate": run_calibrate}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -86,6 +86,15 @@ class Thresholds:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         return cls.from_dict(data)
 
+    def save_reference_checkpoint(self, path: Union[str, Path], prefix: str) -> Path:
+        """Write the reference repository's layout: {"name", "state_dict": {"module.<prefix>.<i>.threshold"}}
+        (prefix e.g. "visual.transformer.resblocks"), loadable by its code and by ours."""
+        import torch
+
+        state = {f"module.{prefix}.{i}.threshold": torch.tensor(v) for i, v in enumerate(self.values)}
+        torch.save({"name": self.model, "state_dict": state}, str(path))
+        return Path(path)
+
     @classmethod
     def from_reference_checkpoint(cls, path: Union[str, Path], n_patches: Optional[int] = None,
                                   schedule: Optional[str] = None) -> "Thresholds":

@@ -23,24 +23,23 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_hf_clip(layers: int = 4, hidden: int = 64, heads: int = 4, image: int = 56, patch: int = 14,
-                 intermediate: int | None = None, seed: int = 0) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def _make_hf(kind: str, layers: int = 4, hidden: int = 64, heads: int = 4, image: int = 56, patch: int = 14,
+             intermediate: int | None = None, seed: int = 0) -> nn.Module:
+    import transformers
+    prefix = {"clip": "CLIP", "siglip": "Siglip"}[kind]
     _seeded(seed)
-    cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-                           num_hidden_layers=layers, num_attention_heads=heads, image_size=image,
-                           patch_size=patch)
-    return CLIPVisionModel(cfg).eval()
+    cfg = getattr(transformers, f"{prefix}VisionConfig")(
+        hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, image_size=image, patch_size=patch)
+    return getattr(transformers, f"{prefix}VisionModel")(cfg).eval()
 
 
-def make_hf_siglip(layers: int = 4, hidden: int = 64, heads: int = 4, image: int = 56, patch: int = 14,
-                   intermediate: int | None = None, seed: int = 0) -> nn.Module:
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-    _seeded(seed)
-    cfg = SiglipVisionConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=heads, image_size=image,
-                             patch_size=patch)
-    return SiglipVisionModel(cfg).eval()
+def make_hf_clip(**kwargs: Any) -> nn.Module:
+    return _make_hf("clip", **kwargs)
+
+
+def make_hf_siglip(**kwargs: Any) -> nn.Module:
+    return _make_hf("siglip", **kwargs)
 
 
 def make_open_clip(layers: int = 3, hidden: int = 64, heads: int = 4, image: int = 64, patch: int = 16,

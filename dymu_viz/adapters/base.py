@@ -32,6 +32,7 @@ class EncoderAdapter:
 
     family: str = ""
     protected: int = 0
+    reference_prefix: str = ""
 
     def __init__(self, module: nn.Module):
         self.module = module

@@ -18,6 +18,7 @@ class HFVisionAdapter(EncoderAdapter):
     """Shared by both HF towers: same layer layout (layer_norm1, self_attn, layer_norm2, mlp)."""
 
     model_class: str = ""
+    reference_prefix = "vision_model.encoder.layers"  # threshold keys in reference .pth checkpoints
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:

@@ -19,6 +19,7 @@ def in_projection(attn: nn.MultiheadAttention):
 
 class OpenClipViTAdapter(EncoderAdapter):
     family = "open_clip ViT"
+    reference_prefix = "visual.transformer.resblocks"  # threshold keys in reference .pth checkpoints
     protected = 1
 
     @classmethod

@@ -15,6 +15,7 @@ from .base import EncoderAdapter, fused_qkv, optional
 
 class TimmViTAdapter(EncoderAdapter):
     family = "timm ViT"
+    reference_prefix = "visual.trunk.blocks"  # threshold keys in reference .pth checkpoints
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:

@@ -1,0 +1,218 @@
+"""Threshold finding: the batch rule, the running mean, calibration <-> inference identity,
+torchrun invariance, resume after kill -9, bad images, and the CLI end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dymu_viz
+from dymu_viz import merge
+from dymu_viz.calibrate import batch_thresholds, find_thresholds, mean_thresholds
+from dymu_viz.cli import main
+from dymu_viz.data import sample_photos, shapes_image
+from tiny_models import make_hf_clip, make_hf_siglip, redundancy_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_one_batch_merges_exactly_B_r_and_records_the_first_unpicked_edge(monkeypatch):
+    model = make_hf_clip(image=112)  # 64 patches + CLS, 4 layers
+    seen = []
+    original = merge.select_batch_top
+
+    def recording(best, size, r, protected):
+        src, tau = original(best, size, r, protected)
+        seen.append((best.clone(), src.clone(), tau))
+        return src, tau
+
+    monkeypatch.setattr(merge, "select_batch_top", recording)
+    x = redundancy_images(112, 14)
+    rs = [5, 7, 0, 3]
+    values, n_tokens = batch_thresholds(model, x, rs)
+    counts = model.dymu.last.counts  # batch_thresholds patched the model; this is its pass
+    active = [i for i, r in enumerate(rs) if r > 0]
+    assert len(seen) == len(active) and values[2] is None
+    for (best, src, tau), layer in zip(seen, active):
+        merged = counts[:, layer] - counts[:, layer + 1]
+        assert merged.float().mean().item() == rs[layer]  # B * r_i merges in all, r_i per image on average
+        assert int(src.sum()) == x.shape[0] * rs[layer]
+        ranked = best.flatten().sort(descending=True).values
+        assert tau == max(float(ranked[x.shape[0] * rs[layer]]), 0.0) == values[layer]
+        assert float(best[src].min()) >= tau  # every picked edge scores at least the recorded value
+    assert counts[:, 3].tolist() == counts[:, 2].tolist()  # r_i = 0: the layer never merges
+    assert n_tokens.tolist() == counts[:, -1].tolist()
+
+
+def test_threshold_is_the_mean_of_the_per_batch_values():
+    model = make_hf_siglip(image=112)
+    x = redundancy_images(112, 14)
+    batches = [x[:2], x[2:], x[1:3]]
+    th = find_thresholds(model, batches, r_total=12, schedule="linear")
+    per_batch = [batch_thresholds(model, b, th.r)[0] for b in batches]
+    for i in range(4):
+        vals = [v[i] for v in per_batch if v[i] is not None]
+        expected = sum(vals) / len(vals) if vals else float("inf")
+        assert th.values[i] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert th.metadata["n_images"] == 6 and th.metadata["n_batches"] == 3
+
+
+def test_mean_ignores_missing_values_and_flags_empty_layers():
+    values, counts = mean_thresholds({0: [0.5, None], 2: [0.7, None], 1: [0.6, None]}, 2)
+    assert values[0] == pytest.approx(0.6) and values[1] == float("inf") and counts == [3, 0]
+
+
+@pytest.mark.parametrize("make", [make_hf_clip, make_hf_siglip], ids=["cls", "no_cls"])
+def test_calibrating_on_one_image_then_inference_equals_tome(make):
+    model = make(image=112, layers=4)
+    image = redundancy_images(112, 14)[3:4] + 0.05 * torch.randn(1, 3, 112, 112)
+    th = find_thresholds(model, [image] * 5, r_total=20, schedule="linear")  # batch 1, K = 5 repeats
+    assert th.r == dymu_viz.make_schedule(20, 4, "linear")
+    dymu_viz.patch(model, th)
+    dtome = dymu_viz.encode(model, image)
+    dymu_viz.patch(model, r=th.r)
+    tome = dymu_viz.encode(model, image)
+    assert dtome.counts.tolist() == tome.counts.tolist()
+    n0, protected = dtome.counts[0, 0].item(), 1 if make is make_hf_clip else 0
+    assert dtome.counts[0].tolist() == dymu_viz.token_counts(n0, th.r, protected)
+    assert torch.equal(dtome.groups, tome.groups) and torch.equal(dtome.tokens, tome.tokens)
+
+
+# ---------------------------------------------------------------- data sets and the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny HF CLIP vision model saved as a local folder, as a user's own model would be."""
+    from transformers import CLIPImageProcessor
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    make_hf_clip(image=56, layers=4).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory):
+    """A few dozen images made from the bundled photos (crops, scales) and synthetic shapes,
+    listed in the reference JSON format."""
+    root = tmp_path_factory.mktemp("images")
+    photos = sample_photos(["astronaut", "coffee", "rocket", "china"])
+    entries = []
+    for name, photo in photos.items():
+        w, h = photo.size
+        for k, box in enumerate([(0, 0, w // 2, h // 2), (w // 4, h // 4, w, h), (0, 0, w, h)]):
+            path = root / f"{name}_{k}.jpg"
+            photo.crop(box).resize((96 + 32 * k, 96 + 16 * k)).save(path)
+            entries.append({"image": path.name})
+    for n in range(0, 24, 2):
+        path = root / "shapes" / f"shapes_{n}.png"
+        path.parent.mkdir(exist_ok=True)
+        shapes_image(n, size=128, seed=n).save(path)
+        entries.append({"image": f"shapes/{path.name}"})
+    entries.insert(5, {"caption": "an entry without an image is skipped"})
+    (root / "data.json").write_text(json.dumps(entries))
+    return root
+
+
+def _cli(*args, env=None, **kwargs):
+    cmd = [sys.executable, "-m", "dymu_viz", "calibrate", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, **kwargs)
+
+
+def _calibrate_args(model_dir, images, out, *extra):
+    return ["--model", model_dir, "--json", images / "data.json", "--target", "8out", "--batch-size", 4,
+            "--out", out, "--workers", 0, "--quiet", *extra]
+
+
+def test_cli_end_to_end(tiny_model_dir, image_set, tmp_path, capsys):
+    out = tmp_path / "th.json"
+    code = main(["calibrate", *map(str, _calibrate_args(tiny_model_dir, image_set, out, "--export-pth",
+                                                         tmp_path / "th.pth"))])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "24 images (1 JSON entries without an image skipped)" in printed
+    th = dymu_viz.Thresholds.load(out)
+    assert th.layers == 4 and th.r_total == 8 and th.metadata["n_images"] == 24 and th.metadata["n_batches"] == 6
+    report = json.loads(out.with_name("th.report.json").read_text())
+    cal = report["calibration"]
+    assert cal["n_images"] == 24 and cal["min"] <= cal["median"] <= cal["max"]
+    assert sum(cal["histogram"]["counts"]) == 24
+    assert cal["mean"] == pytest.approx(np.mean(list(cal["per_image"].values())))
+    assert th.metadata["reports"]["calibration"]["mean"] == cal["mean"]
+    assert dymu_viz.Thresholds.load(tmp_path / "th.pth").values == pytest.approx(th.values, abs=1e-6)
+    assert not list(tmp_path.glob("*.partial.*"))  # checkpoints are cleaned up after success
+    # an existing output is never silently overwritten
+    assert main(["calibrate", *map(str, _calibrate_args(tiny_model_dir, image_set, out))]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_bad_images_are_skipped_counted_and_named(tiny_model_dir, tmp_path, capsys):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    photo = sample_photos(["chelsea"])["chelsea"]
+    photo.save(root / "good.jpg")
+    photo.convert("L").save(root / "gray.png")
+    photo.convert("RGBA").save(root / "rgba.png")
+    photo.convert("P").save(root / "palette.png")
+    Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(root / "sixteen_bit.png")
+    (root / "corrupt.jpg").write_bytes(b"this is not an image")
+    data = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    entries = [{"image": p} for p in ["good.jpg", "gray.png", "rgba.png", "palette.png", "sixteen_bit.png",
+                                      "corrupt.jpg", "truncated.jpg", "missing.jpg"]]
+    (root / "data.json").write_text(json.dumps(entries))
+    out = tmp_path / "th.json"
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--json", str(root / "data.json"), "--target", "8out",
+                 "--batch-size", "3", "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.with_name("th.report.json").read_text())
+    bad = {Path(f["image"]).name for f in report["failures"]}
+    assert bad == {"corrupt.jpg", "truncated.jpg", "missing.jpg"}
+    assert "skipped 3 unreadable image(s)" in printed and "missing.jpg" in printed
+    assert dymu_viz.Thresholds.load(out).metadata["n_images"] == 5
+
+
+def test_torchrun_two_processes_equal_one(tiny_model_dir, image_set, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert _cli(*_calibrate_args(tiny_model_dir, image_set, one, "--no-report")).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                "-m", "dymu_viz", "calibrate", *map(str, _calibrate_args(tiny_model_dir, image_set, two))]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = dymu_viz.Thresholds.load(one), dymu_viz.Thresholds.load(two)
+    assert a.values == b.values  # exactly: batches are the same and averaged in batch order
+    assert b.metadata["processes"] == 2 and b.metadata["n_images"] == 24
+
+
+def test_killed_run_resumes_to_identical_thresholds(tiny_model_dir, image_set, tmp_path):
+    full, killed = tmp_path / "full.json", tmp_path / "killed.json"
+    assert _cli(*_calibrate_args(tiny_model_dir, image_set, full, "--no-report")).returncode == 0
+    env = {**os.environ, "DYMU_VIZ_BATCH_DELAY": "0.5"}  # slow batches down so the kill lands mid-run
+    args = _calibrate_args(tiny_model_dir, image_set, killed, "--no-report", "--checkpoint-every", 1)
+    proc = subprocess.Popen([sys.executable, "-m", "dymu_viz", "calibrate", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed.json.partial.rank0.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoint.exists() and len(json.loads(checkpoint.read_text())["per_batch"]) >= 2):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "the run must have been killed before finishing"
+    finished = len(json.loads(checkpoint.read_text())["per_batch"])
+    assert 2 <= finished < 6
+    assert _cli(*args, "--resume").returncode == 0
+    assert dymu_viz.Thresholds.load(killed).values == dymu_viz.Thresholds.load(full).values
