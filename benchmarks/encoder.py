@@ -137,9 +137,10 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme_table(device: str, text: str) -> None:
+def write_readme_table(key: str, text: str) -> None:
+    """Put ``text`` between the ``<!-- key:begin/end -->`` markers of benchmarks/README.md."""
     readme = HERE / "README.md"
-    begin, end = f"<!-- encoder:{device}:begin -->", f"<!-- encoder:{device}:end -->"
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     content = readme.read_text() if readme.exists() else "# Benchmarks\n"
     block = f"{begin}\n{text}\n{end}"
     if begin in content:
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
                                "reps": args.reps, "warmup": args.warmup, "results": results}, indent=1) + "\n")
     text = table(results)
-    write_readme_table(device_kind, text)
+    write_readme_table(f"encoder:{device_kind}", text)
     print(text)
     return 0
 

@@ -1,14 +1,18 @@
 """dymu_viz: DyMU (dynamic token merging + virtual token unmerging) for open_clip, timm and
 HF transformers vision encoders, with visualizers and notebooks."""
 
+from .calibrate import calibrate, find_thresholds
+from .data import sample_photos, shapes_image
 from .encoder import EncoderResult, MergeConfig
-from .patch import DyMUState, encode, patch, unpatch
+from .models import load_encoder
+from .patch import DyMUState, encode, get_state, patch, unpatch
 from .schedule import kout_r_total, make_schedule, parse_r, token_counts
 from .thresholds import Thresholds
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DyMUState", "EncoderResult", "MergeConfig", "Thresholds", "encode", "kout_r_total",
-    "make_schedule", "parse_r", "patch", "token_counts", "unpatch",
+    "DyMUState", "EncoderResult", "MergeConfig", "Thresholds", "calibrate", "encode", "find_thresholds",
+    "get_state", "kout_r_total", "load_encoder", "make_schedule", "parse_r", "patch", "sample_photos",
+    "shapes_image", "token_counts", "unpatch",
 ]

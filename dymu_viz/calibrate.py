@@ -269,3 +269,32 @@ def token_report(model: nn.Module, thresholds: Thresholds, paths: Sequence[Path]
             "min": int(values.min()), "median": float(np.median(values)), "max": int(values.max()),
             "histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
             "per_image": {str(paths[i]): counts[i] for i in sorted(counts)}}
+
+
+def calibrate(model: nn.Module, data: Any, transform: Any, target: Optional[str] = None,
+              r_total: Optional[int] = None, schedule: str = "constant", batch_size: int = 64,
+              image_root: Optional[Path] = None, out: Optional[Path] = None, resume: bool = False,
+              device: str = "cpu", dtype: torch.dtype = torch.float32, workers: int = 2, name: str = "",
+              progress_bar: bool = True) -> Thresholds:
+    """Calibrate on an image set: a reference JSON list, a folder, or a list of image paths.
+
+    With ``out`` the thresholds are saved there and the run checkpoints beside it (``resume``
+    continues an interrupted run); bad images are skipped and listed in the metadata."""
+    import tempfile
+
+    from .dataset import list_images
+
+    paths = [Path(p) for p in data] if isinstance(data, (list, tuple)) else list_images(data, image_root)[0]
+    state = encoder_state(model)
+    r_total, rs = resolve_r(state.depth, n_patches_of(state), r_total, target, schedule)
+    with tempfile.TemporaryDirectory() as tmp:
+        target_path = Path(out) if out is not None else Path(tmp) / "thresholds.json"
+        job = CalibrationJob(model, transform, paths, rs, target_path, batch_size, name, schedule, r_total,
+                             device, dtype, workers, resume=resume, progress_bar=progress_bar)
+        thresholds, progress = run_calibration(job)
+        thresholds.metadata["bad_image_paths"] = [str(paths[i]) for i, _ in sorted(progress.failures)]
+        if out is not None and dist_info()[0] == 0:
+            thresholds.save(target_path)
+            for old in checkpoint_paths(target_path):
+                old.unlink()
+    return thresholds

@@ -140,8 +140,11 @@ def _calibrate_args(model_dir, images, out, *extra):
 
 def test_cli_end_to_end(tiny_model_dir, image_set, tmp_path, capsys):
     out = tmp_path / "th.json"
+    heldout = tmp_path / "heldout.json"
+    heldout.write_text(json.dumps([{"image": str(image_set / "shapes" / f"shapes_{n}.png")} for n in (0, 10, 20)]))
     code = main(["calibrate", *map(str, _calibrate_args(tiny_model_dir, image_set, out, "--export-pth",
-                                                         tmp_path / "th.pth"))])
+                                                         tmp_path / "th.pth", "--heldout-json", heldout,
+                                                         "--heldout-root", "/"))])
     assert code == 0
     printed = capsys.readouterr().out
     assert "24 images (1 JSON entries without an image skipped)" in printed
@@ -153,6 +156,8 @@ def test_cli_end_to_end(tiny_model_dir, image_set, tmp_path, capsys):
     assert sum(cal["histogram"]["counts"]) == 24
     assert cal["mean"] == pytest.approx(np.mean(list(cal["per_image"].values())))
     assert th.metadata["reports"]["calibration"]["mean"] == cal["mean"]
+    assert report["heldout"]["n_images"] == 3
+    assert "heldout     : " in printed and "calibration : " in printed
     assert dymu_viz.Thresholds.load(tmp_path / "th.pth").values == pytest.approx(th.values, abs=1e-6)
     assert not list(tmp_path.glob("*.partial.*"))  # checkpoints are cleaned up after success
     # an existing output is never silently overwritten
@@ -186,6 +191,15 @@ def test_bad_images_are_skipped_counted_and_named(tiny_model_dir, tmp_path, caps
     assert dymu_viz.Thresholds.load(out).metadata["n_images"] == 5
 
 
+def test_exif_rotation_is_applied(tmp_path):
+    from dymu_viz.dataset import load_rgb
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+
+
 def test_torchrun_two_processes_equal_one(tiny_model_dir, image_set, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert _cli(*_calibrate_args(tiny_model_dir, image_set, one, "--no-report")).returncode == 0
@@ -216,3 +230,13 @@ def test_killed_run_resumes_to_identical_thresholds(tiny_model_dir, image_set, t
     assert 2 <= finished < 6
     assert _cli(*args, "--resume").returncode == 0
     assert dymu_viz.Thresholds.load(killed).values == dymu_viz.Thresholds.load(full).values
+
+
+def test_python_api_calibrates_a_folder_and_saves(tiny_model_dir, image_set, tmp_path):
+    loaded = dymu_viz.load_encoder(str(tiny_model_dir))
+    out = tmp_path / "api.json"
+    th = dymu_viz.calibrate(loaded.model, image_set, loaded.preprocess, target="8out", batch_size=4, out=out,
+                            workers=0, progress_bar=False)
+    assert dymu_viz.Thresholds.load(out).values == th.values
+    assert th.metadata["n_images"] == 24 and th.metadata["bad_image_paths"] == []
+    assert not list(tmp_path.glob("*.partial.*"))
