@@ -1,0 +1,267 @@
+"""Virtual token unmerging (VTU, spec section 5) for HF RoPE decoders, without copying any
+modeling code.
+
+The LLM runs on the *compact* sequence (each merged visual token once). Position-wise layers
+(norms, projections, MLP) therefore see only the unique tokens. RoPE is made the identity in the
+model (the rotary module returns cos = 1, sin = 0), so the KV cache holds compact, un-rotated keys
+and values. A registered attention function then, in every layer:
+
+    expands q / k / v to the virtual (full-length) sequence through the mapping,
+    rotates them with their *virtual* positions,
+    attends causally over the virtual positions (SDPA, eager, or the exact Eq. 10 kernel),
+    averages the copies of each compact token back into one output row.
+
+Shapes: B samples, H query heads, Hkv key/value heads, P compact tokens, V virtual slots
+(padded per batch), D head dim. A ``VirtualLayout`` says, per sample and virtual slot, which
+compact token it copies (``src``), its RoPE position (``pos``) and whether it exists (``valid``);
+rows are left-padded so that decode steps append at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_NAME = "dymu_vtu"
+KERNELS = ("sdpa", "eager", "exact")
+
+
+@dataclass
+class VirtualLayout:
+    """src, pos: (B, V) long; valid: (B, V) bool. Invalid slots are left padding."""
+
+    src: Tensor
+    pos: Tensor
+    valid: Tensor
+
+    @classmethod
+    def from_mappings(cls, mappings: Sequence[Tensor]) -> "VirtualLayout":
+        """One 1-D mapping per sample: virtual position v -> compact index (positions 0..V_b-1)."""
+        longest = max(len(m) for m in mappings)
+        device = mappings[0].device
+        src = torch.zeros((len(mappings), longest), dtype=torch.long, device=device)
+        pos = torch.zeros_like(src)
+        valid = torch.zeros_like(src, dtype=torch.bool)
+        for b, m in enumerate(mappings):
+            n = len(m)
+            src[b, longest - n:] = m
+            pos[b, longest - n:] = torch.arange(n, device=device)
+            valid[b, longest - n:] = True
+        return cls(src, pos, valid)
+
+    @classmethod
+    def identity(cls, attention_mask: Tensor) -> "VirtualLayout":
+        """Every valid compact token once, at consecutive positions (no merging)."""
+        return cls.from_mappings([row.nonzero().squeeze(1) for row in attention_mask.bool()])
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) virtual length per sample."""
+        return self.valid.sum(-1)
+
+    def extend(self, n_new: int, first_src: int) -> "VirtualLayout":
+        """Append n_new plain tokens (compact indices first_src...) to every sample, each at the
+        next virtual position: what decoding adds."""
+        B = self.src.shape[0]
+        steps = torch.arange(1, n_new + 1, device=self.src.device)
+        last = torch.where(self.valid, self.pos, -1).amax(-1, keepdim=True)
+        src = (first_src + steps - 1).expand(B, n_new)
+        return VirtualLayout(torch.cat([self.src, src], 1), torch.cat([self.pos, last + steps], 1),
+                             torch.cat([self.valid, torch.ones_like(src, dtype=torch.bool)], 1))
+
+
+class VTUState:
+    """Shared by every attention layer of one patched LLM: the current layout, the number of
+    compact tokens it covers, the model's real rotary embedding and the kernel choice."""
+
+    def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa"):
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown VTU kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        self.rotary = rotary
+        self.kernel = kernel
+        self.layout: Optional[VirtualLayout] = None
+        self.n_compact = 0
+        self._rope: Optional[tuple[int, Tensor, Tensor]] = None
+
+    def start(self, layout: VirtualLayout, n_compact: int) -> None:
+        """Set the layout of the next (prefill) forward, which holds n_compact tokens per row."""
+        self.layout, self.n_compact, self._rope = layout, n_compact, None
+
+    def sync(self, kv_len: int) -> VirtualLayout:
+        """The layout covering kv_len compact tokens: tokens beyond the known ones (decode
+        steps, continued prompts) are plain tokens appended at the next positions."""
+        if self.layout is None:
+            raise RuntimeError("VTU has no layout: run the model through dymu_viz's VLM helpers or call "
+                               "state.start(layout, n_compact) before the forward")
+        if kv_len > self.n_compact:
+            self.layout = self.layout.extend(kv_len - self.n_compact, self.n_compact)
+            self.n_compact, self._rope = kv_len, None
+        elif kv_len < self.n_compact:
+            raise RuntimeError(f"the KV cache holds {kv_len} tokens but the VTU layout {self.n_compact}; "
+                               "start a new layout for a new prompt")
+        return self.layout
+
+    def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, V, D) for the layout's virtual positions, computed once per layout."""
+        if self._rope is None or self._rope[0] != self.n_compact:
+            cos, sin = self.rotary(like, self.layout.pos)
+            self._rope = (self.n_compact, cos, sin)
+        return self._rope[1].to(like.dtype), self._rope[2].to(like.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """HF's RoPE pairing: (x1, x2) -> (-x2, x1) on the two halves of the head dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def gather_slots(x: Tensor, src: Tensor) -> Tensor:
+    """(B, H, P, D) compact rows -> (B, H, V, D) virtual slots, src: (B, V)."""
+    return x.gather(2, src[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+
+def average_copies(out: Tensor, src: Tensor, weight: Tensor, n_rows: int) -> Tensor:
+    """Mean of the virtual slots of each compact row: (B, H, V, D) -> (B, H, n_rows, D).
+    src: (B, V) target row of each slot, weight: (B, V) 1 for real slots, 0 for padding."""
+    B, H, _, D = out.shape
+    w = weight.to(out.dtype)[:, None, :, None]
+    index = src[:, None, :, None].expand(B, H, -1, D)
+    summed = out.new_zeros((B, H, n_rows, D)).scatter_add_(2, index, out * w)
+    counts = out.new_zeros((B, 1, n_rows, 1)).scatter_add_(2, src[:, None, :, None], w[:, :1])
+    return summed / counts.clamp_min(1)
+
+
+def exact_scores(q: Tensor, k: Tensor, q_src: Tensor, k_src: Tensor, cos_q: Tensor, sin_q: Tensor,
+                 cos_k: Tensor, sin_k: Tensor) -> Tensor:
+    """Paper Eq. 10: RoPE scores of the virtual sequence from *unique* q / k products.
+
+    q: (B, H, Pq, D), k: (B, H, Pk, D) un-rotated; *_src: (B, Vq) / (B, Vk) slot -> row;
+    cos/sin: (B, V, D) per slot. With pairs (x1, x2) = halves of D and angle difference
+    a = theta_m - theta_n per frequency, score = sum_d (q1 k1 + q2 k2) cos a + (q1 k2 - q2 k1) sin a.
+    Materialises (B, H, Vq, Vk, D/2): a reference kernel, not a fast one. Returns (B, H, Vq, Vk).
+    """
+    q1, q2 = q.chunk(2, dim=-1)
+    k1, k2 = k.chunk(2, dim=-1)
+    dot = q1[:, :, :, None] * k1[:, :, None] + q2[:, :, :, None] * k2[:, :, None]  # (B, H, Pq, Pk, D/2)
+    cross = q1[:, :, :, None] * k2[:, :, None] - q2[:, :, :, None] * k1[:, :, None]
+    B, H, Pq, Pk, half = dot.shape
+    rows = q_src[:, None, :, None, None].expand(B, H, -1, Pk, half)
+    dot, cross = dot.gather(2, rows), cross.gather(2, rows)
+    cols = k_src[:, None, None, :, None].expand(B, H, dot.shape[2], -1, half)
+    dot, cross = dot.gather(3, cols), cross.gather(3, cols)
+    cq, sq = cos_q[..., :half][:, None, :, None], sin_q[..., :half][:, None, :, None]  # (B, 1, Vq, 1, D/2)
+    ck, sk = cos_k[..., :half][:, None, None], sin_k[..., :half][:, None, None]  # (B, 1, 1, Vk, D/2)
+    return (dot * (cq * ck + sq * sk) + cross * (sq * ck - cq * sk)).sum(-1)
+
+
+def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+    """The registered attention function. query: (B, H, q_len, D) for the newest compact
+    tokens; key / value: (B, Hkv, kv_len, D) for all cached compact tokens (un-rotated: the
+    model's own RoPE is the identity under VTU). Returns (B, q_len, H, D)."""
+    state: VTUState = module.dymu_vtu
+    B, H, q_len, D = query.shape
+    kv_len = key.shape[2]
+    layout = state.sync(kv_len)
+    first_new = kv_len - q_len
+    n_query_slots = int((layout.src >= first_new)[0].sum()) if first_new > 0 else layout.src.shape[1]
+    q_src = layout.src[:, -n_query_slots:] - first_new  # query slot -> row of `query`
+    q_pos, q_valid = layout.pos[:, -n_query_slots:], layout.valid[:, -n_query_slots:]
+    if first_new > 0 and not bool(((q_src >= 0) & (q_src < q_len)).all()):
+        raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
+
+    scale = scaling if scaling is not None else D ** -0.5
+    groups = H // key.shape[1]
+    k_src = layout.src
+    allowed = layout.valid[:, None, None, :] & (layout.pos[:, None, None, :] <= q_pos[:, None, :, None])
+    allowed = allowed | ~q_valid[:, None, :, None]  # padding queries attend anything; they are dropped
+    cos, sin = state.rope(query)
+    cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
+    kv_rep = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)
+    v = gather_slots(kv_rep(value), k_src)
+    if state.kernel == "exact":
+        scores = exact_scores(query, kv_rep(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
+    else:
+        q = gather_slots(query, q_src)
+        k = gather_slots(kv_rep(key), k_src)
+        q = q * cos_q[:, None] + rotate_half(q) * sin_q[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        if state.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+            return average_copies(out, q_src, q_valid, q_len).transpose(1, 2), None
+        scores = q @ k.transpose(-1, -2) * scale
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    return average_copies(probs @ v, q_src, q_valid, q_len).transpose(1, 2), None
+
+
+def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype."""
+    def forward(x: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        cos, sin = original(x, position_ids, *args, **kwargs)
+        return torch.ones_like(cos), torch.zeros_like(sin)
+    return forward
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack (the module holding ``rotary_emb`` and ``layers``) inside model."""
+    for module in model.modules():
+        if hasattr(module, "rotary_emb") and hasattr(module, "layers"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no RoPE decoder (no module with rotary_emb and layers); "
+                     "VTU needs a rotary-position LLM such as Llama or Qwen2")
+
+
+def patch_llm(model: nn.Module, kernel: str = "sdpa") -> VTUState:
+    """Put VTU into the RoPE decoder inside model (per instance, reversible with unpatch_llm)."""
+    from transformers import AttentionInterface
+
+    decoder = find_decoder(model)
+    existing = getattr(decoder, "dymu_vtu", None)
+    if existing is not None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown VTU kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        existing.kernel = kernel
+        return existing
+    attentions = [m for m in decoder.layers.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    if not attentions:
+        raise ValueError(f"no attention layers with q_proj / k_proj found in {type(decoder).__name__}")
+    AttentionInterface.register(ATTENTION_NAME, vtu_attention)
+    rotary = decoder.rotary_emb
+    state = VTUState(rotary.forward, kernel)
+    config = attentions[0].config
+    state.saved_attn_implementation = config._attn_implementation
+    rotary.forward = _identity_rotary(state.rotary)
+    for attn in attentions:
+        attn.dymu_vtu = state
+    config._attn_implementation = ATTENTION_NAME
+    decoder.dymu_vtu = state
+    state.attentions = attentions
+    return state
+
+
+def unpatch_llm(model: nn.Module) -> None:
+    """Undo patch_llm: the model's own RoPE and attention implementation again."""
+    decoder = find_decoder(model)
+    state: Optional[VTUState] = decoder.__dict__.pop("dymu_vtu", None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no VTU patch")
+    decoder.rotary_emb.__dict__.pop("forward", None)
+    for attn in state.attentions:
+        attn.__dict__.pop("dymu_vtu", None)
+    state.attentions[0].config._attn_implementation = state.saved_attn_implementation
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a transformers Cache's key and value tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+    return total
