@@ -1,0 +1,166 @@
+"""VTU on a tiny random Llama (peers.md Test 4): identity equals vanilla, each attention layer
+equals scatter-mean of vanilla attention on the expanded sequence, the exact Eq. 10 kernel
+equals the expansion, cached decoding equals recomputation, batch invariance, errors."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dymu_viz.vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm
+
+VOCAB = 128
+
+
+def tiny_llama(dtype=torch.float64, attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=VOCAB, attn_implementation=attn)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def merged_sample(seed=0, n_text_before=5, n_virtual=16, n_compact=7, n_text_after=4):
+    """Compact embeddings ids and a mapping: 5 text tokens, 16 image positions backed by 7
+    compact image tokens (a random surjection), 4 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    image_map = torch.cat([torch.arange(n_compact), torch.randint(0, n_compact, (n_virtual - n_compact,), generator=g)])
+    image_map = image_map[torch.randperm(n_virtual, generator=g)]
+    P = n_text_before + n_compact + n_text_after
+    mapping = torch.cat([torch.arange(n_text_before), n_text_before + image_map,
+                         torch.arange(n_text_before + n_compact, P)])
+    ids = torch.randint(0, VOCAB, (P,), generator=g)
+    return ids, mapping
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_identity_mapping_equals_vanilla(kernel, dtype, tol):
+    model = tiny_llama(dtype)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ref = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    state = patch_llm(model, kernel)
+    state.start(VirtualLayout.identity(mask), ids.shape[1])
+    out = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(out[0], ref[0], atol=tol, rtol=0)
+    assert torch.allclose(out[1, 3:], ref[1, 3:], atol=tol, rtol=0)
+    unpatch_llm(model)
+    again = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    assert torch.equal(again, ref)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _layer_inputs(model, ids, mapping):
+    """Hidden states entering layer 0, compact (P rows) and expanded (V rows)."""
+    h = model.model.embed_tokens(ids)[None]
+    return h, h[:, mapping]
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel):
+    model = tiny_llama(torch.float64, attn="eager")
+    ids, mapping = merged_sample()
+    attn = model.model.layers[0].self_attn
+    h, h_full = _layer_inputs(model, ids, mapping)
+    V = len(mapping)
+    pos = torch.arange(V)[None]
+    cos, sin = model.model.rotary_emb(h_full, pos)
+    causal = torch.full((V, V), torch.finfo(torch.float64).min, dtype=torch.float64).triu(1)[None, None]
+    vanilla, _ = attn(h_full, position_embeddings=(cos, sin), attention_mask=causal)
+    expected = torch.zeros(1, len(ids), h.shape[-1], dtype=h.dtype).index_add_(1, mapping, vanilla)
+    expected /= torch.bincount(mapping, minlength=len(ids)).to(h.dtype)[None, :, None]
+
+    state = patch_llm(model, kernel)
+    state.start(VirtualLayout.from_mappings([mapping]), len(ids))
+    ones, zeros = torch.ones_like(cos[:, : len(ids)]), torch.zeros_like(sin[:, : len(ids)])
+    out, _ = attn(h, position_embeddings=(ones, zeros), attention_mask=None)
+    assert torch.allclose(out, expected, atol=1e-10, rtol=0)
+
+
+def test_exact_kernel_scores_equal_rope_expansion():
+    from dymu_viz.vtu import exact_scores, gather_slots, rotate_half
+    model = tiny_llama(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 9, 16, generator=g, dtype=torch.float64), torch.randn(2, 4, 9, 16, generator=g, dtype=torch.float64)
+    src = torch.randint(0, 9, (2, 20), generator=g)
+    pos = torch.arange(20).expand(2, 20)
+    cos, sin = model.model.rotary_emb(q, pos)  # head dim 16
+    qe, ke = gather_slots(q, src), gather_slots(k, src)
+    qe = qe * cos[:, None] + rotate_half(qe) * sin[:, None]
+    ke = ke * cos[:, None] + rotate_half(ke) * sin[:, None]
+    assert torch.allclose(exact_scores(q, k, src, src, cos, sin, cos, sin), qe @ ke.transpose(-1, -2), atol=1e-10, rtol=0)
+
+
+def _prefill(model, ids_list, mappings):
+    """Left-pad compact samples into a batch and set the VTU layout; returns (ids, mask)."""
+    P = max(len(i) for i in ids_list)
+    ids = torch.zeros(len(ids_list), P, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    padded_maps = []
+    for b, (i, m) in enumerate(zip(ids_list, mappings)):
+        ids[b, P - len(i):], mask[b, P - len(i):] = i, 1
+        padded_maps.append(m + P - len(i))
+    model.model.dymu_vtu.start(VirtualLayout.from_mappings(padded_maps), P)
+    return ids, mask
+
+
+def test_batch_of_three_equals_each_alone():
+    model = tiny_llama(torch.float64)
+    patch_llm(model)
+    samples = [merged_sample(seed=s, n_compact=c, n_virtual=v) for s, c, v in [(0, 7, 16), (1, 3, 9), (2, 11, 12)]]
+    ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
+    batched = model(input_ids=ids, attention_mask=mask).logits
+    for b, (i, m) in enumerate(samples):
+        one_ids, one_mask = _prefill(model, [i], [m])
+        alone = model(input_ids=one_ids, attention_mask=one_mask).logits[0]
+        assert torch.allclose(batched[b, -len(i):], alone, atol=1e-10, rtol=0)
+
+
+def test_cached_greedy_decoding_equals_recomputation_and_cache_is_compact():
+    model = tiny_llama(torch.float64)
+    patch_llm(model)
+    samples = [merged_sample(seed=s, n_compact=c) for s, c in [(0, 7), (1, 4)]]
+    ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=0)
+    generated = out.sequences[:, ids.shape[1]:]
+    assert generated.shape[1] == 8
+    # recompute every step without a cache: the whole compact prefix, layout extended by hand
+    seq = ids
+    for t in range(8):
+        P = ids.shape[1]
+        maps = []
+        for b, (i, m) in enumerate(samples):
+            pad = P - len(i)
+            maps.append(torch.cat([m + pad, torch.arange(P, P + t)]))
+        model.model.dymu_vtu.start(VirtualLayout.from_mappings(maps), P + t)
+        logits = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones(2, t, dtype=torch.long)], 1),
+                       use_cache=False).logits
+        nxt = logits[:, -1].argmax(-1)
+        assert torch.equal(nxt, generated[:, t])
+        seq = torch.cat([seq, nxt[:, None]], 1)
+    # the cache holds the compact length (prompt + 7 of the 8 generated tokens), not the virtual one
+    keys = out.past_key_values.layers[0].keys
+    assert keys.shape[2] == ids.shape[1] + 7
+    per_entry = 2 * 2 * 16 * 8 * 2  # K and V, 2 kv heads, head dim 16, float64, 2 layers
+    assert cache_bytes(out.past_key_values) == ids.shape[0] * keys.shape[2] * per_entry
+
+
+def test_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with pytest.raises(ValueError, match="RoPE"):
+        patch_llm(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="kernel"):
+        patch_llm(model, kernel="flash")
+    with pytest.raises(ValueError, match="no VTU patch"):
+        unpatch_llm(model)
+    patch_llm(model)
+    with pytest.raises(RuntimeError, match="no layout"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
