@@ -1,10 +1,15 @@
-"""Token accounting and FLOP estimates for merging ViT encoders."""
+"""Token accounting, image complexity and FLOP estimates for merging ViT encoders."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import io
+from typing import Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image
+
+from .encoder import EncoderResult
 
 
 def block_flops(n_attn: float, n_mlp: float, width: int, mlp_hidden: int) -> float:
@@ -36,3 +41,58 @@ def padded_flop_overhead(counts: torch.Tensor, width: int, mlp_hidden: int) -> f
     longest = counts.max(dim=0).values.tolist()
     valid = sum(encoder_flops(row, width, mlp_hidden) for row in counts.tolist())
     return counts.shape[0] * encoder_flops(longest, width, mlp_hidden) / valid - 1.0
+
+
+CountsLike = Union[EncoderResult, Sequence[EncoderResult], torch.Tensor, np.ndarray]
+
+
+def count_matrix(counts: CountsLike) -> np.ndarray:
+    """Token counts as an (n_images, L+1) int array, from an ``EncoderResult``, a list of
+    results (their batches stacked in order), or a (B, L+1) counts tensor / array. Lets every
+    plot and summary take one image, one batch or a whole image set alike."""
+    if isinstance(counts, (list, tuple)) and counts and isinstance(counts[0], EncoderResult):
+        return np.concatenate([count_matrix(r) for r in counts])
+    if isinstance(counts, EncoderResult):
+        counts = counts.counts
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().cpu().numpy()
+    array = np.asarray(counts)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise ValueError(f"token counts must be (n_images, layers + 1), got shape {array.shape}")
+    return array.astype(np.int64)
+
+
+def layer_count_stats(counts: CountsLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (L+1,): token count per layer averaged over the images (population
+    std, 0 for a single image) -- the curve and band of a per-layer count plot."""
+    c = count_matrix(counts).astype(np.float64)
+    return c.mean(0), c.std(0)
+
+
+def jpeg_bytes_per_pixel(image: Union[Image.Image, np.ndarray], quality: int = 75) -> float:
+    """Image complexity as JPEG bytes per pixel at a fixed quality: flat images compress to
+    almost nothing, busy ones do not. image: PIL image or (H, W, 3) uint8 array (use the
+    image as the model sees it, after resizing and cropping)."""
+    pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    pil.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / (pil.width * pil.height)
+
+
+def token_accounting(result: EncoderResult, mlp_ratio: float = 4.0) -> dict[str, np.ndarray]:
+    """Per image (B,) of an encoder result: ``physical`` patch tokens the encoder outputs (CLS
+    and other protected tokens excluded, as a LLaVA-style VLM takes them), ``virtual`` patch
+    positions a VLM sees with virtual token unmerging (every original patch), and
+    ``encoder_flops`` the fraction of the unmerged encoder's block FLOPs spent (estimate with
+    MLP hidden = mlp_ratio * width)."""
+    counts = count_matrix(result)
+    width = int(result.tokens.shape[-1])
+    hidden = int(round(mlp_ratio * width))
+    full = encoder_flops([int(counts[0, 0])] * counts.shape[1], width, hidden)
+    return {
+        "physical": counts[:, -1] - result.protected,
+        "virtual": counts[:, 0] - result.protected,
+        "encoder_flops": np.array([encoder_flops(row, width, hidden) / full for row in counts.tolist()]),
+    }

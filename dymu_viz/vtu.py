@@ -195,7 +195,10 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
             return average_copies(out, q_src, q_valid, q_len).transpose(1, 2), None
         scores = q @ k.transpose(-1, -2) * scale
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    # "eager" follows HF's eager attention exactly (softmax in float32); "exact" is a math
+    # reference and keeps at least the input precision.
+    soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
+    probs = scores.softmax(dim=-1, dtype=soft_dtype).to(v.dtype)
     return average_copies(probs @ v, q_src, q_valid, q_len).transpose(1, 2), None
 
 

@@ -37,10 +37,14 @@ def _no_grad():
         yield
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+# (VTU kernel, the vanilla attention it must reproduce); "eager" is HF's eager (float32 softmax)
+KERNELS = [("sdpa", "sdpa"), ("eager", "eager"), ("exact", "sdpa")]
+
+
+@pytest.mark.parametrize("kernel,vanilla", KERNELS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_identity_mapping_equals_vanilla(kernel, dtype, tol):
-    model = tiny_llama(dtype)
+def test_identity_mapping_equals_vanilla(kernel, vanilla, dtype, tol):
+    model = tiny_llama(dtype, attn=vanilla)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
@@ -49,11 +53,16 @@ def test_identity_mapping_equals_vanilla(kernel, dtype, tol):
     state.start(VirtualLayout.identity(mask), ids.shape[1])
     out = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(out[0], ref[0], atol=tol, rtol=0)
-    assert torch.allclose(out[1, 3:], ref[1, 3:], atol=tol, rtol=0)
+    if vanilla == "eager" and dtype == torch.float64:
+        # HF's own eager path turns left-padded float64 rows into NaN (float64 min mask, float32
+        # softmax); ours stays finite there, so only the unpadded sample can be compared.
+        assert torch.isnan(ref[1, 3:]).all() and torch.isfinite(out[1, 3:]).all()
+    else:
+        assert torch.allclose(out[1, 3:], ref[1, 3:], atol=tol, rtol=0)
     unpatch_llm(model)
     again = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
-    assert torch.equal(again, ref)
-    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(again.nan_to_num(), ref.nan_to_num())  # unpatched again: bitwise the same (NaN where HF has NaN)
+    assert model.config._attn_implementation == vanilla
 
 
 def _layer_inputs(model, ids, mapping):
@@ -62,9 +71,9 @@ def _layer_inputs(model, ids, mapping):
     return h, h[:, mapping]
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
-def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel):
-    model = tiny_llama(torch.float64, attn="eager")
+@pytest.mark.parametrize("kernel,vanilla", KERNELS)
+def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel, vanilla):
+    model = tiny_llama(torch.float64, attn=vanilla)
     ids, mapping = merged_sample()
     attn = model.model.layers[0].self_attn
     h, h_full = _layer_inputs(model, ids, mapping)

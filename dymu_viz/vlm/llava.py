@@ -1,0 +1,201 @@
+"""DyMU in HF LLaVA-1.5 (``LlavaForConditionalGeneration``): DToMe in the CLIP tower, compact
+image features spliced where the image placeholders are, VTU in the Llama decoder.
+
+    dymu_viz.vlm.patch_vlm(model, thresholds)            # DToMe + VTU (mode="vtu")
+    out = dymu_viz.vlm.generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=32)
+    out.sequences, out.accounting                       # new tokens; per-sample token counts
+    dymu_viz.vlm.unpatch_vlm(model)
+
+Modes: "vtu" (the LLM runs as if the full-length image were there), "compact" (the paper's
+"w/o VTU" ablation: compact tokens at consecutive positions), and "full" (no merging, the
+vanilla layout: equal to the unpatched model).
+
+``input_ids`` may hold each image as the processor expands it (576 placeholders) or as a single
+placeholder: either way the run of placeholders is replaced by that image's compact tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..patch import encode, patch, unpatch
+from ..thresholds import Thresholds
+from ..vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm
+
+MODES = ("vtu", "compact", "full")
+
+
+@dataclass
+class VLMState:
+    mode: str
+    kernel: str
+
+
+@dataclass
+class PreparedInputs:
+    """The compact LLM input. inputs_embeds: (B, P, D) left-padded; attention_mask: (B, P);
+    layout: the virtual sequence (None in "compact" mode); accounting: one dict per sample."""
+
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    layout: Optional[VirtualLayout]
+    accounting: list[dict[str, int]]
+
+
+@dataclass
+class GenerateOutput:
+    sequences: Tensor  # (B, new tokens)
+    accounting: list[dict[str, int]]
+
+
+def _check_llava(model: nn.Module) -> None:
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        raise TypeError(f"expected a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
+
+
+def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
+              mode: str = "vtu", kernel: str = "sdpa") -> nn.Module:
+    """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM."""
+    _check_llava(model)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    patch(model.model.vision_tower, None if mode == "full" else thresholds)
+    if mode == "vtu":
+        patch_llm(model.model.language_model, kernel)
+    elif getattr(model.model.language_model, "dymu_vtu", None) is not None:
+        unpatch_llm(model.model.language_model)
+    model.dymu_vlm = VLMState(mode, kernel)
+    return model
+
+
+def unpatch_vlm(model: nn.Module) -> nn.Module:
+    """Undo patch_vlm."""
+    state = model.__dict__.pop("dymu_vlm", None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by dymu_viz.vlm")
+    unpatch(model.model.vision_tower)
+    if getattr(model.model.language_model, "dymu_vtu", None) is not None:
+        unpatch_llm(model.model.language_model)
+    return model
+
+
+def image_features(model: nn.Module, pixel_values: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per image: (compact features (n_i, D) after the projector, mapping (V_img,) from each
+    image position -- patch, plus CLS for the "full" strategy -- to its compact row)."""
+    cfg = model.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise NotImplementedError("DyMU supports a single vision_feature_layer")
+    tower = model.model.vision_tower
+    pixels = pixel_values.to(next(tower.parameters()).dtype)
+    result = encode(tower, pixels, output_hidden_states=True)
+    hidden, groups, sizes = result.hidden_states[layer], result.layer_groups[layer], result.layer_sizes[layer]
+    drop_cls = cfg.vision_feature_select_strategy == "default"
+    out = []
+    for b in range(hidden.shape[0]):
+        n = int((sizes[b] > 0).sum())
+        rows, mapping = (hidden[b, 1:n], groups[b, 1:] - 1) if drop_cls else (hidden[b, :n], groups[b])
+        out.append((model.model.multi_modal_projector(rows), mapping))
+    return out
+
+
+def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
+                   attention_mask: Optional[Tensor] = None) -> PreparedInputs:
+    """Encode the images with DToMe and build the compact, left-padded LLM input and layout."""
+    state: Optional[VLMState] = getattr(model, "dymu_vlm", None)
+    if state is None:
+        raise ValueError("call dymu_viz.vlm.patch_vlm(model, thresholds) first")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    image_id = model.config.image_token_id
+    embed = model.get_input_embeddings()
+    features = image_features(model, pixel_values)
+    runs = [_runs(row[m.bool()] == image_id) for row, m in zip(input_ids, attention_mask)]
+    if sum(len(r) for r in runs) != len(features):
+        raise ValueError(f"{len(features)} images given but the prompts hold {sum(len(r) for r in runs)} image "
+                         "placeholder runs; give one image per placeholder (<image>)")
+    sequences, mappings, accounting = [], [], []
+    images = iter(features)
+    for row, m, sample_runs in zip(input_ids, attention_mask, runs):
+        tokens = row[m.bool()]
+        parts, mapping, start, compact = [], [], 0, 0
+        n_image_tokens = n_image_virtual = 0
+        for begin, end in sample_runs + [(len(tokens), len(tokens))]:
+            text = tokens[start:begin]
+            parts.append(embed(text))
+            mapping.append(compact + torch.arange(len(text), device=row.device))
+            compact += len(text)
+            if begin < len(tokens):
+                feats, image_map = next(images)
+                parts.append(feats.to(parts[-1].dtype))
+                mapping.append(compact + image_map.to(row.device))
+                compact += len(feats)
+                n_image_tokens += len(feats)
+                n_image_virtual += len(image_map)
+            start = end
+        sequences.append(torch.cat(parts))
+        mappings.append(torch.cat(mapping))
+        accounting.append({"image_tokens": n_image_tokens, "image_positions": n_image_virtual,
+                           "llm_compact_length": compact, "llm_virtual_length": int(mappings[-1].numel())})
+    P = max(len(s) for s in sequences)
+    dim = sequences[0].shape[-1]
+    embeds = sequences[0].new_zeros((len(sequences), P, dim))
+    mask = torch.zeros((len(sequences), P), dtype=torch.long, device=input_ids.device)
+    for b, s in enumerate(sequences):
+        embeds[b, P - len(s):], mask[b, P - len(s):] = s, 1
+        mappings[b] = mappings[b] + P - len(s)
+    layout = VirtualLayout.from_mappings(mappings) if state.mode == "vtu" else None
+    return PreparedInputs(embeds, mask, layout, accounting)
+
+
+def _runs(flags: Tensor) -> list[tuple[int, int]]:
+    """[begin, end) of every run of True in a 1-D bool tensor."""
+    edges = torch.diff(torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)]).long())
+    return list(zip(edges.eq(1).nonzero().squeeze(1).tolist(), edges.eq(-1).nonzero().squeeze(1).tolist()))
+
+
+def _start_llm(model: nn.Module, prepared: PreparedInputs) -> None:
+    vtu = getattr(model.model.language_model, "dymu_vtu", None)
+    if vtu is not None:
+        vtu.start(prepared.layout, prepared.inputs_embeds.shape[1])
+
+
+def _positions(prepared: PreparedInputs) -> Tensor:
+    """Position ids: consecutive from 0 at each sample's first token (VTU ignores them)."""
+    return (prepared.attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None
+           ) -> tuple[Tensor, PreparedInputs]:
+    """Next-token logits at every compact position: (B, P, vocab), and the prepared inputs."""
+    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask)
+    _start_llm(model, prepared)
+    out = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                position_ids=_positions(prepared))
+    return out.logits, prepared
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None,
+             **generate_kwargs: Any) -> GenerateOutput:
+    """Generate from images + prompts; per-sample accounting gains KV-cache entries and bytes."""
+    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask)
+    _start_llm(model, prepared)
+    out = model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                         return_dict_in_generate=True, **generate_kwargs)
+    new = out.sequences
+    cache = getattr(out, "past_key_values", None)
+    kv_len = cache.layers[0].keys.shape[2] if cache is not None and cache.layers else 0
+    for acc in prepared.accounting:
+        acc["generated_tokens"] = int(new.shape[1])
+        acc["kv_cache_entries"] = acc["llm_compact_length"] + max(kv_len - prepared.inputs_embeds.shape[1], 0)
+    if cache is not None:
+        per_row = cache_bytes(cache) // max(new.shape[0], 1)
+        for acc in prepared.accounting:
+            acc["kv_cache_bytes_per_sample_padded"] = per_row
+    return GenerateOutput(new, prepared.accounting)

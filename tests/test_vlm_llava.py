@@ -1,0 +1,137 @@
+"""DyMU in HF LLaVA-1.5 on a tiny random-init LlavaForConditionalGeneration."""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import dymu_viz
+from dymu_viz import vlm
+
+VOCAB, IMAGE = 100, 99
+N_PATCHES = 16  # 56 x 56 images, patch 14
+
+
+def tiny_llava(dtype=torch.float32, attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=2, image_size=56, patch_size=14),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                num_hidden_layers=2, vocab_size=VOCAB),
+        image_token_id=IMAGE, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    model.config.text_config._attn_implementation = attn  # the LLM's kernel under test
+    model.config.vision_config._attn_implementation = "sdpa"  # as the DToMe tower (HF eager: float32 softmax)
+    return model
+
+
+def prompts(n_before=(3, 5, 2), n_after=(4, 2, 6), seed=0):
+    """Processor-style prompts: text, 16 image placeholders, text; left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.cat([torch.randint(0, IMAGE, (a,), generator=g), torch.full((N_PATCHES,), IMAGE),
+                       torch.randint(0, IMAGE, (c,), generator=g)]) for a, c in zip(n_before, n_after)]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+    return ids, mask
+
+
+def images(n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 56, 56, generator=g)
+    x[0] = 0.3  # a flat image merges a lot
+    return x.to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_no_merging_equals_the_unpatched_model(attn, dtype, tol):
+    model = tiny_llava(dtype, attn)
+    ids, mask = prompts(n_before=(3,), n_after=(4,))
+    pixels = images(1, dtype)
+    ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    vlm.patch_vlm(model, thresholds=float("inf"), kernel=attn)
+    out, prepared = vlm.logits(model, ids, pixels, mask)
+    assert prepared.accounting[0]["image_tokens"] == N_PATCHES
+    assert torch.allclose(out, ref, atol=tol, rtol=0)
+    vlm.unpatch_vlm(model)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
+
+
+def test_merged_image_keeps_the_virtual_layout_and_the_accounting():
+    model = tiny_llava(torch.float64)
+    vlm.patch_vlm(model, thresholds=0.2)
+    ids, mask = prompts()
+    out, prepared = vlm.logits(model, ids, images(3, torch.float64), mask)
+    for acc, (a, c) in zip(prepared.accounting, [(3, 4), (5, 2), (2, 6)]):
+        assert acc["image_positions"] == N_PATCHES
+        assert acc["llm_virtual_length"] == a + N_PATCHES + c
+        assert acc["llm_compact_length"] == a + acc["image_tokens"] + c
+    assert prepared.accounting[0]["image_tokens"] < N_PATCHES  # the flat image merged
+    assert prepared.layout.lengths.tolist() == [a["llm_virtual_length"] for a in prepared.accounting]
+
+
+def test_batch_of_three_equals_each_alone():
+    model = tiny_llava(torch.float64)
+    vlm.patch_vlm(model, thresholds=0.2)
+    ids, mask = prompts()
+    pixels = images(3, torch.float64)
+    batched, prepared = vlm.logits(model, ids, pixels, mask)
+    for b in range(3):
+        one, p1 = vlm.logits(model, ids[b:b + 1], pixels[b:b + 1], mask[b:b + 1])
+        n = p1.accounting[0]["llm_compact_length"]
+        assert p1.accounting[0] == prepared.accounting[b]
+        assert torch.allclose(batched[b, -n:], one[0, -n:], atol=1e-10, rtol=0)
+
+
+def test_generate_matches_step_by_step_recomputation():
+    model = tiny_llava(torch.float64)
+    vlm.patch_vlm(model, thresholds=0.2)
+    ids, mask = prompts(n_before=(3, 5), n_after=(4, 2))
+    pixels = images(2, torch.float64)
+    out = vlm.generate(model, ids, pixels, mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.sequences.shape == (2, 8)
+    for acc in out.accounting:
+        assert acc["kv_cache_entries"] == acc["llm_compact_length"] + 7
+    seq_ids, seq_mask = ids, mask
+    for t in range(8):  # recompute without a cache: the prompt plus the tokens so far
+        logits, _ = vlm.logits(model, seq_ids, pixels, seq_mask)
+        nxt = logits[:, -1].argmax(-1)
+        assert torch.equal(nxt, out.sequences[:, t])
+        seq_ids = torch.cat([seq_ids, nxt[:, None]], 1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(nxt)[:, None]], 1)
+
+
+def test_compact_mode_is_the_w_o_vtu_ablation():
+    model = tiny_llava(torch.float64)
+    vlm.patch_vlm(model, thresholds=0.2, mode="compact")
+    ids, mask = prompts(n_before=(3,), n_after=(4,))
+    pixels = images(1, torch.float64)
+    out, prepared = vlm.logits(model, ids, pixels, mask)
+    assert prepared.layout is None
+    plain = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask).logits
+    assert torch.allclose(out, plain, atol=1e-12, rtol=0)  # the unpatched LLM on the compact sequence
+
+
+def test_errors():
+    model = tiny_llava()
+    ids, mask = prompts(n_before=(3, 5), n_after=(4, 2))
+    with pytest.raises(ValueError, match="patch_vlm"):
+        vlm.prepare_inputs(model, ids, images(2), mask)
+    with pytest.raises(ValueError, match="3 layers"):
+        vlm.patch_vlm(model, thresholds=[0.5] * 24)
+    vlm.patch_vlm(model, thresholds=0.5)
+    with pytest.raises(ValueError, match="3 images given but the prompts hold 2"):
+        vlm.prepare_inputs(model, ids, images(3), mask)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        vlm.patch_vlm(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="mode"):
+        vlm.patch_vlm(model, mode="fast")
