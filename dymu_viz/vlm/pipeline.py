@@ -1,5 +1,5 @@
-"""DyMU in HF LLaVA-1.5 (``LlavaForConditionalGeneration``): DToMe in the CLIP tower, compact
-image features spliced where the image placeholders are, VTU in the Llama decoder.
+"""DyMU in HF LLaVA models: DToMe in the vision tower, compact image features spliced where
+the image placeholders are, VTU in the RoPE decoder.
 
     dymu_viz.vlm.patch_vlm(model, thresholds)            # DToMe + VTU (mode="vtu")
     out = dymu_viz.vlm.generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=32)
@@ -7,17 +7,19 @@ image features spliced where the image placeholders are, VTU in the Llama decode
     dymu_viz.vlm.unpatch_vlm(model)
 
 Modes: "vtu" (the LLM runs as if the full-length image were there), "compact" (the paper's
-"w/o VTU" ablation: compact tokens at consecutive positions), and "full" (no merging, the
-vanilla layout: equal to the unpatched model).
+"w/o VTU" ablation: compact tokens at consecutive positions), and "full" (no merging: equal to
+the unpatched model).
 
-``input_ids`` may hold each image as the processor expands it (576 placeholders) or as a single
-placeholder: either way the run of placeholders is replaced by that image's compact tokens.
+Each model family supplies one function: images -> per image (compact features (n, D), mapping
+(V_img,) from every virtual image position to its compact row). ``input_ids`` may hold each
+image as the processor expands it or as a single placeholder: either way the run of
+placeholders is replaced by that image's compact tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -52,15 +54,22 @@ class GenerateOutput:
     accounting: list[dict[str, int]]
 
 
-def _check_llava(model: nn.Module) -> None:
-    if type(model).__name__ != "LlavaForConditionalGeneration":
-        raise TypeError(f"expected a transformers LlavaForConditionalGeneration, got {type(model).__name__}")
+ImageSegments = list[tuple[Tensor, Tensor]]
+
+
+def _family(model: nn.Module) -> Callable[..., ImageSegments]:
+    from .onevision import onevision_images
+    families = {"LlavaForConditionalGeneration": llava_images,
+                "LlavaOnevisionForConditionalGeneration": onevision_images}
+    if type(model).__name__ not in families:
+        raise TypeError(f"expected one of {', '.join(families)}, got {type(model).__name__}")
+    return families[type(model).__name__]
 
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
               mode: str = "vtu", kernel: str = "sdpa") -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM."""
-    _check_llava(model)
+    _family(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     patch(model.model.vision_tower, None if mode == "full" else thresholds)
@@ -83,16 +92,16 @@ def unpatch_vlm(model: nn.Module) -> nn.Module:
     return model
 
 
-def image_features(model: nn.Module, pixel_values: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per image: (compact features (n_i, D) after the projector, mapping (V_img,) from each
-    image position -- patch, plus CLS for the "full" strategy -- to its compact row)."""
+def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
+    """Per input image (or crop): (compact features (n, D) after the projector, mapping from
+    each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row).
+    The DToMe tower runs batched; features come from ``vision_feature_layer``."""
     cfg = model.config
     layer = cfg.vision_feature_layer
     if not isinstance(layer, int):
         raise NotImplementedError("DyMU supports a single vision_feature_layer")
     tower = model.model.vision_tower
-    pixels = pixel_values.to(next(tower.parameters()).dtype)
-    result = encode(tower, pixels, output_hidden_states=True)
+    result = encode(tower, pixels.to(next(tower.parameters()).dtype), output_hidden_states=True)
     hidden, groups, sizes = result.hidden_states[layer], result.layer_groups[layer], result.layer_sizes[layer]
     drop_cls = cfg.vision_feature_select_strategy == "default"
     out = []
@@ -103,8 +112,13 @@ def image_features(model: nn.Module, pixel_values: Tensor) -> list[tuple[Tensor,
     return out
 
 
+def llava_images(model: nn.Module, pixel_values: Tensor, **kwargs: Any) -> ImageSegments:
+    """LLaVA-1.5: one image, one tower pass; the virtual image is its patch grid."""
+    return tower_features(model, pixel_values)
+
+
 def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
-                   attention_mask: Optional[Tensor] = None) -> PreparedInputs:
+                   attention_mask: Optional[Tensor] = None, **image_kwargs: Any) -> PreparedInputs:
     """Encode the images with DToMe and build the compact, left-padded LLM input and layout."""
     state: Optional[VLMState] = getattr(model, "dymu_vlm", None)
     if state is None:
@@ -113,7 +127,7 @@ def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
         attention_mask = torch.ones_like(input_ids)
     image_id = model.config.image_token_id
     embed = model.get_input_embeddings()
-    features = image_features(model, pixel_values)
+    features = _family(model)(model, pixel_values, **image_kwargs)
     runs = [_runs(row[m.bool()] == image_id) for row, m in zip(input_ids, attention_mask)]
     if sum(len(r) for r in runs) != len(features):
         raise ValueError(f"{len(features)} images given but the prompts hold {sum(len(r) for r in runs)} image "
@@ -170,10 +184,10 @@ def _positions(prepared: PreparedInputs) -> Tensor:
 
 
 @torch.no_grad()
-def logits(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None
-           ) -> tuple[Tensor, PreparedInputs]:
+def logits(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None,
+           **image_kwargs: Any) -> tuple[Tensor, PreparedInputs]:
     """Next-token logits at every compact position: (B, P, vocab), and the prepared inputs."""
-    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask)
+    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask, **image_kwargs)
     _start_llm(model, prepared)
     out = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                 position_ids=_positions(prepared))
@@ -182,9 +196,11 @@ def logits(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None,
-             **generate_kwargs: Any) -> GenerateOutput:
-    """Generate from images + prompts; per-sample accounting gains KV-cache entries and bytes."""
-    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask)
+             image_sizes: Optional[Tensor] = None, **generate_kwargs: Any) -> GenerateOutput:
+    """Generate from images + prompts; per-sample accounting gains KV-cache entries and bytes.
+    image_sizes: (n_images, 2) original (H, W), needed by LLaVA-OneVision's AnyRes layout."""
+    image_kwargs = {} if image_sizes is None else {"image_sizes": image_sizes}
+    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask, **image_kwargs)
     _start_llm(model, prepared)
     out = model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                          return_dict_in_generate=True, **generate_kwargs)

@@ -1,0 +1,99 @@
+"""DyMU in HF LLaVA-OneVision on a tiny random-init model: AnyRes crops through the batched
+DToMe tower, the vanilla OneVision layout (unpadding + newlines) as the virtual sequence."""
+
+import pytest
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+from dymu_viz import vlm
+
+VOCAB, IMAGE = 100, 99
+PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def tiny_onevision(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=2, image_size=56, patch_size=14),
+        text_config=Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                num_hidden_layers=2, vocab_size=VOCAB),
+        image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    model = LlavaOnevisionForConditionalGeneration(cfg).to(dtype).eval()
+    model.config.vision_config._attn_implementation = "sdpa"
+    return model
+
+
+def inputs(model, sizes, seed=0):
+    """Random crops for images of the given (H, W), and prompts with as many placeholders as
+    vanilla OneVision produces for each image (text before and after)."""
+    g = torch.Generator().manual_seed(seed)
+    image_sizes = torch.tensor(sizes)
+    pixels = torch.randn(len(sizes), 5, 3, 56, 56, generator=g, dtype=torch.float64)
+    pixels[0] = 0.2  # a flat image
+    feats = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes, vision_feature_layer=-1,
+                                           vision_feature_select_strategy="full").pooler_output
+    rows = [torch.cat([torch.randint(0, IMAGE, (3 + b,), generator=g), torch.full((len(f),), IMAGE),
+                       torch.randint(0, IMAGE, (4,), generator=g)]) for b, f in enumerate(feats)]
+    L = max(len(r) for r in rows)
+    ids, mask = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+    return ids, mask, pixels, image_sizes, [len(f) for f in feats]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("size", [(56, 100), (100, 56), (112, 112), (40, 40)])
+def test_no_merging_equals_vanilla_onevision(size):
+    model = tiny_onevision()
+    ids, mask, pixels, image_sizes, lens = inputs(model, [size])
+    ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=image_sizes).logits
+    vlm.patch_vlm(model, thresholds=float("inf"))
+    out, prepared = vlm.logits(model, ids, pixels, mask, image_sizes=image_sizes)
+    acc = prepared.accounting[0]
+    assert acc["image_positions"] == lens[0] == acc["llm_virtual_length"] - 7
+    # every text position: 3 before the image, 4 after (the image's compact order differs from
+    # the vanilla order, its rows are compared through the last text tokens that attend to them)
+    assert torch.allclose(out[0, :3], ref[0, :3], atol=1e-10, rtol=0)
+    assert torch.allclose(out[0, -4:], ref[0, -4:], atol=1e-10, rtol=0)
+
+
+def test_merged_crops_batch_matches_each_alone_and_generates():
+    model = tiny_onevision()
+    ids, mask, pixels, image_sizes, lens = inputs(model, [(56, 100), (112, 112), (100, 56)])
+    vlm.patch_vlm(model, thresholds=0.3)
+    batched, prepared = vlm.logits(model, ids, pixels, mask, image_sizes=image_sizes)
+    assert prepared.accounting[0]["image_tokens"] < lens[0]  # the flat image merged
+    for b in range(3):
+        one, p1 = vlm.logits(model, ids[b:b + 1], pixels[b:b + 1], mask[b:b + 1], image_sizes=image_sizes[b:b + 1])
+        assert p1.accounting[0] == prepared.accounting[b]
+        n = p1.accounting[0]["llm_compact_length"]
+        assert torch.allclose(batched[b, -n:], one[0, -n:], atol=1e-8, rtol=0)
+    out = vlm.generate(model, ids, pixels, mask, image_sizes=image_sizes, max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+    assert out.sequences.shape == (3, 4)
+    nxt = batched[:, -1].argmax(-1)
+    assert torch.equal(out.sequences[:, 0], nxt)
+
+
+def test_onevision_needs_image_sizes():
+    model = tiny_onevision()
+    ids, mask, pixels, image_sizes, _ = inputs(model, [(56, 100)])
+    vlm.patch_vlm(model, thresholds=0.3)
+    with pytest.raises(ValueError, match="image_sizes"):
+        vlm.prepare_inputs(model, ids, pixels, mask)
+
+
+def test_bilinearly_downsampled_grids_are_refused_clearly():
+    model = tiny_onevision()
+    model.config.vision_aspect_ratio = "anyres_max_1"  # a 2 x 2 tile grid exceeds one tile's worth
+    ids, mask, pixels, image_sizes, _ = inputs(model, [(112, 112)])
+    vlm.patch_vlm(model, thresholds=0.3)
+    with pytest.raises(NotImplementedError, match="downsample"):
+        vlm.prepare_inputs(model, ids, pixels, mask, image_sizes=image_sizes)
