@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 ATTENTION_NAME = "dymu_vtu"
 KERNELS = ("sdpa", "eager", "exact")
+BACKENDS = ("native", "torch_scatter")
 
 
 @dataclass
@@ -78,11 +79,14 @@ class VTUState:
     """Shared by every attention layer of one patched LLM: the current layout, the number of
     compact tokens it covers, the model's real rotary embedding and the kernel choice."""
 
-    def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa"):
+    def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa", backend: str = "native"):
         if kernel not in KERNELS:
             raise ValueError(f"unknown VTU kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown scatter backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.rotary = rotary
         self.kernel = kernel
+        self.backend = backend
         self.layout: Optional[VirtualLayout] = None
         self.n_compact = 0
         self._rope: Optional[tuple[int, Tensor, Tensor]] = None
@@ -124,10 +128,15 @@ def gather_slots(x: Tensor, src: Tensor) -> Tensor:
     return x.gather(2, src[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
 
-def average_copies(out: Tensor, src: Tensor, weight: Tensor, n_rows: int) -> Tensor:
+def average_copies(out: Tensor, src: Tensor, weight: Tensor, n_rows: int, backend: str = "native") -> Tensor:
     """Mean of the virtual slots of each compact row: (B, H, V, D) -> (B, H, n_rows, D).
-    src: (B, V) target row of each slot, weight: (B, V) 1 for real slots, 0 for padding."""
+    src: (B, V) target row of each slot, weight: (B, V) bool, True for real slots.
+    backend "torch_scatter" uses torch_scatter.scatter_mean (optional dependency)."""
     B, H, _, D = out.shape
+    if backend == "torch_scatter":
+        from torch_scatter import scatter_mean
+        index = torch.where(weight, src, n_rows)[:, None, :, None].expand(B, H, -1, D)  # padding -> a dropped row
+        return scatter_mean(out, index, dim=2, dim_size=n_rows + 1)[:, :, :n_rows]
     w = weight.to(out.dtype)[:, None, :, None]
     index = src[:, None, :, None].expand(B, H, -1, D)
     summed = out.new_zeros((B, H, n_rows, D)).scatter_add_(2, index, out * w)
@@ -192,14 +201,14 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if state.kernel == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-            return average_copies(out, q_src, q_valid, q_len).transpose(1, 2), None
+            return average_copies(out, q_src, q_valid, q_len, state.backend).transpose(1, 2), None
         scores = q @ k.transpose(-1, -2) * scale
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     # "eager" follows HF's eager attention exactly (softmax in float32); "exact" is a math
     # reference and keeps at least the input precision.
     soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
     probs = scores.softmax(dim=-1, dtype=soft_dtype).to(v.dtype)
-    return average_copies(probs @ v, q_src, q_valid, q_len).transpose(1, 2), None
+    return average_copies(probs @ v, q_src, q_valid, q_len, state.backend).transpose(1, 2), None
 
 
 def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -219,23 +228,24 @@ def find_decoder(model: nn.Module) -> nn.Module:
                      "VTU needs a rotary-position LLM such as Llama or Qwen2")
 
 
-def patch_llm(model: nn.Module, kernel: str = "sdpa") -> VTUState:
-    """Put VTU into the RoPE decoder inside model (per instance, reversible with unpatch_llm)."""
+def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native") -> VTUState:
+    """Put VTU into the RoPE decoder inside model (per instance, reversible with unpatch_llm).
+    kernel: "sdpa" (default), "eager" (HF eager semantics) or "exact" (Eq. 10 reference);
+    backend: how copies are averaged, "native" or "torch_scatter"."""
     from transformers import AttentionInterface
 
     decoder = find_decoder(model)
     existing = getattr(decoder, "dymu_vtu", None)
     if existing is not None:
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown VTU kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-        existing.kernel = kernel
+        checked = VTUState(existing.rotary, kernel, backend)  # validates the new settings
+        existing.kernel, existing.backend = checked.kernel, checked.backend
         return existing
     attentions = [m for m in decoder.layers.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
     if not attentions:
         raise ValueError(f"no attention layers with q_proj / k_proj found in {type(decoder).__name__}")
     AttentionInterface.register(ATTENTION_NAME, vtu_attention)
     rotary = decoder.rotary_emb
-    state = VTUState(rotary.forward, kernel)
+    state = VTUState(rotary.forward, kernel, backend)
     config = attentions[0].config
     state.saved_attn_implementation = config._attn_implementation
     rotary.forward = _identity_rotary(state.rotary)

@@ -173,3 +173,17 @@ def test_errors():
     patch_llm(model)
     with pytest.raises(RuntimeError, match="no layout"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_torch_scatter_backend_equals_native():
+    pytest.importorskip("torch_scatter", reason="optional backend: pip install --no-build-isolation torch-scatter")
+    model = tiny_llama(torch.float64)
+    samples = [merged_sample(seed=s, n_compact=c) for s, c in [(0, 7), (1, 4)]]
+    results = []
+    for backend in ("native", "torch_scatter"):
+        patch_llm(model, backend=backend)
+        ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
+        results.append(model(input_ids=ids, attention_mask=mask).logits)
+    assert torch.allclose(results[0], results[1], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        patch_llm(model, backend="cuda_magic")

@@ -67,14 +67,15 @@ def _family(model: nn.Module) -> Callable[..., ImageSegments]:
 
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
-              mode: str = "vtu", kernel: str = "sdpa") -> nn.Module:
-    """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM."""
+              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native") -> nn.Module:
+    """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
+    (kernel and scatter backend as in ``dymu_viz.vtu.patch_llm``)."""
     _family(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     patch(model.model.vision_tower, None if mode == "full" else thresholds)
     if mode == "vtu":
-        patch_llm(model.model.language_model, kernel)
+        patch_llm(model.model.language_model, kernel, backend)
     elif getattr(model.model.language_model, "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     model.dymu_vlm = VLMState(mode, kernel)
