@@ -33,7 +33,8 @@ BACKENDS = ("native", "torch_scatter")
 
 @dataclass
 class VirtualLayout:
-    """src, pos: (B, V) long; valid: (B, V) bool. Invalid slots are left padding."""
+    """src, pos: (B, V) long; valid: (B, V) bool. Invalid slots are left padding. Positions
+    increase along each row (the constructors guarantee it), so slot order is causal order."""
 
     src: Tensor
     pos: Tensor
@@ -167,6 +168,13 @@ def exact_scores(q: Tensor, k: Tensor, q_src: Tensor, k_src: Tensor, cos_q: Tens
     return (dot * (cq * ck + sq * sk) + cross * (sq * ck - cq * sk)).sum(-1)
 
 
+def _allowed(layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor) -> Tensor:
+    """(B, 1, Vq, V) bool: a query slot sees valid key slots at positions <= its own. Padding
+    query slots see everything (their outputs are dropped) so no softmax row is empty."""
+    allowed = layout.valid[:, None, None, :] & (layout.pos[:, None, None, :] <= q_pos[:, None, :, None])
+    return allowed | ~q_valid[:, None, :, None]
+
+
 def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                   scaling: Optional[float] = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
     """The registered attention function. query: (B, H, q_len, D) for the newest compact
@@ -186,8 +194,6 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     scale = scaling if scaling is not None else D ** -0.5
     groups = H // key.shape[1]
     k_src = layout.src
-    allowed = layout.valid[:, None, None, :] & (layout.pos[:, None, None, :] <= q_pos[:, None, :, None])
-    allowed = allowed | ~q_valid[:, None, :, None]  # padding queries attend anything; they are dropped
     cos, sin = state.rope(query)
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
     kv_rep = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)
@@ -200,10 +206,16 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         q = q * cos_q[:, None] + rotate_half(q) * sin_q[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if state.kernel == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+            if bool(layout.valid.all()):
+                # No padding: slots are in position order, so the mask is plain causal (prefill)
+                # or empty (new tokens after every cached one) and SDPA's fast paths apply.
+                causal = n_query_slots == layout.src.shape[1]
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_query_slots > 1, scale=scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid), scale=scale)
             return average_copies(out, q_src, q_valid, q_len, state.backend).transpose(1, 2), None
         scores = q @ k.transpose(-1, -2) * scale
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid), torch.finfo(scores.dtype).min)
     # "eager" follows HF's eager attention exactly (softmax in float32); "exact" is a math
     # reference and keeps at least the input precision.
     soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
