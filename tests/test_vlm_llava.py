@@ -11,14 +11,14 @@ VOCAB, IMAGE = 100, 99
 N_PATCHES = 16  # 56 x 56 images, patch 14
 
 
-def tiny_llava(dtype=torch.float32, attn="sdpa", seed=0):
+def tiny_llava(dtype=torch.float32, attn="sdpa", seed=0, vocab=VOCAB, image_token=IMAGE):
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                        num_attention_heads=2, image_size=56, patch_size=14),
         text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                num_hidden_layers=2, vocab_size=VOCAB),
-        image_token_id=IMAGE, vision_feature_layer=-2, vision_feature_select_strategy="default")
+                                num_hidden_layers=2, vocab_size=vocab),
+        image_token_id=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
     model.config.text_config._attn_implementation = attn  # the LLM's kernel under test
     model.config.vision_config._attn_implementation = "sdpa"  # as the DToMe tower (HF eager: float32 softmax)
@@ -135,3 +135,38 @@ def test_errors():
         vlm.patch_vlm(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="mode"):
         vlm.patch_vlm(model, mode="fast")
+
+
+def tiny_processor():
+    """A real LlavaProcessor: HF's CLIP image processor and a small word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    words = ["<pad>", "<unk>", "<s>", "</s>", "USER:", "ASSISTANT:", "describe", "the", "image", "a", "cat", "dog",
+             "<image>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, image_token="<image>",
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def test_chat_takes_images_and_prompts_and_returns_text():
+    from dymu_viz.data import sample_photos
+    processor = tiny_processor()
+    model = tiny_llava(torch.float32, vocab=13, image_token=12)
+    vlm.patch_vlm(model, thresholds=0.2)
+    photos = list(sample_photos(["chelsea", "rocket"]).values())
+    prompts = ["USER: <image> describe the image ASSISTANT:", "USER: <image> a cat ASSISTANT:"]
+    out = vlm.chat(model, processor, photos, prompts, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
+    assert out.texts == processor.batch_decode(out.sequences, skip_special_tokens=True)
+    inputs = processor(images=photos, text=prompts, return_tensors="pt", padding=True)
+    direct = vlm.generate(model, inputs.input_ids, inputs.pixel_values, inputs.attention_mask, max_new_tokens=5,
+                          do_sample=False, pad_token_id=0)
+    assert torch.equal(direct.sequences, out.sequences)  # right padding from the processor is handled
+    for acc, n_text in zip(out.accounting, (5, 4)):  # words around the image (no BOS)
+        assert acc["image_positions"] == N_PATCHES and acc["llm_virtual_length"] == n_text + N_PATCHES
+    with pytest.raises(ValueError, match="one image per prompt"):
+        vlm.chat(model, processor, photos[:1], prompts)

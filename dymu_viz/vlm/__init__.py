@@ -1,5 +1,5 @@
 """DyMU in vision-language models: DToMe in the vision tower, VTU in the RoPE LLM."""
 
-from .pipeline import GenerateOutput, PreparedInputs, generate, logits, patch_vlm, prepare_inputs, unpatch_vlm
+from .pipeline import GenerateOutput, PreparedInputs, chat, generate, logits, patch_vlm, prepare_inputs, unpatch_vlm
 
-__all__ = ["GenerateOutput", "PreparedInputs", "generate", "logits", "patch_vlm", "prepare_inputs", "unpatch_vlm"]
+__all__ = ["GenerateOutput", "PreparedInputs", "chat", "generate", "logits", "patch_vlm", "prepare_inputs", "unpatch_vlm"]

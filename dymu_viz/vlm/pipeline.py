@@ -52,6 +52,7 @@ class PreparedInputs:
 class GenerateOutput:
     sequences: Tensor  # (B, new tokens)
     accounting: list[dict[str, int]]
+    texts: Optional[list[str]] = None  # decoded new tokens (chat only)
 
 
 ImageSegments = list[tuple[Tensor, Tensor]]
@@ -216,3 +217,17 @@ def generate(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attentio
         for acc in prepared.accounting:
             acc["kv_cache_bytes_per_sample_padded"] = per_row
     return GenerateOutput(new, prepared.accounting)
+
+
+def chat(model: nn.Module, processor: Any, images: list[Any], prompts: list[str], **generate_kwargs: Any) -> GenerateOutput:
+    """Images + prompts in, generated text and per-sample accounting out. Preprocessing is the
+    model's own HF processor (one image per prompt, marked with the processor's image token)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one image per prompt")
+    device = next(model.parameters()).device
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    extra = {"image_sizes": inputs["image_sizes"].to(device)} if "image_sizes" in inputs else {}
+    out = generate(model, inputs["input_ids"].to(device), inputs["pixel_values"].to(device),
+                   inputs["attention_mask"].to(device), **extra, **generate_kwargs)
+    out.texts = processor.batch_decode(out.sequences, skip_special_tokens=True)
+    return out
