@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -96,3 +96,20 @@ def token_accounting(result: EncoderResult, mlp_ratio: float = 4.0) -> dict[str,
         "virtual": counts[:, 0] - result.protected,
         "encoder_flops": np.array([encoder_flops(row, width, hidden) / full for row in counts.tolist()]),
     }
+
+
+def count_table(counts: CountsLike, names: Sequence[str], layers: Optional[Sequence[int]] = None) -> str:
+    """A plain-text table: per image "in -> out" and the counts after ``layers`` (default:
+    the quarter points of the depth), then the mean ± std of the output counts."""
+    c = count_matrix(counts)
+    if len(names) != len(c):
+        raise ValueError(f"{len(names)} names for {len(c)} images; give one name per image")
+    depth = c.shape[1] - 1
+    layers = list(layers) if layers is not None else sorted({max(1, round(depth * q)) for q in (0.25, 0.5, 0.75, 1.0)})
+    width = max(10, *(len(n) for n in names))
+    lines = [f"{'image':<{width}} {'in':>5} -> {'out':>4}   " + " ".join(f"{'L' + str(m):>5}" for m in layers)]
+    lines += [f"{name:<{width}} {row[0]:>5} -> {row[-1]:>4}   " + " ".join(f"{row[m]:>5}" for m in layers)
+              for name, row in zip(names, c.tolist())]
+    finals = c[:, -1]
+    lines.append(f"{'mean ± std':<{width}} {c[0, 0]:>5} -> {finals.mean():.1f} ± {finals.std():.1f}")
+    return "\n".join(lines)

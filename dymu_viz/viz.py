@@ -1,14 +1,29 @@
-"""Matplotlib pictures of what DToMe merged. Functions take results, never model internals."""
+"""Matplotlib pictures of what DToMe merged and how many tokens it kept.
+
+Functions take results (``EncoderResult``, count arrays, ``Thresholds``), never model
+internals. Single-panel plots take an optional ``ax`` and return it; multi-panel ones return
+a ``Figure``. Figures are built without pyplot (no global state), so they work in scripts,
+widgets and notebooks alike (in a notebook, show a returned Axes with ``ax.figure``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import io
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .encoder import EncoderResult
+from .stats import CountsLike, count_matrix, layer_count_stats, token_accounting
+from .thresholds import Thresholds
+
+ThresholdsLike = Union[Thresholds, Sequence[float]]
+MAP_STYLES = ("mean", "size")
 
 
 def display_image(pixels: torch.Tensor, mean: Optional[Sequence[float]] = None,
@@ -31,6 +46,13 @@ def normalisation_of(preprocess: Any) -> tuple[Optional[tuple], Optional[tuple]]
     return None, None
 
 
+def display_images(pixels: torch.Tensor, preprocess: Any = None) -> list[np.ndarray]:
+    """(B, 3, H, W) model inputs -> B (H, W, 3) uint8 images as the model saw them, undoing
+    ``preprocess``'s normalisation (a min-max stretch when it has none)."""
+    mean, std = normalisation_of(preprocess)
+    return [display_image(p, mean, std) for p in pixels]
+
+
 def group_borders(labels: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels whose right or lower neighbour belongs to another group."""
     edge = np.zeros(labels.shape, dtype=bool)
@@ -39,16 +61,28 @@ def group_borders(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
+def pixel_labels(patch_groups: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(gh, gw) group id per patch -> (H, W) group id per pixel, for an image of ``shape``
+    (H, W) that is a whole number of patches."""
+    gh, gw = patch_groups.shape
+    H, W = shape
+    if H % gh or W % gw:
+        raise ValueError(f"image {H}x{W} is not a whole number of {gh}x{gw} patches")
+    return np.kron(patch_groups, np.ones((H // gh, W // gw), dtype=patch_groups.dtype))
+
+
+def group_sizes(patch_groups: np.ndarray) -> np.ndarray:
+    """(gh, gw) group ids -> (gh, gw) number of patches in each patch's group."""
+    _, inverse, counts = np.unique(patch_groups, return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(patch_groups.shape)]
+
+
 def merge_map(image: np.ndarray, patch_groups: np.ndarray, border: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """ToMe-style map: every merged group filled with its mean colour, groups outlined.
 
     image: (H, W, 3) uint8 covering the patch grid exactly; patch_groups: (gh, gw) group ids.
     Returns an (H, W, 3) uint8 image."""
-    gh, gw = patch_groups.shape
-    H, W = image.shape[:2]
-    if H % gh or W % gw:
-        raise ValueError(f"image {H}x{W} is not a whole number of {gh}x{gw} patches")
-    labels = np.kron(patch_groups, np.ones((H // gh, W // gw), dtype=patch_groups.dtype))
+    labels = pixel_labels(patch_groups, image.shape[:2])
     _, dense = np.unique(labels, return_inverse=True)
     dense = dense.reshape(labels.shape)
     counts = np.bincount(dense.ravel())
@@ -60,22 +94,259 @@ def merge_map(image: np.ndarray, patch_groups: np.ndarray, border: tuple[int, in
     return out
 
 
+def size_colours(sizes: np.ndarray, n_patches: int, cmap: str = "viridis") -> np.ndarray:
+    """Group sizes (any shape) -> uint8 RGB (shape + (3,)): colour = cmap(log size / log
+    n_patches), so 1 patch is the colormap's start and a whole-image group its end, the
+    same scale for every image and layer."""
+    scale = np.log(sizes) / np.log(max(n_patches, 2))
+    return np.round(colormaps[cmap](scale)[..., :3] * 255).astype(np.uint8)
+
+
+def size_map(patch_groups: np.ndarray, shape: tuple[int, int], cmap: str = "viridis",
+             border: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Map of group sizes: every patch coloured by how many patches its group holds (see
+    ``size_colours``), groups outlined. Returns an (H, W, 3) uint8 image of ``shape``."""
+    labels = pixel_labels(patch_groups, shape)
+    sizes = pixel_labels(group_sizes(patch_groups), shape)
+    out = size_colours(sizes, patch_groups.size, cmap)
+    out[group_borders(labels)] = border
+    return out
+
+
+def render_map(image: np.ndarray, patch_groups: np.ndarray, style: str = "mean") -> np.ndarray:
+    """(H, W, 3) uint8 merge map in one of ``MAP_STYLES``: "mean" (mean colour per group) or
+    "size" (colour by group size)."""
+    if style not in MAP_STYLES:
+        raise ValueError(f"unknown map style {style!r}; choose one of {', '.join(MAP_STYLES)}")
+    return merge_map(image, patch_groups) if style == "mean" else size_map(patch_groups, image.shape[:2])
+
+
+def layer_index(result: EncoderResult, layer: int) -> int:
+    """A possibly negative layer index (0 = input, -1 = last) as a non-negative one."""
+    return layer if layer >= 0 else result.counts.shape[1] + layer
+
+
+def new_axes(ax: Optional[Axes], figsize: tuple[float, float] = (5.0, 3.5)) -> Axes:
+    """The given Axes, or one on a fresh pyplot-free Figure."""
+    return ax if ax is not None else Figure(figsize=figsize, layout="constrained").subplots()
+
+
+def next_colour(ax: Axes) -> str:
+    """The colour-cycle entry after the ones already in ax's legend, so each call that
+    overlays another image set gets its own colour (its curve and band alike)."""
+    return f"C{len(ax.get_legend_handles_labels()[0])}"
+
+
+def legend_above(ax: Axes) -> None:
+    """The legend in one row above the plot, clear of bars and their labels."""
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncols=2, fontsize=8, frameon=False)
+
+
+def plot_merge_map(image: np.ndarray, result: EncoderResult, b: int = 0, layer: int = -1, style: str = "mean",
+                   ax: Optional[Axes] = None) -> Axes:
+    """Merge map of image b of ``result`` after ``layer`` (0 = input, -1 = last), titled with
+    its token count there. image: (H, W, 3) uint8, as the model saw it."""
+    ax = new_axes(ax, (3.0, 3.2))
+    groups = result.patch_groups(layer)[b].cpu().numpy()
+    ax.imshow(render_map(image, groups, style))
+    ax.set_title(f"after layer {layer_index(result, layer)}: {int(result.counts[b, layer])} tokens", fontsize=9)
+    ax.set_axis_off()
+    return ax
+
+
 def plot_merge_maps(images: Sequence[np.ndarray], result: EncoderResult, titles: Optional[Sequence[str]] = None,
-                    layers: Sequence[int] = (-1,)) -> Figure:
-    """One row per image: the input, then its merge map at each requested layer, titled with
-    the token count there."""
+                    layers: Sequence[int] = (-1,), style: str = "mean", rows: Optional[Sequence[int]] = None) -> Figure:
+    """One row per image: the input, then its merge map (``style`` "mean" or "size") at each
+    requested layer, titled with the token count there. Image i is row ``rows[i]`` of the
+    result (default: row i), so a few images of a large batch can be shown."""
     n, cols = len(images), 1 + len(layers)
+    rows = list(rows) if rows is not None else list(range(n))
     fig = Figure(figsize=(2.6 * cols, 2.8 * n), layout="constrained")
     axes = np.asarray(fig.subplots(n, cols, squeeze=False))
-    counts = result.counts.cpu()
-    for b, image in enumerate(images):
-        axes[b, 0].imshow(image)
-        axes[b, 0].set_title(titles[b] if titles else f"image {b}", fontsize=9)
+    for i, (b, image) in enumerate(zip(rows, images)):
+        axes[i, 0].imshow(image)
+        axes[i, 0].set_title(titles[i] if titles else f"image {b}", fontsize=9)
+        axes[i, 0].set_axis_off()
         for j, layer in enumerate(layers, start=1):
-            groups = result.patch_groups(layer)[b].cpu().numpy()
-            axes[b, j].imshow(merge_map(image, groups))
-            shown = layer if layer >= 0 else counts.shape[1] + layer
-            axes[b, j].set_title(f"after layer {shown}: {int(counts[b, layer])} tokens", fontsize=9)
-    for ax in axes.flat:
-        ax.set_axis_off()
+            plot_merge_map(image, result, b, layer, style, axes[i, j])
     return fig
+
+
+def image_names(names: Optional[Sequence[str]], n: int) -> list[str]:
+    """The given names, or "image 0", "image 1", ... for n images."""
+    if names is not None and len(names) != n:
+        raise ValueError(f"{len(names)} names for {n} images; give one name per image")
+    return list(names) if names is not None else [f"image {i}" for i in range(n)]
+
+
+def paired_bars(ax: Optional[Axes], names: Sequence[str], back: np.ndarray, front: np.ndarray,
+                labels: tuple[str, str], texts: Sequence[str], color: str, xlabel: str) -> Axes:
+    """Horizontal bars, one row per image (first on top): a light ``back`` bar with a dark
+    ``front`` bar over it, and a text at the end of the back bar. labels: (back, front)
+    legend entries."""
+    ax = new_axes(ax, (5.0, 0.9 + 0.3 * len(names)))
+    y = np.arange(len(names))
+    ax.barh(y, back, color="0.85", label=labels[0])
+    ax.barh(y, front, color=color, label=labels[1])
+    for yi, x, text in zip(y, back, texts):
+        ax.text(x, yi, f" {text}", va="center", fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(0, max(back) * 1.45)
+    ax.set_xlabel(xlabel)
+    legend_above(ax)
+    return ax
+
+
+def plot_token_counts(counts: CountsLike, names: Optional[Sequence[str]] = None, ax: Optional[Axes] = None) -> Axes:
+    """Per image, input tokens (light bar) and output tokens (dark bar), labelled "in -> out".
+    counts: a result, results, or (B, L+1) counts."""
+    c = count_matrix(counts)
+    return paired_bars(ax, image_names(names, len(c)), c[:, 0], c[:, -1], ("input", "output"),
+                       [f"{row[0]} → {row[-1]}" for row in c], "C0", "tokens")
+
+
+def plot_layer_counts(counts: CountsLike, names: Optional[Sequence[str]] = None, ax: Optional[Axes] = None,
+                      label: str = "mean", color: Optional[str] = None, individual: bool = True) -> Axes:
+    """Token count after every layer (x = 0 for the input, L for the last block): one thin
+    line per image (when ``individual``), then their mean as a thick line inside a ± std band.
+    Call again on the same ax with another label/color to overlay a second image set."""
+    c = count_matrix(counts)
+    labels = image_names(names, len(c))
+    ax = new_axes(ax)
+    x = np.arange(c.shape[1])
+    color = color or next_colour(ax)
+    if individual:
+        for name, row in zip(labels, c):
+            ax.plot(x, row, color=color, lw=0.8, alpha=0.35, gid=name)
+    mean, std = layer_count_stats(c)
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    ax.plot(x, mean, color=color, lw=2, label=f"{label} ± std ({len(c)} images)" if len(c) > 1 else label)
+    ax.set_xlabel("layer (0 = input)")
+    ax.set_ylabel("tokens")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_count_histogram(counts: CountsLike, ax: Optional[Axes] = None, bins: Union[int, Sequence[float], str] = "auto",
+                         label: str = "images", color: Optional[str] = None) -> Axes:
+    """Histogram of the final token counts (one per image); call again on the same ax to
+    overlay another image set (pass the same ``bins``)."""
+    finals = count_matrix(counts)[:, -1]
+    ax = new_axes(ax)
+    color = color or next_colour(ax)
+    ax.hist(finals, bins=bins, color=color, alpha=0.6,
+            label=f"{label}: {finals.mean():.1f} ± {finals.std():.1f} (n={len(finals)})")
+    ax.set_xlabel("output tokens per image")
+    ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_count_summary(counts: CountsLike, names: Optional[Sequence[str]] = None) -> Figure:
+    """Three panels over one image set: per-image input -> output counts, per-layer curves
+    with the mean ± std band, and the histogram of final counts."""
+    c = count_matrix(counts)
+    fig = Figure(figsize=(15, max(3.5, 0.9 + 0.3 * len(c))), layout="constrained")
+    left, middle, right = fig.subplots(1, 3)
+    plot_token_counts(c, names, left)
+    plot_layer_counts(c, names, middle)
+    plot_count_histogram(c, right)
+    return fig
+
+
+def plot_count_comparison(sets: Mapping[str, CountsLike], target: Optional[float] = None,
+                          axes: Optional[Sequence[Axes]] = None) -> Figure:
+    """Several image sets (e.g. calibration vs held-out) overlaid: per-layer mean ± std
+    curves (with the ``target`` count as a dotted line) and final-count histograms on
+    shared bins. axes: two Axes to draw into (default: a new figure)."""
+    if axes is None:
+        axes = Figure(figsize=(10, 3.6), layout="constrained").subplots(1, 2)
+    curves, hist = axes
+    matrices = {kind: count_matrix(c) for kind, c in sets.items()}
+    bins = np.histogram_bin_edges(np.concatenate([c[:, -1] for c in matrices.values()]), bins="auto")
+    for kind, c in matrices.items():
+        plot_layer_counts(c, ax=curves, label=kind, individual=False)
+        plot_count_histogram(c, hist, bins=bins, label=kind)
+    if target is not None:
+        curves.axhline(target, color="0.5", ls=":")
+    return curves.figure
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of two equally long sequences (nan for fewer than 2 points)."""
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 else float("nan")
+
+
+def plot_complexity(complexity: Sequence[float], counts: CountsLike, names: Optional[Sequence[str]] = None,
+                    kinds: Optional[Sequence[str]] = None, ax: Optional[Axes] = None) -> Axes:
+    """Output tokens against image complexity (e.g. ``stats.jpeg_bytes_per_pixel``), one dot
+    per image (coloured by ``kinds``, e.g. "synthetic" / "photo"), a least-squares line, and
+    the Pearson correlation of all the dots in the title."""
+    x = np.asarray(complexity, dtype=np.float64)
+    y = count_matrix(counts)[:, -1].astype(np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} complexity values for {len(y)} images; give one per image")
+    labels = image_names(names, len(y))
+    kinds = list(kinds) if kinds is not None else ["images"] * len(y)
+    ax = new_axes(ax)
+    for kind in dict.fromkeys(kinds):
+        chosen = np.array([k == kind for k in kinds])
+        ax.scatter(x[chosen], y[chosen], label=kind, s=25)
+    for xi, yi, name in zip(x, y, labels):
+        ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if len(x) > 1 and np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x, y, 1)
+        grid = np.linspace(x.min(), x.max(), 2)
+        ax.plot(grid, slope * grid + intercept, color="0.4", lw=1, ls="--")
+    ax.set_title(f"Pearson r = {correlation(x, y):.3f} (n = {len(y)})", fontsize=10)
+    ax.set_xlabel("complexity (JPEG bytes per pixel)")
+    ax.set_ylabel("output tokens")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def threshold_curve(thresholds: ThresholdsLike) -> np.ndarray:
+    """(L,) tau per block, nan where the block never merges (r_i = 0 or tau = +inf)."""
+    if isinstance(thresholds, Thresholds):
+        values = np.array(thresholds.values, dtype=np.float64)
+        values[np.array(thresholds.r) == 0] = np.nan
+    else:
+        values = np.array(list(thresholds), dtype=np.float64)
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def plot_thresholds(thresholds: Union[ThresholdsLike, Mapping[str, ThresholdsLike]], ax: Optional[Axes] = None) -> Axes:
+    """Threshold profile: tau per block, one line per calibration (pass a dict name ->
+    thresholds to overlay several). Blocks that never merge are gaps."""
+    named = dict(thresholds) if isinstance(thresholds, Mapping) else {"thresholds": thresholds}
+    ax = new_axes(ax)
+    for name, th in named.items():
+        values = threshold_curve(th)
+        off = int(np.isnan(values).sum())
+        ax.plot(np.arange(len(values)), values, marker="o", ms=3,
+                label=name + (f" ({off} blocks never merge)" if off else ""))
+    ax.set_xlabel("block")
+    ax.set_ylabel("τ (cosine similarity)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_physical_virtual(result: EncoderResult, names: Optional[Sequence[str]] = None, ax: Optional[Axes] = None,
+                          mlp_ratio: float = 4.0) -> Axes:
+    """Per image, the patch positions a VLM sees with virtual token unmerging (light bar:
+    all patches) against the physical tokens the encoder outputs (dark bar), labelled with
+    the share of the unmerged encoder's FLOPs that was spent (``stats.token_accounting``)."""
+    acc = token_accounting(result, mlp_ratio)
+    texts = [f"{p}/{v}, {100 * f:.0f}% FLOPs" for p, v, f in zip(acc["physical"], acc["virtual"], acc["encoder_flops"])]
+    return paired_bars(ax, image_names(names, len(texts)), acc["virtual"], acc["physical"],
+                       ("virtual (positions seen by the LLM)", "physical (encoder output)"), texts, "C2", "patch tokens")
+
+
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """A figure as PNG bytes (for image widgets and files)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
