@@ -32,7 +32,6 @@ class DyMUState:
         self.adapter = adapter
         self.config = MergeConfig()
         self.last: Optional[EncoderResult] = None
-        self.keep_hidden_states = False
 
     @property
     def depth(self) -> int:
@@ -78,8 +77,7 @@ class DyMUState:
     def run(self, pixels: Tensor, output_hidden_states: bool = False, config: Optional[MergeConfig] = None,
             **embed_kwargs: Any) -> EncoderResult:
         """Run the merging encoder; the result is kept as ``last``."""
-        hidden = output_hidden_states or self.keep_hidden_states
-        self.last = self.adapter.run(pixels, config or self.config, hidden, **embed_kwargs)
+        self.last = self.adapter.run(pixels, config or self.config, output_hidden_states, **embed_kwargs)
         return self.last
 
 
