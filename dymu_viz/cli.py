@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from .data import sample_photos, shapes_image
 from .models import known_models, load_encoder
 from .patch import encode, patch
 from .thresholds import Thresholds
+from .stats import count_table, quarter_layers
 from .viz import display_image, normalisation_of, plot_merge_maps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,15 +174,9 @@ def run_demo(args: argparse.Namespace) -> int:
         results = [encode(loaded.model, batch) for batch in batches]
 
     counts = torch.cat([r.counts.cpu() for r in results])  # (n_images, L + 1)
-    depth = counts.shape[1] - 1
-    marks = sorted({max(1, round(depth * q)) for q in (0.25, 0.5, 0.75, 1.0)})
+    marks = quarter_layers(counts.shape[1] - 1)
     print()
-    print(f"{'image':<22} {'in':>5} -> {'out':>4}   " + " ".join(f"{'L' + str(m):>5}" for m in marks))
-    for name, row in zip(names, counts.tolist()):
-        print(f"{name:<22} {row[0]:>5} -> {row[-1]:>4}   " + " ".join(f"{row[m]:>5}" for m in marks))
-    finals = counts[:, -1].tolist()
-    spread = statistics.pstdev(finals) if len(finals) > 1 else 0.0
-    print(f"{'mean ± std':<22} {counts[0, 0].item():>5} -> {statistics.mean(finals):.1f} ± {spread:.1f}")
+    print(count_table(counts, names, marks))
 
     args.out.mkdir(parents=True, exist_ok=True)
     mean, std = normalisation_of(loaded.preprocess)

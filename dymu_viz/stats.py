@@ -98,6 +98,11 @@ def token_accounting(result: EncoderResult, mlp_ratio: float = 4.0) -> dict[str,
     }
 
 
+def quarter_layers(depth: int) -> list[int]:
+    """Block indices at a quarter, half, three quarters and all of the depth (1-based)."""
+    return sorted({max(1, round(depth * q)) for q in (0.25, 0.5, 0.75, 1.0)})
+
+
 def count_table(counts: CountsLike, names: Sequence[str], layers: Optional[Sequence[int]] = None) -> str:
     """A plain-text table: per image "in -> out" and the counts after ``layers`` (default:
     the quarter points of the depth), then the mean ± std of the output counts."""
@@ -105,7 +110,7 @@ def count_table(counts: CountsLike, names: Sequence[str], layers: Optional[Seque
     if len(names) != len(c):
         raise ValueError(f"{len(names)} names for {len(c)} images; give one name per image")
     depth = c.shape[1] - 1
-    layers = list(layers) if layers is not None else sorted({max(1, round(depth * q)) for q in (0.25, 0.5, 0.75, 1.0)})
+    layers = list(layers) if layers is not None else quarter_layers(depth)
     width = max(10, *(len(n) for n in names))
     lines = [f"{'image':<{width}} {'in':>5} -> {'out':>4}   " + " ".join(f"{'L' + str(m):>5}" for m in layers)]
     lines += [f"{name:<{width}} {row[0]:>5} -> {row[-1]:>4}   " + " ".join(f"{row[m]:>5}" for m in layers)

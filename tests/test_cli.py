@@ -1,6 +1,7 @@
 """The demo command end to end on a small HF encoder (the README's default runs in .ci/run)."""
 
 import json
+import re
 
 import pytest
 
@@ -20,7 +21,7 @@ def test_demo_writes_counts_and_maps(tmp_path, capsys):
     for name, row in summary["counts"].items():
         assert len(row) == 13 and row[0] == 197
         assert all(a >= b for a, b in zip(row, row[1:])), "token counts never grow"
-        assert f"{name:<22} {197:>5} -> {row[-1]:>4}" in printed
+        assert re.search(rf"^{name} +197 -> +{row[-1]} ", printed, re.MULTILINE)
         assert (out / f"{name}.png").stat().st_size > 1000
     # Calibrated on exactly this batch for 50 patch tokens + CLS, inference with strict '>'
     # merges exactly the calibration's edges in every layer: the batch mean is exactly 51.
