@@ -197,7 +197,7 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
         x = x + rowwise(lambda t: attention_branch_out(blk, t), a, rows)
 
         src, tau = None, None
-        if config.mode != "off" and int(merge.merge_cap(size, protected).max()) > 0:
+        if config.mode != "off" and x.shape[1] - protected >= 2:  # the longest image can still merge
             best, dst = merge.bipartite_scores(k.mean(1), size, protected)
             src, tau = config.select(i, best, size, protected)
         batch_thresholds.append(tau)
