@@ -90,10 +90,42 @@ def test_onevision_needs_image_sizes():
         vlm.prepare_inputs(model, ids, pixels, mask)
 
 
-def test_bilinearly_downsampled_grids_are_refused_clearly():
+def downsampling_onevision():
+    """anyres_max_1: a 2 x 2 tile grid holds four tiles' worth of tokens, so OneVision shrinks it
+    bilinearly (8 x 8 -> 4 x 4 for a square image): every slot blends grid tokens."""
     model = tiny_onevision()
-    model.config.vision_aspect_ratio = "anyres_max_1"  # a 2 x 2 tile grid exceeds one tile's worth
-    ids, mask, pixels, image_sizes, _ = inputs(model, [(112, 112)])
+    model.config.vision_aspect_ratio = "anyres_max_1"
+    return model
+
+
+@pytest.mark.parametrize("size", [(112, 112), (100, 112), (112, 70)])
+def test_no_merging_equals_vanilla_onevision_on_downsampled_grids(size):
+    model = downsampling_onevision()
+    ids, mask, pixels, image_sizes, lens = inputs(model, [size])
+    ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=image_sizes).logits
+    vlm.patch_vlm(model, thresholds=float("inf"))
+    out, prepared = vlm.logits(model, ids, pixels, mask, image_sizes=image_sizes)
+    assert prepared.accounting[0]["image_positions"] == lens[0]
+    assert torch.allclose(out[0, -4:], ref[0, -4:], atol=1e-10, rtol=0)
+
+
+def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
+    """With merging, a downsampled slot is either a pure copy of one compact row (all the grid
+    tokens it blends are copies of that row) or a token of its own equal to vanilla's blend of the
+    merged tower output; every virtual slot's feature equals vanilla packing of the merged grid."""
+    from dymu_viz.vlm.onevision import onevision_images
+    from dymu_viz.vlm.pipeline import tower_features
+
+    model = downsampling_onevision()
+    _, _, pixels, image_sizes, lens = inputs(model, [(112, 112)])
     vlm.patch_vlm(model, thresholds=0.3)
-    with pytest.raises(NotImplementedError, match="downsample"):
-        vlm.prepare_inputs(model, ids, pixels, mask, image_sizes=image_sizes)
+    (feats, mapping), = onevision_images(model, pixels, image_sizes)
+    segments = tower_features(model, pixels[0])
+    merged_grid = torch.stack([f[m] for f, m in segments])  # the merged tower output, unmerged
+    vanilla, _ = model.model.pack_image_features([merged_grid], image_sizes, image_newline=model.model.image_newline,
+                                                 vision_aspect_ratio="anyres_max_1")
+    assert mapping.shape == (lens[0],) and torch.allclose(feats[mapping], vanilla[0], atol=1e-12, rtol=0)
+    assert torch.equal(mapping.unique(), torch.arange(len(feats)))  # every compact row is used
+    assert len(feats) < lens[0]  # the flat image merged: fewer tokens than vanilla
+    tiles = mapping[16:]  # after the 4 x 4 base crop: the downsampled tile grid and its newlines
+    assert tiles.bincount().max() >= 2  # some grid slots are pure copies of one merged group

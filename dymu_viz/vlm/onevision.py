@@ -5,10 +5,16 @@ with a newline token after every row) as the virtual sequence.
 The layout is obtained by running HF's own ``pack_image_features`` on compact-row *indices*
 instead of features: reshaping, unpadding and flattening only move entries, so every virtual
 slot comes out holding the compact row it copies, and newline slots come out as -1. Each newline
-becomes its own compact token. With no merging this reproduces vanilla OneVision exactly.
+becomes its own compact token. Compact rows that no slot copies (tokens of the padding that
+unpadding removes) are dropped. With no merging this reproduces vanilla OneVision exactly.
 
-Not covered yet: grids large enough for OneVision to downsample them bilinearly (``ratio > 1.1``
-under ``anyres_max_N``), where a virtual slot would blend several tokens; these raise.
+Large images: when the unpadded grid exceeds ``anyres_max_N`` tiles' worth of tokens, OneVision
+shrinks it with bilinear interpolation, so a slot can blend up to four grid tokens. The index
+pass carries a second channel, index², and a slot whose blend has zero variance copies a single
+compact row as above. A slot that blends *different* compact rows (it straddles a group border)
+becomes a compact token of its own, holding exactly the feature vanilla OneVision computes from
+the merged tower's output. So the layout stays exact -- with no merging it is vanilla OneVision --
+and the cost is one extra compact token per border-straddling slot.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import torch
 from torch import Tensor, nn
 
 NEWLINE = -1.0
+MIXED = 1e-6  # index variance above which a downsampled slot blends different compact rows
 
 
 def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Optional[Tensor] = None,
                      **kwargs: Any) -> list[tuple[Tensor, Tensor]]:
-    """Per image: (compact features (n, D): every crop's merged tokens, then one token per
-    newline; mapping (V_img,) from each vanilla-layout position to its compact row)."""
+    """Per image: (compact features (n, D): every crop's merged tokens, one token per newline,
+    and one per blended slot, those two in slot order; mapping (V_img,) from each vanilla-layout position to its compact row)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
     from .pipeline import tower_features
@@ -44,18 +51,25 @@ def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Option
         first += n
         feats = torch.cat([f for f, _ in segments])
         offsets = torch.tensor([0] + [len(f) for f, _ in segments[:-1]], device=feats.device).cumsum(0)
-        index = torch.stack([m + o for (_, m), o in zip(segments, offsets)]).to(torch.float64)[..., None]
-        packed, _ = model.model.pack_image_features(
-            [index], image_sizes[i:i + 1], image_newline=torch.tensor([NEWLINE], dtype=torch.float64),
-            vision_aspect_ratio=cfg.vision_aspect_ratio)
-        slots = packed[0][:, 0]
-        if not torch.equal(slots, slots.round()):
-            raise NotImplementedError(
-                f"image {i} ({image_sizes[i].tolist()}) is large enough for LLaVA-OneVision to downsample its "
-                "tile grid bilinearly; DyMU's virtual layout does not cover that case yet")
-        newline = slots == NEWLINE
-        mapping = slots.long()
-        mapping[newline] = len(feats) + torch.arange(int(newline.sum()), device=mapping.device)
-        newlines = model.model.image_newline.to(feats.dtype)[None].expand(int(newline.sum()), -1)
-        out.append((torch.cat([feats, newlines]), mapping))
+        grid = torch.stack([m + o for (_, m), o in zip(segments, offsets)])  # (crops, positions) compact rows
+        slots = _pack(model, grid.to(torch.float64)[..., None] ** torch.tensor([1.0, 2.0], dtype=torch.float64),
+                      image_sizes[i], torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64))
+        index, variance = slots[:, 0], slots[:, 1] - slots[:, 0] ** 2
+        newline, mixed = index == NEWLINE, variance > MIXED
+        mapping = index.round().long()
+        own = newline | mixed  # slots that get a compact token of their own, in slot order
+        if mixed.any():  # bilinear downsampling blended different rows: vanilla's blend, as it is
+            extra = _pack(model, feats[grid], image_sizes[i], model.model.image_newline)[own]
+        else:
+            extra = model.model.image_newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
+        mapping[own] = len(feats) + torch.arange(int(own.sum()), device=mapping.device)
+        used, mapping = torch.unique(mapping, return_inverse=True)  # drop rows no slot copies (unpadded away)
+        out.append((torch.cat([feats, extra])[used], mapping))
     return out
+
+
+def _pack(model: nn.Module, grid: Tensor, image_size: Tensor, newline: Tensor) -> Tensor:
+    """HF's vanilla packing of one image's crops (crops, positions, C) -> (slots, C)."""
+    packed, _ = model.model.pack_image_features([grid], image_size[None], image_newline=newline,
+                                                vision_aspect_ratio=model.config.vision_aspect_ratio)
+    return packed[0]
