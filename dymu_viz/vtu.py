@@ -11,6 +11,9 @@ and values. A registered attention function then, in every layer:
     attends causally over the virtual positions (SDPA, eager, or the exact Eq. 10 kernel),
     averages the copies of each compact token back into one output row.
 
+Sliding-window layers (Qwen2 with use_sliding_window) keep their window, measured in virtual
+positions; their cache keeps every compact token.
+
 Shapes: B samples, H query heads, Hkv key/value heads, P compact tokens, V virtual slots
 (padded per batch), D head dim. A ``VirtualLayout`` says, per sample and virtual slot, which
 compact token it copies (``src``), its RoPE position (``pos``) and whether it exists (``valid``);
@@ -168,18 +171,24 @@ def exact_scores(q: Tensor, k: Tensor, q_src: Tensor, k_src: Tensor, cos_q: Tens
     return (dot * (cq * ck + sq * sk) + cross * (sq * ck - cq * sk)).sum(-1)
 
 
-def _allowed(layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor) -> Tensor:
-    """(B, 1, Vq, V) bool: a query slot sees valid key slots at positions <= its own. Padding
-    query slots see everything (their outputs are dropped) so no softmax row is empty."""
-    allowed = layout.valid[:, None, None, :] & (layout.pos[:, None, None, :] <= q_pos[:, None, :, None])
+def _allowed(layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor, window: Optional[int] = None) -> Tensor:
+    """(B, 1, Vq, V) bool: a query slot sees valid key slots at positions <= its own (and, with a
+    sliding window, > its own - window: HF's rule, on virtual positions). Padding query slots see
+    everything (their outputs are dropped) so no softmax row is empty."""
+    behind = q_pos[:, None, :, None] - layout.pos[:, None, None, :]
+    allowed = layout.valid[:, None, None, :] & (behind >= 0)
+    if window is not None:
+        allowed &= behind < window
     return allowed | ~q_valid[:, None, :, None]
 
 
 def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                  scaling: Optional[float] = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+                  scaling: Optional[float] = None, dropout: float = 0.0, sliding_window: Optional[int] = None,
+                  **kwargs: Any) -> tuple[Tensor, None]:
     """The registered attention function. query: (B, H, q_len, D) for the newest compact
     tokens; key / value: (B, Hkv, kv_len, D) for all cached compact tokens (un-rotated: the
-    model's own RoPE is the identity under VTU). Returns (B, q_len, H, D)."""
+    model's own RoPE is the identity under VTU). sliding_window: the layer's window in virtual
+    positions (e.g. Qwen2 sliding layers), None for full attention. Returns (B, q_len, H, D)."""
     state: VTUState = module.dymu_vtu
     B, H, q_len, D = query.shape
     kv_len = key.shape[2]
@@ -206,16 +215,17 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         q = q * cos_q[:, None] + rotate_half(q) * sin_q[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if state.kernel == "sdpa":
-            if bool(layout.valid.all()):
+            if sliding_window is None and bool(layout.valid.all()):
                 # No padding: slots are in position order, so the mask is plain causal (prefill)
                 # or empty (new tokens after every cached one) and SDPA's fast paths apply.
                 causal = n_query_slots == layout.src.shape[1]
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_query_slots > 1, scale=scale)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid), scale=scale)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, sliding_window),
+                                                     scale=scale)
             return average_copies(out, q_src, q_valid, q_len, state.backend).transpose(1, 2), None
         scores = q @ k.transpose(-1, -2) * scale
-    scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid), torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid, sliding_window), torch.finfo(scores.dtype).min)
     # "eager" follows HF's eager attention exactly (softmax in float32); "exact" is a math
     # reference and keeps at least the input precision.
     soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
@@ -264,6 +274,13 @@ def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native") -
     for attn in attentions:
         attn.dymu_vtu = state
     config._attn_implementation = ATTENTION_NAME
+    state.saved_layer_types = None
+    if any(getattr(a, "sliding_window", None) is not None for a in attentions):
+        # Sliding layers still get their window (the attention kwarg, applied on virtual
+        # positions), but their cache must keep every compact token: a compact window is not
+        # a virtual one. Declaring the layers full makes HF build full-length cache layers.
+        state.saved_layer_types = (getattr(config, "layer_types", None),)
+        config.layer_types = ["full_attention"] * len(decoder.layers)
     decoder.dymu_vtu = state
     state.attentions = attentions
     return state
@@ -278,7 +295,10 @@ def unpatch_llm(model: nn.Module) -> None:
     decoder.rotary_emb.__dict__.pop("forward", None)
     for attn in state.attentions:
         attn.__dict__.pop("dymu_vtu", None)
-    state.attentions[0].config._attn_implementation = state.saved_attn_implementation
+    config = state.attentions[0].config
+    config._attn_implementation = state.saved_attn_implementation
+    if state.saved_layer_types is not None:
+        config.layer_types = state.saved_layer_types[0]
 
 
 def cache_bytes(cache: Any) -> int:
