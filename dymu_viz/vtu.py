@@ -127,25 +127,38 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _flat_index(src: Tensor, n_rows: int) -> Tensor:
+    """(B, V) per-sample row indices -> (B * V,) indices into the B * n_rows stacked rows."""
+    return (src + n_rows * torch.arange(src.shape[0], device=src.device)[:, None]).reshape(-1)
+
+
 def gather_slots(x: Tensor, src: Tensor) -> Tensor:
-    """(B, H, P, D) compact rows -> (B, H, V, D) virtual slots, src: (B, V)."""
-    return x.gather(2, src[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+    """(B, H, P, D) compact rows -> (B, H, V, D) virtual slots, src: (B, V).
+
+    One row copy per slot (index_select over B * P rows of H * D values). HF's q / k / v are
+    (B, P, H, D) tensors seen as (B, H, P, D), so the row view is free and so is the result's
+    (B, V, H, D) layout, which SDPA takes as it is."""
+    B, H, P, D = x.shape
+    rows = x.transpose(1, 2).reshape(B * P, H * D)
+    return rows.index_select(0, _flat_index(src, P)).view(B, -1, H, D).transpose(1, 2)
 
 
-def average_copies(out: Tensor, src: Tensor, weight: Tensor, n_rows: int, backend: str = "native") -> Tensor:
-    """Mean of the virtual slots of each compact row: (B, H, V, D) -> (B, H, n_rows, D).
-    src: (B, V) target row of each slot, weight: (B, V) bool, True for real slots.
-    backend "torch_scatter" uses torch_scatter.scatter_mean (optional dependency)."""
-    B, H, _, D = out.shape
+def average_copies(out: Tensor, src: Tensor, valid: Tensor, n_rows: int, backend: str = "native") -> Tensor:
+    """Mean of the virtual slots of each compact row: (B, H, V, D) -> (B, n_rows, H, D), the
+    layout HF's attention output takes. src: (B, V) target row of each slot; valid: (B, V)
+    False for padding slots, which are sent to a dropped extra row. backend "torch_scatter"
+    uses torch_scatter.scatter_mean (optional dependency)."""
+    B, H, V, D = out.shape
+    index = torch.where(valid.reshape(-1), _flat_index(src, n_rows), B * n_rows)
+    rows = out.transpose(1, 2).reshape(B * V, H * D)
     if backend == "torch_scatter":
         from torch_scatter import scatter_mean
-        index = torch.where(weight, src, n_rows)[:, None, :, None].expand(B, H, -1, D)  # padding -> a dropped row
-        return scatter_mean(out, index, dim=2, dim_size=n_rows + 1)[:, :, :n_rows]
-    w = weight.to(out.dtype)[:, None, :, None]
-    index = src[:, None, :, None].expand(B, H, -1, D)
-    summed = out.new_zeros((B, H, n_rows, D)).scatter_add_(2, index, out * w)
-    counts = out.new_zeros((B, 1, n_rows, 1)).scatter_add_(2, src[:, None, :, None], w[:, :1])
-    return summed / counts.clamp_min(1)
+        mean = scatter_mean(rows, index, dim=0, dim_size=B * n_rows + 1)
+    else:
+        summed = rows.new_zeros((B * n_rows + 1, H * D)).index_add_(0, index, rows)
+        counts = torch.bincount(index, minlength=B * n_rows + 1).clamp_min(1)
+        mean = summed / counts.to(rows.dtype)[:, None]
+    return mean[:-1].view(B, n_rows, H, D)
 
 
 def exact_scores(q: Tensor, k: Tensor, q_src: Tensor, k_src: Tensor, cos_q: Tensor, sin_q: Tensor,
@@ -205,32 +218,34 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     k_src = layout.src
     cos, sin = state.rope(query)
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
-    kv_rep = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)
-    v = gather_slots(kv_rep(value), k_src)
+    repeat = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)  # GQA, eager paths
     if state.kernel == "exact":
-        scores = exact_scores(query, kv_rep(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
+        v = repeat(gather_slots(value, k_src))
+        scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
-        q = gather_slots(query, q_src)
-        k = gather_slots(kv_rep(key), k_src)
+        q, k, v = gather_slots(query, q_src), gather_slots(key, k_src), gather_slots(value, k_src)
         q = q * cos_q[:, None] + rotate_half(q) * sin_q[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if state.kernel == "sdpa":
+            gqa = {"enable_gqa": True} if groups > 1 else {}
             if sliding_window is None and bool(layout.valid.all()):
                 # No padding: slots are in position order, so the mask is plain causal (prefill)
                 # or empty (new tokens after every cached one) and SDPA's fast paths apply.
                 causal = n_query_slots == layout.src.shape[1]
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_query_slots > 1, scale=scale)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_query_slots > 1, scale=scale,
+                                                     **gqa)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, sliding_window),
-                                                     scale=scale)
-            return average_copies(out, q_src, q_valid, q_len, state.backend).transpose(1, 2), None
+                                                     scale=scale, **gqa)
+            return average_copies(out, q_src, q_valid, q_len, state.backend), None
+        k, v = repeat(k), repeat(v)
         scores = q @ k.transpose(-1, -2) * scale
     scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid, sliding_window), torch.finfo(scores.dtype).min)
     # "eager" follows HF's eager attention exactly (softmax in float32); "exact" is a math
     # reference and keeps at least the input precision.
     soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
     probs = scores.softmax(dim=-1, dtype=soft_dtype).to(v.dtype)
-    return average_copies(probs @ v, q_src, q_valid, q_len, state.backend).transpose(1, 2), None
+    return average_copies(probs @ v, q_src, q_valid, q_len, state.backend), None
 
 
 def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
