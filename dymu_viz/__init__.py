@@ -4,7 +4,7 @@ HF transformers vision encoders, with visualizers and notebooks."""
 from .calibrate import calibrate, find_thresholds
 from .data import sample_photos, shapes_image
 from .encoder import EncoderResult, MergeConfig
-from .models import load_encoder
+from .models import load_encoder, load_tokenizer
 from .patch import DyMUState, encode, get_state, patch, unpatch
 from .schedule import kout_r_total, make_schedule, parse_r, token_counts
 from .thresholds import Thresholds
@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DyMUState", "EncoderResult", "MergeConfig", "Thresholds", "calibrate", "encode", "find_thresholds",
-    "get_state", "kout_r_total", "load_encoder", "make_schedule", "parse_r", "patch", "sample_photos",
-    "shapes_image", "token_counts", "unpatch",
+    "get_state", "kout_r_total", "load_encoder", "load_tokenizer", "make_schedule", "parse_r", "patch",
+    "sample_photos", "shapes_image", "token_counts", "unpatch",
 ]

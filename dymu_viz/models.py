@@ -9,6 +9,10 @@
 * ``"auto"``: the default pretrained weights if they are cached locally, else random init, and
   the returned ``LoadedEncoder.weights`` says which, in words, for the caller to print.
 
+``load_tokenizer(name or loaded encoder, ...)``: the text tokenizer for ``encode_text`` (open_clip
+models): the real one when it is on this machine, else, for random weights only, a
+``StandInTokenizer`` whose note says so; real weights without their tokenizer are an error.
+
 Nothing is ever downloaded unless asked for.
 """
 
@@ -17,7 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from itertools import islice
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -111,9 +116,8 @@ def _open_clip_cached_file(name: str, tag: str) -> Optional[str]:
     return None
 
 
-def _load_open_clip(name: str, pretrained: str, allow_download: bool) -> LoadedEncoder:
-    import open_clip
-
+def _open_clip_source(name: str, pretrained: str, allow_download: bool) -> tuple[Optional[str], str]:
+    """(what to hand open_clip as ``pretrained``: None for random init; the weights note)."""
     default_tag = OPEN_CLIP_MODELS[name]
     if pretrained == "random":
         source, weights = None, _random_note(name, "asked for")
@@ -132,6 +136,13 @@ def _load_open_clip(name: str, pretrained: str, allow_download: bool) -> LoadedE
             raise FileNotFoundError(
                 f"the {tag!r} weights of {name} are not in the local cache; download them explicitly "
                 "(allow_download=True / --download), or pass a checkpoint path, or use pretrained='random'")
+    return source, weights
+
+
+def _load_open_clip(name: str, pretrained: str, allow_download: bool) -> LoadedEncoder:
+    import open_clip
+
+    source, weights = _open_clip_source(name, pretrained, allow_download)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source)
     return LoadedEncoder(model, preprocess, name, weights, source is not None)
 
@@ -176,3 +187,146 @@ def image_transform(size: int, crop: bool, mean: tuple, std: tuple) -> Callable[
     resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)] if crop else \
         [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
     return T.Compose([*resize, lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers for the text towers of the open_clip models (zero-shot labels).
+
+
+@dataclass
+class LoadedTokenizer:
+    """Texts -> ``(N, context_length)`` int64 ids for ``model.encode_text``, called like an
+    open_clip tokenizer, with a plain-words note of which tokenizer it is, for the caller to print."""
+
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+    note: str
+    stand_in: bool
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
+        return self.tokenizer(texts, context_length=context_length)
+
+
+class StandInTokenizer:
+    """NOT a real tokenizer: deterministic byte-level ids, for randomly initialised models only.
+
+    Each UTF-8 byte of the whitespace-normalised text becomes one id (a fixed byte -> id table
+    that avoids the special ids; it wraps around when the vocabulary has fewer than 256 other
+    ids), laid out as open_clip's tokenizers lay out theirs: ``[sot] bytes... eot pad...`` in an
+    int64 tensor of shape ``(N, context_length)``, truncated to fit with ``eot`` kept. Every id is
+    below ``vocab_size``. With random weights any consistent tokenizer runs the text tower exactly
+    as the real one would; with real weights its embeddings would be meaningless, so
+    ``load_tokenizer`` never hands it out for real weights.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, eot_id: int, pad_id: int = 0,
+                 sot_id: Optional[int] = None):
+        specials = {pad_id, eot_id} | ({sot_id} if sot_id is not None else set())
+        if not all(0 <= i < vocab_size for i in specials):
+            raise ValueError(f"special ids {sorted(specials)} must lie below vocab_size {vocab_size}")
+        self.byte_ids = list(islice((i for i in range(vocab_size) if i not in specials), 256))
+        if not self.byte_ids:
+            raise ValueError(f"vocab_size {vocab_size} leaves no id for text")
+        self.vocab_size, self.context_length = vocab_size, context_length
+        self.eot_id, self.pad_id, self.sot_id = eot_id, pad_id, sot_id
+
+    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = context_length or self.context_length
+        head = [] if self.sot_id is None else [self.sot_id]
+        if length < len(head) + 1:
+            raise ValueError(f"context_length {length} leaves no room for the end-of-text id")
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            body = [self.byte_ids[b % len(self.byte_ids)] for b in " ".join(text.split()).encode("utf-8")]
+            tokens = head + body[: length - len(head) - 1] + [self.eot_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids
+
+    @classmethod
+    def for_model(cls, name: str) -> "StandInTokenizer":
+        """Sized and laid out for open_clip model ``name``'s text tower: its vocabulary, context
+        length and pad id; with ``argmax`` pooling (CLIP) sot/eot are the two largest ids, as in
+        CLIP's BPE, so the pooled position is the end of the text; with ``eos`` pooling eot is
+        the tower's eos id."""
+        cfg = _text_cfg(name)
+        sot = eot = None
+        if cfg.pool_type == "argmax":
+            sot, eot = cfg.vocab_size - 2, cfg.vocab_size - 1
+        elif cfg.pool_type == "eos":
+            eot = cfg.eos_id
+        else:
+            eot = cfg.vocab_size - 1
+        return cls(cfg.vocab_size, cfg.context_length, eot, cfg.pad_id, sot)
+
+
+def _text_cfg(name: str) -> Any:
+    import open_clip
+    from open_clip.model import CLIPTextCfg
+
+    return CLIPTextCfg(**open_clip.get_model_config(name)["text_cfg"])
+
+
+def _real_tokenizer(name: str, folder: Optional[Union[str, Path]], allow_download: bool) -> tuple[Callable, str]:
+    """open_clip's tokenizer for ``name`` and a note; OSError when it is not on this machine."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    cfg = _text_cfg(name)
+    if folder is None and not cfg.hf_tokenizer_name:
+        return open_clip.get_tokenizer(name), "the real tokenizer (the CLIP BPE bundled with open_clip)"
+    if folder is not None and not Path(folder).is_dir():
+        raise FileNotFoundError(f"no tokenizer folder {folder}")
+    source = str(folder) if folder is not None else cfg.hf_tokenizer_name
+    tokenizer = HFTokenizer(source, context_length=cfg.context_length, tokenizer_mode=cfg.tokenizer_mode,
+                            local_files_only=folder is not None or not allow_download, **(cfg.tokenizer_kwargs or {}))
+    where = f"the folder {Path(folder).name}" if folder is not None else \
+        "the Hugging Face hub or its local cache" if allow_download else "the local Hugging Face cache"
+    return tokenizer, f"the real tokenizer ({cfg.hf_tokenizer_name or 'HF'}), from {where}"
+
+
+def load_tokenizer(model: Union[str, LoadedEncoder], pretrained: str = "auto", allow_download: bool = False,
+                   tokenizer: Optional[Union[str, Path]] = None) -> LoadedTokenizer:
+    """The text tokenizer of an open_clip model: ``model`` is its name, or what ``load_encoder``
+    returned (then its ``pretrained`` flag decides, and ``pretrained`` here is not used).
+
+    * open_clip's real tokenizer whenever it is on this machine: the CLIP BPE that open_clip
+      bundles, an HF tokenizer (SigLIP's) from the local cache, or the tokenizer files in the
+      folder ``tokenizer``; it is downloaded only with ``allow_download=True``;
+    * otherwise, and only when the weights are random (``pretrained`` resolved as in
+      ``load_encoder``), a ``StandInTokenizer``, and the note says STAND-IN;
+    * real weights whose tokenizer is not here: ``FileNotFoundError``.
+
+    The returned ``LoadedTokenizer.note`` says which tokenizer it is, for the caller to print.
+    """
+    name = model.name if isinstance(model, LoadedEncoder) else model
+    if name not in OPEN_CLIP_MODELS:
+        raise ValueError(f"{name} has no text tower here (HF models load as vision towers only); "
+                         f"tokenizers are for the open_clip models: {', '.join(OPEN_CLIP_MODELS)}")
+    try:
+        real, note = _real_tokenizer(name, tokenizer, allow_download)
+        return LoadedTokenizer(real, name, note, stand_in=False)
+    except (OSError, ValueError) as err:
+        if tokenizer is not None:  # a folder asked for is never replaced by a stand-in
+            raise FileNotFoundError(f"no usable tokenizer files in {tokenizer} ({type(err).__name__}: {err})") from None
+        if not isinstance(err, OSError):
+            raise
+        failure = type(err).__name__
+    if isinstance(model, LoadedEncoder):
+        random_weights = not model.pretrained
+    else:  # the weights load_encoder(name, pretrained, allow_download=...) would load
+        random_weights = _open_clip_source(name, pretrained, allow_download)[0] is None
+    wanted = _text_cfg(name).hf_tokenizer_name
+    where = "could not be downloaded" if allow_download else "is not in the local Hugging Face cache"
+    if not random_weights:
+        raise FileNotFoundError(
+            f"the tokenizer of {name} ({wanted}) {where} ({failure}); download it explicitly "
+            "(allow_download=True), or pass tokenizer=<a local folder with its files>. A stand-in tokenizer "
+            "is only used with random weights: with real weights its text embeddings would be meaningless")
+    note = (f"STAND-IN (deterministic byte-level ids, not the real {wanted} tokenizer, which {where}; "
+            "fine only because the weights are random)")
+    return LoadedTokenizer(StandInTokenizer.for_model(name), name, note, stand_in=True)
