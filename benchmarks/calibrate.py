@@ -12,7 +12,6 @@ table in benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -30,7 +29,7 @@ from dymu_viz.patch import get_state
 from dymu_viz.models import load_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoder import write_readme_table  # noqa: E402
+from common import parser, publish  # noqa: E402
 
 
 def write_images(folder: Path, n: int) -> list[Path]:
@@ -59,15 +58,12 @@ def rate(fn, n_images: int) -> float:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--target", default="50out")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     loaded = load_encoder(args.model, "random", args.device)
@@ -103,15 +99,12 @@ def main(argv: list[str] | None = None) -> int:
            "workers": args.workers, "device": args.device, "images_per_s": rates,
            "step_over_plain": rates["step"] / rates["plain"], "job_over_plain": rates["job"] / rates["plain"]}
     print(json.dumps(row))
-    out = Path(__file__).resolve().parent / "results" / f"calibrate_{'cpu' if args.device == 'cpu' else 'gpu'}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "row": row}, indent=1) + "\n")
     table = ("| model | batch | images | plain im/s | calibration step im/s | whole job im/s (from disk) "
              "| step / plain | job / plain |\n|---|---|---|---|---|---|---|---|\n"
              f"| {args.model} ({args.target}) | {args.batch_size} | {args.images} | {rates['plain']:.2f} "
              f"| {rates['step']:.2f} | {rates['job']:.2f} | {row['step_over_plain']:.2f} | {row['job_over_plain']:.2f} |")
-    write_readme_table(f"calibrate:{'cpu' if args.device == 'cpu' else 'gpu'}", table)
-    print(table)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "row": row}
+    publish("calibrate", args.device, results, table)
     return 0
 
 

@@ -20,7 +20,6 @@ Results go to benchmarks/results/encoder_<device>.json and into the table in ben
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -36,9 +35,10 @@ from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.models import load_encoder
 from dymu_viz.stats import flop_ratio, padded_flop_overhead
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DTYPES, device_kind, parser, publish, write_readme_table  # noqa: E402,F401 (vlm.py imports it here)
+
 TARGETS = {"ViT-B-16": "50out", "ViT-L-14-336": "72out"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("unpatched", "off", "fixed_r", "threshold")
 
 
@@ -137,40 +137,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme_table(key: str, text: str) -> None:
-    """Put ``text`` between the ``<!-- key:begin/end -->`` markers of benchmarks/README.md."""
-    readme = HERE / "README.md"
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    content = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in content:
-        content = content[: content.index(begin)] + block + content[content.index(end) + len(end):]
-    else:
-        content = content.rstrip() + f"\n\n{block}\n"
-    readme.write_text(content)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, dtype=True)
     p.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     results = [run_model(m, args.device, DTYPES[args.dtype], args.reps, args.warmup, args.batch_sizes)
                for m in args.models]
-    device_kind = "cpu" if args.device == "cpu" else "gpu"
-    device_name = torch.cuda.get_device_name() if device_kind == "gpu" else platform.processor() or "cpu"
-    out = HERE / "results" / f"encoder_{device_kind}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "reps": args.reps, "warmup": args.warmup, "results": results}, indent=1) + "\n")
-    text = table(results)
-    write_readme_table(f"encoder:{device_kind}", text)
-    print(text)
+    device_name = torch.cuda.get_device_name() if device_kind(args.device) == "gpu" else platform.processor() or "cpu"
+    publish("encoder", args.device, {"device": device_name, "threads": torch.get_num_threads(),
+                                     "torch": torch.__version__, "reps": args.reps, "warmup": args.warmup,
+                                     "results": results}, table(results))
     return 0
 
 

@@ -123,6 +123,13 @@ def checkpoint_paths(out: Path) -> list[Path]:
     return sorted(out.parent.glob(out.name + ".partial.rank*.json"))
 
 
+def remove_checkpoints(out: Path) -> None:
+    """Delete the per-rank checkpoints of the calibration that writes ``out``: once its result
+    is saved, or to start it afresh."""
+    for path in checkpoint_paths(out):
+        path.unlink(missing_ok=True)
+
+
 def load_checkpoints(out: Path, fingerprint: dict[str, Any]) -> Progress:
     """Everything earlier (possibly killed) runs of the same calibration finished, any ranks."""
     progress = Progress()
@@ -295,6 +302,5 @@ def calibrate(model: nn.Module, data: Any, transform: Any, target: Optional[str]
         thresholds.metadata["bad_image_paths"] = [str(paths[i]) for i, _ in sorted(progress.failures)]
         if out is not None and dist_info()[0] == 0:
             thresholds.save(target_path)
-            for old in checkpoint_paths(target_path):
-                old.unlink()
+            remove_checkpoints(target_path)
     return thresholds

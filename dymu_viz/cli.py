@@ -77,7 +77,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from .calibrate import CalibrationJob, encoder_state, n_patches_of, resolve_r, run_calibration, token_report
+    from .calibrate import (CalibrationJob, encoder_state, n_patches_of, remove_checkpoints, resolve_r,
+                            run_calibration, token_report)
     from .dataset import list_images
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,9 +101,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             f"batch {args.batch_size} x {world} process(es)")
         say(f"schedule: {args.schedule}, r_total {r_total}, r per layer {rs}")
         if args.overwrite and not args.resume:
-            from .calibrate import checkpoint_paths
-            for old in checkpoint_paths(args.out):
-                old.unlink()
+            remove_checkpoints(args.out)
         job = CalibrationJob(loaded.model, loaded.preprocess, paths, rs, args.out, args.batch_size, loaded.name,
                              args.schedule, r_total, device, dtype, args.workers, args.checkpoint_every, args.resume,
                              not args.quiet)
@@ -123,9 +122,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                                             sorted(progress.failures)], **reports}, indent=1) + "\n")
             if args.export_pth:
                 thresholds.save_reference_checkpoint(args.export_pth, state.adapter.reference_prefix)
-            from .calibrate import checkpoint_paths
-            for old in checkpoint_paths(args.out):
-                old.unlink()
+            remove_checkpoints(args.out)
             say(f"thresholds: {', '.join(f'{v:.4f}' for v in thresholds.values)}")
             for kind, rep in reports.items():
                 say(f"{kind:<12}: {rep['mean']:.1f} ± {rep['std']:.1f} tokens per image "

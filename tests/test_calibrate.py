@@ -16,7 +16,7 @@ from PIL import Image
 
 import dymu_viz
 from dymu_viz import merge
-from dymu_viz.calibrate import batch_thresholds, find_thresholds, mean_thresholds
+from dymu_viz.calibrate import batch_thresholds, find_thresholds, mean_thresholds, remove_checkpoints
 from dymu_viz.cli import main
 from dymu_viz.data import sample_photos, shapes_image
 from tiny_models import make_hf_clip, make_hf_siglip, redundancy_images
@@ -230,6 +230,28 @@ def test_killed_run_resumes_to_identical_thresholds(tiny_model_dir, image_set, t
     assert 2 <= finished < 6
     assert _cli(*args, "--resume").returncode == 0
     assert dymu_viz.Thresholds.load(killed).values == dymu_viz.Thresholds.load(full).values
+
+
+def test_remove_checkpoints_removes_only_that_outputs_checkpoints(tmp_path):
+    names = ("th.json", "th.json.partial.rank0.json", "th.json.partial.rank1.json", "other.json.partial.rank0.json")
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    remove_checkpoints(tmp_path / "th.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json.partial.rank0.json", "th.json"]
+    remove_checkpoints(tmp_path / "th.json")  # nothing left to remove: no error
+
+
+def test_cli_overwrite_starts_afresh_past_stale_checkpoints(tiny_model_dir, image_set, tmp_path, capsys):
+    out = tmp_path / "th.json"
+    stale = tmp_path / "th.json.partial.rank0.json"
+    stale.write_text(json.dumps({"fingerprint": {"model": "another"}, "per_batch": {}, "n_images": {}, "failures": []}))
+    def run(*extra):
+        return main(["calibrate", *map(str, _calibrate_args(tiny_model_dir, image_set, out, "--no-report", *extra))])
+
+    assert run("--resume") == 2
+    assert "belongs to a different calibration" in capsys.readouterr().err
+    assert run("--overwrite") == 0
+    assert dymu_viz.Thresholds.load(out).metadata["n_images"] == 24 and not stale.exists()
 
 
 def test_python_api_calibrates_a_folder_and_saves(tiny_model_dir, image_set, tmp_path):
