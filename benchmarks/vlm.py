@@ -14,14 +14,20 @@ level, in one run with interleaved repetitions and medians:
 
 with the FLOP-ratio bound (projections and MLP on compact tokens, attention on the virtual
 length) and the KV-cache bytes after prefill. Targets: VTU time / full time <= 1.1 x the FLOP
-ratio; KV bytes ratio = compact / virtual. Peak memory is measured on GPU only.
+ratio; KV bytes ratio = compact / virtual.
+
+Peak memory of one prefill: on GPU, torch's peak allocated bytes; on CPU (``--memory``), the
+growth of the process's peak resident set during one prefill, each mode and level in a fresh
+child process (model built and inputs made before the baseline is read).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +36,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encoder import write_readme_table  # noqa: E402
+from common import DTYPES, parser, publish  # noqa: E402
 
 from dymu_viz.vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm  # noqa: E402
 
@@ -42,7 +48,6 @@ SHAPES = {
 }
 BEFORE, IMAGE, AFTER = 40, 576, 20
 LEVELS = (576, 394, 195, 89)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def prefill_flops(n_compact: int, n_virtual: int, cfg: LlamaConfig) -> float:
@@ -62,21 +67,73 @@ def mapping(n_image: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([torch.arange(BEFORE), BEFORE + image, torch.arange(BEFORE + n_image, BEFORE + n_image + AFTER)])
 
 
+def build(shape: str, device: str, dtype: torch.dtype) -> tuple[LlamaModel, torch.Tensor]:
+    """The decoder (seeded random init) and full-length input embeddings (1, virtual, D)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    model = LlamaModel(cfg).to(device, dtype).eval()
+    return model, torch.randn(1, BEFORE + IMAGE + AFTER, cfg.hidden_size, device=device, dtype=dtype)
+
+
+def inputs_for(mode: str, n: int, full_embeds: torch.Tensor) -> tuple[torch.Tensor, VirtualLayout | None]:
+    """The prefill input of a mode at merge level n: embeddings and, for VTU, the layout."""
+    if mode == "full":
+        return full_embeds, None
+    layout = VirtualLayout.from_mappings([mapping(n).to(full_embeds.device)]) if mode == "vtu" else None
+    return full_embeds[:, :BEFORE + n + AFTER], layout
+
+
+def peaks(peak: dict[str, int]) -> str:
+    """Peak MiB per mode for the table ("-" when not measured)."""
+    if not any(peak.values()):
+        return "-"
+    return " / ".join(f"{peak[m] / 2 ** 20:.1f}" for m in ("full", "vtu", "compact"))
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@torch.no_grad()
+def child_memory(shape: str, mode: str, n: int) -> int:
+    """In a fresh process: peak RSS growth (bytes) over one CPU float32 prefill."""
+    model, full_embeds = build(shape, "cpu", torch.float32)
+    embeds, layout = inputs_for(mode, n, full_embeds)
+    if mode == "vtu":
+        patch_llm(model).start(layout, embeds.shape[1])
+    baseline = max(rss_bytes(), rss_peak_bytes())
+    model(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
+    return rss_peak_bytes() - baseline
+
+
+def cpu_memory(shape: str, n: int) -> dict[str, int]:
+    """child_memory of every mode at level n, each in its own process."""
+    peaks = {}
+    for mode in ("full", "vtu", "compact"):
+        out = subprocess.run([sys.executable, __file__, "--child-memory", shape, mode, str(n)], check=True,
+                             capture_output=True, text=True)
+        peaks[mode] = int(out.stdout.strip().splitlines()[-1])
+    return peaks
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, reps=5, dtype=True)
     p.add_argument("--shape", default="cpu", choices=list(SHAPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--memory", action="store_true", help="CPU: also measure peak RSS growth per prefill (child processes)")
+    p.add_argument("--child-memory", nargs=3, metavar=("SHAPE", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPES[args.shape])
-    cfg._attn_implementation = "sdpa"
-    model = LlamaModel(cfg).to(args.device, DTYPES[args.dtype]).eval()
-    dim, virtual = cfg.hidden_size, BEFORE + IMAGE + AFTER
-    full_embeds = torch.randn(1, virtual, dim, device=args.device, dtype=DTYPES[args.dtype])
+    if args.child_memory:
+        print(child_memory(args.child_memory[0], args.child_memory[1], int(args.child_memory[2])))
+        return 0
+    model, full_embeds = build(args.shape, args.device, DTYPES[args.dtype])
+    cfg, virtual = model.config, full_embeds.shape[1]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def run(embeds: torch.Tensor, layout: VirtualLayout | None) -> tuple[float, int, int]:
@@ -94,9 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for n in LEVELS:
-        m = mapping(n).to(args.device)
-        compact = full_embeds[:, :BEFORE + n + AFTER]
-        layout = VirtualLayout.from_mappings([m])
         times: dict[str, list[float]] = {"full": [], "vtu": [], "compact": []}
         kv, peak = {}, {}
         for rep in range(args.warmup + args.reps):
@@ -105,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                     patch_llm(model)
                 elif getattr(model, "dymu_vtu", None) is not None:
                     unpatch_llm(model)
-                t, kv[mode], peak[mode] = run(full_embeds if mode == "full" else compact, layout if mode == "vtu" else None)
+                t, kv[mode], peak[mode] = run(*inputs_for(mode, n, full_embeds))
                 if rep >= args.warmup:
                     times[mode].append(t)
+        if args.memory and args.device == "cpu":
+            peak = cpu_memory(args.shape, n)
         med = {k: statistics.median(v) for k, v in times.items()}
         bound = prefill_flops(BEFORE + n + AFTER, virtual, cfg) / prefill_flops(virtual, virtual, cfg)
         row = {"image_tokens": n, "compact": BEFORE + n + AFTER, "virtual": virtual, "seconds": med,
@@ -120,20 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     shape = SHAPES[args.shape]
-    out = Path(__file__).resolve().parent / "results" / f"vlm_{'cpu' if device == 'cpu' else 'gpu'}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"device": device, "dtype": args.dtype, "shape": shape, "rows": rows}, indent=1) + "\n")
     lines = [f"Decoder {shape['num_hidden_layers']} layers x {shape['hidden_size']} (MLP {shape['intermediate_size']}, "
              f"{shape['num_attention_heads']} heads), {device}/{args.dtype}, sequence {BEFORE}+{IMAGE}+{AFTER}.", "",
              "| image tokens | compact / virtual | full prefill s | VTU / full time | FLOP ratio | VTU / bound "
-             "| w/o VTU / full time | KV bytes VTU / full | expected |", "|---|---|---|---|---|---|---|---|---|"]
+             "| w/o VTU / full time | KV bytes VTU / full | expected | peak MiB full / VTU / w/o VTU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {r['seconds']['full']:.3f} "
                      f"| {r['vtu_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} | {r['vtu_over_bound']:.2f} "
-                     f"| {r['compact_time_ratio']:.3f} | {r['kv_ratio_vtu']:.3f} | {r['expected_kv_ratio']:.3f} |")
-    text = "\n".join(lines)
-    write_readme_table(f"vlm:{'cpu' if device == 'cpu' else 'gpu'}", text)
-    print(text)
+                     f"| {r['compact_time_ratio']:.3f} | {r['kv_ratio_vtu']:.3f} | {r['expected_kv_ratio']:.3f} "
+                     f"| {peaks(r['peak_bytes'])} |")
+    publish("vlm", args.device, {"device": device, "dtype": args.dtype, "shape": shape, "rows": rows}, "\n".join(lines))
     return 0
 
 
