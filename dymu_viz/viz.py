@@ -345,6 +345,70 @@ def plot_physical_virtual(result: EncoderResult, names: Optional[Sequence[str]] 
                        ("virtual (positions seen by the LLM)", "physical (encoder output)"), texts, "C2", "patch tokens")
 
 
+Accounting = Sequence[Mapping[str, int]]
+VLM_BARS = (("llm_virtual_length", "LLM virtual length (positions, as unmerged)", "0.85"),
+            ("llm_compact_length", "LLM compact length (tokens computed)", "lightsteelblue"),
+            ("image_tokens", "image tokens (physical)", "C0"))
+
+
+def vlm_rows(accounting: Union[Accounting, Mapping[str, Accounting]],
+             names: Optional[Sequence[str]]) -> tuple[list[str], list[Mapping[str, int]]]:
+    """(row labels, per-sample dicts): one row per sample, or for {label: accounting} one row
+    per sample and label, grouped by sample ("name · label")."""
+    if not isinstance(accounting, Mapping):
+        return image_names(names, len(accounting)), list(accounting)
+    runs = {label: list(acc) for label, acc in accounting.items()}
+    n = {len(acc) for acc in runs.values()}
+    if len(n) != 1:
+        raise ValueError(f"runs hold different numbers of samples ({sorted(n)}); compare runs over the same samples")
+    samples = image_names(names, n.pop())
+    rows = [(f"{name} · {label}", acc[b]) for b, name in enumerate(samples) for label, acc in runs.items()]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def vlm_text(acc: Mapping[str, int]) -> str:
+    """"img physical/virtual · LLM compact/virtual[ · KV entries, MiB]" for one sample."""
+    text = (f"img {acc['image_tokens']}/{acc['image_positions']} · "
+            f"LLM {acc['llm_compact_length']}/{acc['llm_virtual_length']}")
+    if "kv_cache_entries" in acc:
+        text += f" · KV {acc['kv_cache_entries']}"
+        if "kv_cache_bytes_per_sample_padded" in acc:
+            text += f", {acc['kv_cache_bytes_per_sample_padded'] / 2 ** 20:.2f} MiB"
+    return text
+
+
+def plot_vlm_accounting(accounting: Union[Accounting, Mapping[str, Accounting]], names: Optional[Sequence[str]] = None,
+                        ax: Optional[Axes] = None) -> Axes:
+    """What a VLM run with DyMU computed, per sample (first on top): nested bars for the LLM's
+    virtual length (the positions it attends over, as the unmerged model would), its compact
+    length (the tokens it actually computes) and its physical image tokens; a black
+    tick at the KV-cache entries, and a text "img physical/virtual · LLM compact/virtual · KV
+    entries, MiB" (the KV bytes are per sample of the padded batch cache).
+
+    accounting: the per-sample dicts of ``vlm.generate`` / ``vlm.chat`` / ``vlm.prepare_inputs``,
+    or {label: such a list} over the same samples to compare runs (e.g. "vtu" / "compact" /
+    "full"): then one row per sample and label."""
+    labels, rows = vlm_rows(accounting, names)
+    ax = new_axes(ax, (6.5, 1.1 + 0.32 * len(rows)))
+    y = np.arange(len(rows))
+    for key, label, color in VLM_BARS:
+        ax.barh(y, [acc[key] for acc in rows], color=color, label=label)
+    kv = [(yi, acc["kv_cache_entries"]) for yi, acc in zip(y, rows) if "kv_cache_entries" in acc]
+    if kv:
+        ax.scatter([x for _, x in kv], [yi for yi, _ in kv], marker="|", s=250, color="k", zorder=3,
+                   label="KV-cache entries")
+    longest = max(max(acc["llm_virtual_length"], acc.get("kv_cache_entries", 0)) for acc in rows)
+    for yi, acc in zip(y, rows):
+        ax.text(max(acc["llm_virtual_length"], acc.get("kv_cache_entries", 0)), yi, f" {vlm_text(acc)}",
+                va="center", fontsize=7)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, longest * 1.8)
+    ax.set_xlabel("tokens")
+    legend_above(ax)
+    return ax
+
+
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     """A figure as PNG bytes (for image widgets and files)."""
     buffer = io.BytesIO()

@@ -234,3 +234,44 @@ def test_count_table_lists_every_image_and_the_mean(encoded) -> None:
 def test_png_of_a_figure_is_a_png(encoded) -> None:
     _, result, _ = encoded
     assert viz.figure_png(viz.plot_layer_counts(result).figure).startswith(b"\x89PNG")
+
+
+VLM_ACCOUNTING = [  # as vlm.generate returns it: two samples of one batch
+    {"image_tokens": 120, "image_positions": 576, "llm_compact_length": 135, "llm_virtual_length": 591,
+     "generated_tokens": 8, "kv_cache_entries": 142, "kv_cache_bytes_per_sample_padded": 3 * 2 ** 20},
+    {"image_tokens": 300, "image_positions": 576, "llm_compact_length": 312, "llm_virtual_length": 588,
+     "generated_tokens": 8, "kv_cache_entries": 319, "kv_cache_bytes_per_sample_padded": 3 * 2 ** 20},
+]
+
+
+def test_vlm_accounting_bars_are_the_per_sample_numbers() -> None:
+    ax = viz.plot_vlm_accounting(VLM_ACCOUNTING, ["cat", "rocket"])
+    virtual, compact, image = ax.containers
+    for bars, key in ((virtual, "llm_virtual_length"), (compact, "llm_compact_length"), (image, "image_tokens")):
+        assert [b.get_width() for b in bars] == [acc[key] for acc in VLM_ACCOUNTING]
+        assert [b.get_y() + b.get_height() / 2 for b in bars] == [0, 1]
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[142, 0], [319, 1]])  # KV-cache ticks
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "rocket"]
+    assert [t.get_text().strip() for t in ax.texts] == ["img 120/576 · LLM 135/591 · KV 142, 3.00 MiB",
+                                                        "img 300/576 · LLM 312/588 · KV 319, 3.00 MiB"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(legend) == sorted([label for _, label, _ in viz.VLM_BARS] + ["KV-cache entries"])
+
+
+def test_vlm_accounting_without_generation_has_no_kv_ticks() -> None:
+    prepared = [{k: v for k, v in acc.items() if k.startswith(("image", "llm"))} for acc in VLM_ACCOUNTING]
+    ax = viz.plot_vlm_accounting(prepared)
+    assert not ax.collections and [t.get_text() for t in ax.get_yticklabels()] == ["image 0", "image 1"]
+    assert ax.texts[0].get_text().strip() == "img 120/576 · LLM 135/591"
+
+
+def test_vlm_accounting_compares_runs_sample_by_sample() -> None:
+    full = [dict(acc, image_tokens=576, llm_compact_length=acc["llm_virtual_length"]) for acc in VLM_ACCOUNTING]
+    ax = viz.plot_vlm_accounting({"vtu": VLM_ACCOUNTING, "full": full}, ["cat", "rocket"])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat · vtu", "cat · full", "rocket · vtu", "rocket · full"]
+    assert [b.get_width() for b in ax.containers[2]] == [120, 576, 300, 576]
+    assert [b.get_width() for b in ax.containers[1]] == [135, 591, 312, 588]
+    with pytest.raises(ValueError, match="same samples"):
+        viz.plot_vlm_accounting({"vtu": VLM_ACCOUNTING, "one": VLM_ACCOUNTING[:1]})
+    with pytest.raises(ValueError, match="one name per image"):
+        viz.plot_vlm_accounting(VLM_ACCOUNTING, ["cat"])

@@ -1,0 +1,263 @@
+"""Build the HF LLaVA models users know by id, with real weights when they are on this machine.
+
+``load_vlm(model_id, pretrained=...)``:
+
+* ``"random"``: the model's own config classes, randomly initialised. The vision tower keeps its
+  real shape (width, image size, patch size, and depth unless ``vision_layers`` cuts it); the
+  language model is *scaled down* (a few layers, a small width, a small word-level vocabulary),
+  and the processor is a real HF processor (HF's own image processor at the real image size and
+  that small tokenizer), so every token count the processor and the model agree on is the real
+  one. ``LoadedVLM.weights`` states the shapes that ran.
+* ``"auto"``: the real weights if they are in the local HF cache, else random init (and the note
+  says so);
+* ``"pretrained"`` or a local folder: the real weights (a clear error when they are not there;
+  ``allow_download=True`` fetches them).
+
+Nothing is ever downloaded unless asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_ANYRES_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+_SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                          image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+
+
+@dataclass(frozen=True)
+class VLMSpec:
+    """What a known id is: its model class, vision tower (real shape), real LLM shape (for the
+    note) and the LLaVA settings the processor and model must share."""
+
+    family: str  # "llava" or "onevision"
+    tower: str
+    vision: dict[str, Any]
+    llm: str
+    llm_shape: tuple[int, int, int]  # real (layers, width, vocab)
+    settings: dict[str, Any]
+
+
+VLM_MODELS: dict[str, VLMSpec] = {
+    "llava-hf/llava-1.5-7b-hf": VLMSpec(
+        "llava", "CLIP ViT-L/14-336", _CLIP_L_336, "Llama-7B", (32, 4096, 32064),
+        dict(vision_feature_layer=-2, vision_feature_select_strategy="default")),
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": VLMSpec(
+        "onevision", "SigLIP so400m-patch14-384", _SIGLIP_SO400M_384, "Qwen2-7B", (28, 3584, 152128),
+        dict(vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+             image_grid_pinpoints=_ANYRES_PINPOINTS)),
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": VLMSpec(
+        "onevision", "SigLIP so400m-patch14-384", _SIGLIP_SO400M_384, "Qwen2-0.5B", (24, 896, 151936),
+        dict(vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+             image_grid_pinpoints=_ANYRES_PINPOINTS)),
+}
+
+# The small word-level vocabulary of the random-init tokenizer: enough for prompts and a
+# readable (random) answer. Words outside it become <unk>.
+WORDS = """
+a an the this that these those it its is are was were be been has have had do does did not no yes
+and or but of in on at to from with without by for as into over under above below near behind between
+what which who where when why how many much some any all each one two three four five six seven eight
+nine ten first second left right top bottom middle front back up down out here there very more most
+image picture photo photograph scene view describe tell me about show shows see seen look looks like
+color colour colors red green blue yellow white black brown orange pink purple gray grey dark light
+bright small large big little long short tall round square flat old new young
+man woman person people boy girl child face hair eye eyes hand hands head
+cat cats dog animal bird fish horse flower flowers plant tree trees grass leaf leaves
+sky cloud clouds sun moon star stars space planet earth galaxy water sea river lake beach mountain
+road street building house city wall window door room table chair cup coffee mug plate food
+rocket launch smoke fire car bike boat train plane astronaut suit flag helmet
+text word words letter number sign background foreground object objects shape shapes pattern texture
+cell cells tissue stain microscope sample uniform officer navy portrait painting drawing
+sitting standing lying holding wearing looking flying walking running
+there's it's i you we they he she his her their my your our
+. , ? ! : ; ' " ( ) -
+""".split()
+
+
+def build_tokenizer(family: str) -> Any:
+    """A small word-level ``PreTrainedTokenizerFast`` (lower-cased words and punctuation) with
+    the special tokens of the family's real tokenizer (Llama: ``<s>`` BOS; Qwen2: ChatML)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "llava":
+        specials = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        extra = {"image_token": "<image>"}
+        chat = ["user", "assistant"]
+    else:
+        specials = dict(pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>")
+        extra = {"image_token": "<image>", "video_token": "<video>", "im_start": "<|im_start|>"}
+        chat = ["user", "assistant", "system"]
+    special_words = list(dict.fromkeys([*specials.values(), *extra.values()]))
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(special_words + chat + WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no space before punctuation
+    if family == "llava":  # Llama's tokenizer starts every text with <s>
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    extra_special = {k: v for k, v in extra.items() if k in ("image_token", "video_token")}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", extra_special_tokens=extra_special,
+                                        **specials)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_words if t not in
+                                                                tokenizer.all_special_tokens]})
+    return tokenizer
+
+
+# Chat templates written after the real processors' prompt formats.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_processor(model_id: str) -> Any:
+    """The real HF processor class of ``model_id`` with HF's own image processor at the real image
+    size and the small word-level tokenizer of ``build_tokenizer``."""
+    from transformers import (CLIPImageProcessor, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                              LlavaOnevisionVideoProcessor, LlavaProcessor)
+
+    spec = _spec(model_id)
+    size, patch = spec.vision["image_size"], spec.vision["patch_size"]
+    tokenizer = build_tokenizer(spec.family)
+    if spec.family == "llava":
+        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                    image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch, image_token="<image>",
+                              vision_feature_select_strategy=spec.settings["vision_feature_select_strategy"],
+                              num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images = LlavaOnevisionImageProcessor(size={"height": size, "width": size}, **norm,
+                                          image_grid_pinpoints=spec.settings["image_grid_pinpoints"])
+    videos = LlavaOnevisionVideoProcessor(size={"height": size, "width": size}, **norm)
+    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                                   num_image_tokens=(size // patch) ** 2,
+                                   vision_feature_select_strategy=spec.settings["vision_feature_select_strategy"],
+                                   vision_aspect_ratio=spec.settings["vision_aspect_ratio"],
+                                   chat_template=CHATML_TEMPLATE)
+
+
+@dataclass
+class LoadedVLM:
+    """A LLaVA model ready for ``dymu_viz.vlm.patch_vlm``, its HF processor, and a plain-words
+    statement of where the weights came from and what shapes ran."""
+
+    model: nn.Module
+    processor: Any
+    name: str
+    weights: str
+    pretrained: bool
+
+
+def _spec(model_id: str) -> VLMSpec:
+    if model_id not in VLM_MODELS:
+        raise ValueError(f"unknown VLM {model_id!r}; known: {', '.join(VLM_MODELS)}, or a local HF model folder")
+    return VLM_MODELS[model_id]
+
+
+def load_vlm(model_id: str, pretrained: str = "auto", device: Union[str, torch.device] = "cpu",
+             dtype: torch.dtype = torch.float32, allow_download: bool = False, *, vision_layers: Optional[int] = None,
+             text_layers: int = 2, text_width: int = 256) -> LoadedVLM:
+    """Build VLM ``model_id`` (a known HF id, or a local HF folder) and its processor.
+
+    pretrained: "random", "auto" (the real weights if cached locally, else random), "pretrained"
+    (the real weights, or an error), or a local folder holding them. vision_layers (default: the
+    real depth), text_layers and text_width shape the random-init model only."""
+    if pretrained == "random":
+        loaded = _random(model_id, "asked for", vision_layers, text_layers, text_width)
+    elif pretrained in ("auto", "pretrained"):
+        if model_id not in VLM_MODELS and not Path(model_id).is_dir() and not allow_download:
+            _spec(model_id)  # an unknown id: name the known ones
+        try:
+            loaded = _from_pretrained(model_id, allow_download, dtype)
+        except FileNotFoundError:
+            if pretrained != "auto" or model_id not in VLM_MODELS:
+                raise
+            loaded = _random(model_id, "no local copy of the weights", vision_layers, text_layers, text_width)
+    elif Path(pretrained).is_dir():
+        loaded = _from_pretrained(pretrained, allow_download, dtype)
+    else:
+        raise ValueError(f"pretrained must be 'random', 'auto', 'pretrained' or a local folder, got {pretrained!r}")
+    loaded.model = loaded.model.to(device=device, dtype=dtype).eval()
+    return loaded
+
+
+def _from_pretrained(source: str, allow_download: bool, dtype: torch.dtype) -> LoadedVLM:
+    from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
+                              LlavaOnevisionForConditionalGeneration)
+
+    classes = {"llava": LlavaForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
+    local = not allow_download
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(f"no local copy of a model in the folder {source} (it has no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+        if config.model_type not in classes:
+            raise ValueError(f"{source} is a {config.model_type!r} model; dymu_viz.vlm runs {', '.join(classes)}")
+        model = classes[config.model_type].from_pretrained(source, local_files_only=local, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"no local copy of {source} ({type(err).__name__}); download it explicitly (allow_download=True), "
+            "pass a local folder, or use pretrained='random'") from None
+    where = "from a local folder" if Path(source).is_dir() else \
+        "downloaded or cached" if allow_download else "from the local cache"
+    return LoadedVLM(model, processor, source, f"pretrained {type(model).__name__} ({source}, {where})", True)
+
+
+def _random(model_id: str, reason: str, vision_layers: Optional[int], text_layers: int, text_width: int) -> LoadedVLM:
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    spec = _spec(model_id)
+    processor = build_processor(model_id)
+    tok = processor.tokenizer
+    depth = spec.vision["num_hidden_layers"]
+    if vision_layers is not None and not 1 <= vision_layers <= depth:
+        raise ValueError(f"vision_layers must be between 1 and {depth} (the {spec.tower} tower's depth), "
+                         f"got {vision_layers}")
+    vision = dict(spec.vision, num_hidden_layers=vision_layers or depth)
+    heads = max(1, text_width // 64)  # head_dim 64 at any width that is a multiple of 64
+    text = dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
+                num_attention_heads=heads, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"))
+    if spec.family == "llava":
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(
+            **text, num_key_value_heads=heads, max_position_embeddings=4096), **ids, **spec.settings)
+        model = LlavaForConditionalGeneration(config)
+    else:
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(
+            **text, num_key_value_heads=max(1, heads // 2), max_position_embeddings=32768, rope_theta=1e6),
+            video_token_id=tok.convert_tokens_to_ids("<video>"), **ids, **spec.settings)
+        model = LlavaOnevisionForConditionalGeneration(config)
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    gen.suppress_tokens = list(tok.all_special_ids)  # random logits: answer in words, max_new_tokens of them
+    layers, width, vocab = spec.llm_shape
+    full = vision["num_hidden_layers"] == depth
+    tower_depth = f"{depth} layers" if full else f"{vision['num_hidden_layers']} of its {depth} layers"
+    note = (f"RANDOM init ({reason}): {type(model).__name__} with the {spec.tower} tower at its real "
+            f"{'shape' if full else 'width'} "
+            f"({tower_depth} x {vision['hidden_size']}, {vision['image_size']} px, patch {vision['patch_size']}) and "
+            f"{spec.llm} scaled down to {text_layers} layers x {text_width}, vocab {len(tok)} "
+            f"(real: {layers} x {width}, vocab {vocab}); a word-level tokenizer")
+    return LoadedVLM(model, processor, model_id, note, False)
