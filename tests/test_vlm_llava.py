@@ -76,6 +76,7 @@ def test_merged_image_keeps_the_virtual_layout_and_the_accounting():
         assert acc["llm_virtual_length"] == a + N_PATCHES + c
         assert acc["llm_compact_length"] == a + acc["image_tokens"] + c
     assert prepared.accounting[0]["image_tokens"] < N_PATCHES  # the flat image merged
+    assert all(acc["crop_tokens"] == [acc["encoder_tokens"]] == [acc["image_tokens"]] for acc in prepared.accounting)
     assert prepared.layout.lengths.tolist() == [a["llm_virtual_length"] for a in prepared.accounting]
 
 
@@ -119,6 +120,9 @@ def test_compact_mode_is_the_w_o_vtu_ablation():
     assert prepared.layout is None
     plain = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask).logits
     assert torch.allclose(out, plain, atol=1e-12, rtol=0)  # the unpatched LLM on the compact sequence
+    acc, = prepared.accounting
+    assert acc["llm_virtual_length"] == acc["llm_compact_length"] == 7 + acc["image_tokens"]  # consecutive positions
+    assert acc["image_positions"] == N_PATCHES
 
 
 def test_errors():

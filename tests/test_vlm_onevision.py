@@ -70,6 +70,9 @@ def test_merged_crops_batch_matches_each_alone_and_generates():
     vlm.patch_vlm(model, thresholds=0.3)
     batched, prepared = vlm.logits(model, ids, pixels, mask, image_sizes=image_sizes)
     assert prepared.accounting[0]["image_tokens"] < lens[0]  # the flat image merged
+    for acc, n_crops in zip(prepared.accounting, (3, 5, 3)):  # base + 1 x 2, 2 x 2, 2 x 1 tiles
+        assert len(acc["crop_tokens"]) == n_crops and acc["encoder_tokens"] == sum(acc["crop_tokens"])
+        assert all(0 < n <= 16 for n in acc["crop_tokens"])
     for b in range(3):
         one, p1 = vlm.logits(model, ids[b:b + 1], pixels[b:b + 1], mask[b:b + 1], image_sizes=image_sizes[b:b + 1])
         assert p1.accounting[0] == prepared.accounting[b]
@@ -119,8 +122,10 @@ def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
     model = downsampling_onevision()
     _, _, pixels, image_sizes, lens = inputs(model, [(112, 112)])
     vlm.patch_vlm(model, thresholds=0.3)
-    (feats, mapping), = onevision_images(model, pixels, image_sizes)
+    image, = onevision_images(model, pixels, image_sizes)
+    feats, mapping = image.features, image.mapping
     segments = tower_features(model, pixels[0])
+    assert image.crop_tokens == [len(f) for f, _ in segments]
     merged_grid = torch.stack([f[m] for f, m in segments])  # the merged tower output, unmerged
     vanilla, _ = model.model.pack_image_features([merged_grid], image_sizes, image_newline=model.model.image_newline,
                                                  vision_aspect_ratio="anyres_max_1")

@@ -29,12 +29,12 @@ MIXED = 1e-6  # index variance above which a downsampled slot blends different c
 
 
 def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Optional[Tensor] = None,
-                     **kwargs: Any) -> list[tuple[Tensor, Tensor]]:
+                     **kwargs: Any) -> list["ImageTokens"]:
     """Per image: (compact features (n, D): every crop's merged tokens, one token per newline,
     and one per blended slot, those two in slot order; mapping (V_img,) from each vanilla-layout position to its compact row)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-    from .pipeline import tower_features
+    from .pipeline import ImageTokens, tower_features
 
     if image_sizes is None:
         raise ValueError("LLaVA-OneVision needs image_sizes (the original (H, W) of every image)")
@@ -64,7 +64,7 @@ def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Option
             extra = model.model.image_newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
         mapping[own] = len(feats) + torch.arange(int(own.sum()), device=mapping.device)
         used, mapping = torch.unique(mapping, return_inverse=True)  # drop rows no slot copies (unpadded away)
-        out.append((torch.cat([feats, extra])[used], mapping))
+        out.append(ImageTokens(torch.cat([feats, extra])[used], mapping, [len(f) for f, _ in segments]))
     return out
 
 

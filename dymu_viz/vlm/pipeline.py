@@ -10,8 +10,9 @@ Modes: "vtu" (the LLM runs as if the full-length image were there), "compact" (t
 "w/o VTU" ablation: compact tokens at consecutive positions), and "full" (no merging: equal to
 the unpatched model).
 
-Each model family supplies one function: images -> per image (compact features (n, D), mapping
-(V_img,) from every virtual image position to its compact row). ``input_ids`` may hold each
+Each model family supplies one function: images -> per image an ``ImageTokens``: compact
+features (n, D), the mapping (V_img,) from every virtual image position to its compact row, and
+the tokens the tower returned for each of its crops. ``input_ids`` may hold each
 image as the processor expands it or as a single placeholder: either way the run of
 placeholders is replaced by that image's compact tokens.
 """
@@ -40,25 +41,40 @@ class VLMState:
 @dataclass
 class PreparedInputs:
     """The compact LLM input. inputs_embeds: (B, P, D) left-padded; attention_mask: (B, P);
-    layout: the virtual sequence (None in "compact" mode); accounting: one dict per sample."""
+    layout: the virtual sequence (None in "compact" mode); accounting: one dict per sample:
+    encoder_tokens (tower output, summed over crops) and crop_tokens (per crop); image_tokens
+    (compact image rows in the LLM: for OneVision, the crop tokens its layout uses plus newline
+    and blend tokens) and image_positions (virtual image length); llm_compact_length and
+    llm_virtual_length (the positions the LLM attends over: the compact length in "compact" mode)."""
 
     inputs_embeds: Tensor
     attention_mask: Tensor
     layout: Optional[VirtualLayout]
-    accounting: list[dict[str, int]]
+    accounting: list[dict[str, Any]]
 
 
 @dataclass
 class GenerateOutput:
     sequences: Tensor  # (B, new tokens)
-    accounting: list[dict[str, int]]
+    accounting: list[dict[str, Any]]
     texts: Optional[list[str]] = None  # decoded new tokens (chat only)
+
+
+@dataclass
+class ImageTokens:
+    """One image in the LLM: features (n, D) compact rows; mapping (V_img,) virtual image
+    position -> compact row; crop_tokens: tokens the tower returned per crop (one crop for
+    LLaVA-1.5; base crop then tiles for OneVision)."""
+
+    features: Tensor
+    mapping: Tensor
+    crop_tokens: list[int]
 
 
 ImageSegments = list[tuple[Tensor, Tensor]]
 
 
-def _family(model: nn.Module) -> Callable[..., ImageSegments]:
+def _family(model: nn.Module) -> Callable[..., list[ImageTokens]]:
     from .onevision import onevision_images
     families = {"LlavaForConditionalGeneration": llava_images,
                 "LlavaOnevisionForConditionalGeneration": onevision_images}
@@ -114,9 +130,9 @@ def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
     return out
 
 
-def llava_images(model: nn.Module, pixel_values: Tensor, **kwargs: Any) -> ImageSegments:
+def llava_images(model: nn.Module, pixel_values: Tensor, **kwargs: Any) -> list[ImageTokens]:
     """LLaVA-1.5: one image, one tower pass; the virtual image is its patch grid."""
-    return tower_features(model, pixel_values)
+    return [ImageTokens(f, m, [len(f)]) for f, m in tower_features(model, pixel_values)]
 
 
 def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
@@ -140,13 +156,16 @@ def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
         tokens = row[m.bool()]
         parts, mapping, start, compact = [], [], 0, 0
         n_image_tokens = n_image_virtual = 0
+        crop_tokens: list[int] = []
         for begin, end in sample_runs + [(len(tokens), len(tokens))]:
             text = tokens[start:begin]
             parts.append(embed(text))
             mapping.append(compact + torch.arange(len(text), device=row.device))
             compact += len(text)
             if begin < len(tokens):
-                feats, image_map = next(images)
+                image = next(images)
+                feats, image_map = image.features, image.mapping
+                crop_tokens += image.crop_tokens
                 parts.append(feats.to(parts[-1].dtype))
                 mapping.append(compact + image_map.to(row.device))
                 compact += len(feats)
@@ -155,8 +174,10 @@ def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
             start = end
         sequences.append(torch.cat(parts))
         mappings.append(torch.cat(mapping))
-        accounting.append({"image_tokens": n_image_tokens, "image_positions": n_image_virtual,
-                           "llm_compact_length": compact, "llm_virtual_length": int(mappings[-1].numel())})
+        accounting.append({"encoder_tokens": sum(crop_tokens), "crop_tokens": crop_tokens,
+                           "image_tokens": n_image_tokens, "image_positions": n_image_virtual,
+                           "llm_compact_length": compact,
+                           "llm_virtual_length": compact if state.mode == "compact" else int(mappings[-1].numel())})
     P = max(len(s) for s in sequences)
     dim = sequences[0].shape[-1]
     embeds = sequences[0].new_zeros((len(sequences), P, dim))
