@@ -93,7 +93,7 @@ class VTUState:
         self.backend = backend
         self.layout: Optional[VirtualLayout] = None
         self.n_compact = 0
-        self._rope: Optional[tuple[int, Tensor, Tensor]] = None
+        self._rope: Optional[tuple[int, Tensor, Tensor, Tensor]] = None
 
     def start(self, layout: VirtualLayout, n_compact: int) -> None:
         """Set the layout of the next (prefill) forward, which holds n_compact tokens per row."""
@@ -113,12 +113,22 @@ class VTUState:
                                "start a new layout for a new prompt")
         return self.layout
 
-    def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, V, D) for the layout's virtual positions, computed once per layout."""
+    def rope(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """cos, sin and swapped_sin (B, V, D) for the layout's virtual positions, computed once
+        per layout; see ``rotate``."""
         if self._rope is None or self._rope[0] != self.n_compact:
             cos, sin = self.rotary(like, self.layout.pos)
-            self._rope = (self.n_compact, cos, sin)
-        return self._rope[1].to(like.dtype), self._rope[2].to(like.dtype)
+            s1, s2 = sin.chunk(2, dim=-1)
+            self._rope = (self.n_compact, cos, sin, torch.cat((-s1, s2), dim=-1))
+        return tuple(t.to(like.dtype) for t in self._rope[1:])
+
+
+def rotate(x: Tensor, cos: Tensor, swapped_sin: Tensor) -> Tensor:
+    """HF's RoPE, x * cos + rotate_half(x) * sin, in three passes: rotate_half(x) * sin equals
+    swap_halves(x) * swapped_sin with swapped_sin = (-sin1, sin2), exactly (negation is exact).
+    x: (B, H, V, D); cos, swapped_sin: (B, 1, V, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), swapped_sin)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -216,7 +226,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     scale = scaling if scaling is not None else D ** -0.5
     groups = H // key.shape[1]
     k_src = layout.src
-    cos, sin = state.rope(query)
+    cos, sin, swapped = state.rope(query)
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
     repeat = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)  # GQA, eager paths
     if state.kernel == "exact":
@@ -224,8 +234,8 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
         q, k, v = gather_slots(query, q_src), gather_slots(key, k_src), gather_slots(value, k_src)
-        q = q * cos_q[:, None] + rotate_half(q) * sin_q[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        q = rotate(q, cos_q[:, None], swapped[:, None, -n_query_slots:])
+        k = rotate(k, cos[:, None], swapped[:, None])
         if state.kernel == "sdpa":
             gqa = {"enable_gqa": True} if groups > 1 else {}
             if sliding_window is None and bool(layout.valid.all()):
