@@ -17,15 +17,16 @@ length) and the KV-cache bytes after prefill. Targets: VTU time / full time <= 1
 ratio; KV bytes ratio = compact / virtual.
 
 Peak memory of one prefill: on GPU, torch's peak allocated bytes; on CPU (``--memory``), the
-growth of the process's peak resident set during one prefill, each mode and level in a fresh
-child process (model built and inputs made before the baseline is read).
+growth of the resident set's peak during one prefill (Linux VmHWM, reset just before it), each
+mode and level in a fresh child process with a fixed malloc mmap threshold so that freed tensors
+leave the resident set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -91,25 +92,26 @@ def peaks(peak: dict[str, int]) -> str:
     return " / ".join(f"{peak[m] / 2 ** 20:.1f}" for m in ("full", "vtu", "compact"))
 
 
-def rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def proc_status_bytes(key: str) -> int:
+    """A memory line of /proc/self/status ("VmRSS", "VmHWM") in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 @torch.no_grad()
 def child_memory(shape: str, mode: str, n: int) -> int:
-    """In a fresh process: peak RSS growth (bytes) over one CPU float32 prefill."""
+    """In a fresh process: peak RSS growth (bytes) over one CPU float32 prefill. The peak (VmHWM)
+    is reset to the current RSS just before the prefill; the parent sets a fixed malloc mmap
+    threshold so that freed tensors leave the RSS and it follows what is allocated."""
     model, full_embeds = build(shape, "cpu", torch.float32)
     embeds, layout = inputs_for(mode, n, full_embeds)
     if mode == "vtu":
         patch_llm(model).start(layout, embeds.shape[1])
-    baseline = max(rss_bytes(), rss_peak_bytes())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM
+    baseline = proc_status_bytes("VmRSS")
     model(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
-    return rss_peak_bytes() - baseline
+    return proc_status_bytes("VmHWM") - baseline
 
 
 def cpu_memory(shape: str, n: int) -> dict[str, int]:
@@ -117,7 +119,7 @@ def cpu_memory(shape: str, n: int) -> dict[str, int]:
     peaks = {}
     for mode in ("full", "vtu", "compact"):
         out = subprocess.run([sys.executable, __file__, "--child-memory", shape, mode, str(n)], check=True,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         peaks[mode] = int(out.stdout.strip().splitlines()[-1])
     return peaks
 
