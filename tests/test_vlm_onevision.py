@@ -49,9 +49,17 @@ def _no_grad():
         yield
 
 
-@pytest.mark.parametrize("size", [(56, 100), (100, 56), (112, 112), (40, 40)])
-def test_no_merging_equals_vanilla_onevision(size):
+# anyres_max_1: a 2 x 2 tile grid holds four tiles' worth of tokens, so OneVision shrinks it
+# bilinearly (8 x 8 -> 4 x 4 for a square image): every slot blends grid tokens
+CASES = [("anyres_max_9", (56, 100)), ("anyres_max_9", (100, 56)), ("anyres_max_9", (112, 112)),
+         ("anyres_max_9", (40, 40)), ("anyres_max_1", (112, 112)), ("anyres_max_1", (100, 112)),
+         ("anyres_max_1", (112, 70))]
+
+
+@pytest.mark.parametrize("aspect,size", CASES)
+def test_no_merging_equals_vanilla_onevision(aspect, size):
     model = tiny_onevision()
+    model.config.vision_aspect_ratio = aspect
     ids, mask, pixels, image_sizes, lens = inputs(model, [size])
     ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=image_sizes).logits
     vlm.patch_vlm(model, thresholds=float("inf"))
@@ -93,25 +101,6 @@ def test_onevision_needs_image_sizes():
         vlm.prepare_inputs(model, ids, pixels, mask)
 
 
-def downsampling_onevision():
-    """anyres_max_1: a 2 x 2 tile grid holds four tiles' worth of tokens, so OneVision shrinks it
-    bilinearly (8 x 8 -> 4 x 4 for a square image): every slot blends grid tokens."""
-    model = tiny_onevision()
-    model.config.vision_aspect_ratio = "anyres_max_1"
-    return model
-
-
-@pytest.mark.parametrize("size", [(112, 112), (100, 112), (112, 70)])
-def test_no_merging_equals_vanilla_onevision_on_downsampled_grids(size):
-    model = downsampling_onevision()
-    ids, mask, pixels, image_sizes, lens = inputs(model, [size])
-    ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=image_sizes).logits
-    vlm.patch_vlm(model, thresholds=float("inf"))
-    out, prepared = vlm.logits(model, ids, pixels, mask, image_sizes=image_sizes)
-    assert prepared.accounting[0]["image_positions"] == lens[0]
-    assert torch.allclose(out[0, -4:], ref[0, -4:], atol=1e-10, rtol=0)
-
-
 def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
     """With merging, a downsampled slot is either a pure copy of one compact row (all the grid
     tokens it blends are copies of that row) or a token of its own equal to vanilla's blend of the
@@ -119,7 +108,8 @@ def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
     from dymu_viz.vlm.onevision import onevision_images
     from dymu_viz.vlm.pipeline import tower_features
 
-    model = downsampling_onevision()
+    model = tiny_onevision()
+    model.config.vision_aspect_ratio = "anyres_max_1"  # every tile-grid slot blends grid tokens
     _, _, pixels, image_sizes, lens = inputs(model, [(112, 112)])
     vlm.patch_vlm(model, thresholds=0.3)
     image, = onevision_images(model, pixels, image_sizes)

@@ -65,23 +65,24 @@ def test_identity_mapping_equals_vanilla(kernel, vanilla, dtype, tol):
     assert model.config._attn_implementation == vanilla
 
 
-def _layer_inputs(model, ids, mapping):
-    """Hidden states entering layer 0, compact (P rows) and expanded (V rows)."""
-    h = model.model.embed_tokens(ids)[None]
-    return h, h[:, mapping]
-
-
+@pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("kernel,vanilla", KERNELS)
-def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel, vanilla):
-    model = tiny_llama(torch.float64, attn=vanilla)
+def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel, vanilla, window):
+    """Llama layer 0 (causal), or a Qwen2 sliding layer (causal within 5 positions)."""
+    if window is None:
+        model, layer = tiny_llama(torch.float64, attn=vanilla), 0
+    else:
+        model, layer = tiny_sliding_qwen2(attn=vanilla, window=window), 1
+    attn = model.model.layers[layer].self_attn
+    assert getattr(attn, "sliding_window", None) == window
     ids, mapping = merged_sample()
-    attn = model.model.layers[0].self_attn
-    h, h_full = _layer_inputs(model, ids, mapping)
+    h = model.model.embed_tokens(ids)[None]
     V = len(mapping)
-    pos = torch.arange(V)[None]
-    cos, sin = model.model.rotary_emb(h_full, pos)
-    causal = torch.full((V, V), torch.finfo(torch.float64).min, dtype=torch.float64).triu(1)[None, None]
-    vanilla, _ = attn(h_full, position_embeddings=(cos, sin), attention_mask=causal)
+    cos, sin = model.model.rotary_emb(h[:, mapping], torch.arange(V)[None])
+    i = torch.arange(V)
+    allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - (window or V))
+    mask = torch.zeros(V, V, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    vanilla, _ = attn(h[:, mapping], position_embeddings=(cos, sin), attention_mask=mask[None, None])
     expected = torch.zeros(1, len(ids), h.shape[-1], dtype=h.dtype).index_add_(1, mapping, vanilla)
     expected /= torch.bincount(mapping, minlength=len(ids)).to(h.dtype)[None, :, None]
 
@@ -131,8 +132,9 @@ def test_batch_of_three_equals_each_alone():
         assert torch.allclose(batched[b, -len(i):], alone, atol=1e-10, rtol=0)
 
 
-def test_cached_greedy_decoding_equals_recomputation_and_cache_is_compact():
-    model = tiny_llama(torch.float64)
+@pytest.mark.parametrize("make", ["llama", "sliding_qwen2"])
+def test_cached_greedy_decoding_equals_recomputation_and_cache_is_compact(make):
+    model = tiny_llama(torch.float64) if make == "llama" else tiny_sliding_qwen2(window=6)
     patch_llm(model)
     samples = [merged_sample(seed=s, n_compact=c) for s, c in [(0, 7), (1, 4)]]
     ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
@@ -141,24 +143,20 @@ def test_cached_greedy_decoding_equals_recomputation_and_cache_is_compact():
     generated = out.sequences[:, ids.shape[1]:]
     assert generated.shape[1] == 8
     # recompute every step without a cache: the whole compact prefix, layout extended by hand
-    seq = ids
+    seq, P = ids, ids.shape[1]
     for t in range(8):
-        P = ids.shape[1]
-        maps = []
-        for b, (i, m) in enumerate(samples):
-            pad = P - len(i)
-            maps.append(torch.cat([m + pad, torch.arange(P, P + t)]))
+        maps = [torch.cat([m + P - len(i), torch.arange(P, P + t)]) for i, m in samples]
         model.model.dymu_vtu.start(VirtualLayout.from_mappings(maps), P + t)
         logits = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones(2, t, dtype=torch.long)], 1),
                        use_cache=False).logits
         nxt = logits[:, -1].argmax(-1)
         assert torch.equal(nxt, generated[:, t])
         seq = torch.cat([seq, nxt[:, None]], 1)
-    # the cache holds the compact length (prompt + 7 of the 8 generated tokens), not the virtual one
-    keys = out.past_key_values.layers[0].keys
-    assert keys.shape[2] == ids.shape[1] + 7
+    # every layer's cache (sliding ones too: nothing cropped) holds the compact length, prompt + 7
+    # of the 8 generated tokens, not the virtual one
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [P + 7] * 2
     per_entry = 2 * 2 * 16 * 8 * 2  # K and V, 2 kv heads, head dim 16, float64, 2 layers
-    assert cache_bytes(out.past_key_values) == ids.shape[0] * keys.shape[2] * per_entry
+    assert cache_bytes(out.past_key_values) == ids.shape[0] * (P + 7) * per_entry
 
 
 def test_errors():
@@ -219,46 +217,3 @@ def test_sliding_window_identity_equals_vanilla_and_unpatch_restores_it(kernel, 
         assert torch.allclose(out[1, 3:], ref[1, 3:], atol=1e-10, rtol=0)
     unpatch_llm(model)
     assert model.config.layer_types == ["full_attention", "sliding_attention"]
-
-
-@pytest.mark.parametrize("kernel,vanilla", KERNELS)
-def test_sliding_layer_equals_scatter_mean_of_vanilla_windowed_attention(kernel, vanilla):
-    model = tiny_sliding_qwen2(attn=vanilla, window=5)
-    ids, mapping = merged_sample()
-    attn = model.model.layers[1].self_attn
-    assert attn.sliding_window == 5
-    h = model.model.embed_tokens(ids)[None]
-    V = len(mapping)
-    cos, sin = model.model.rotary_emb(h[:, mapping], torch.arange(V)[None])
-    i = torch.arange(V)
-    allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 5)
-    windowed = torch.zeros(V, V, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
-    vanilla_out, _ = attn(h[:, mapping], position_embeddings=(cos, sin), attention_mask=windowed[None, None])
-    expected = torch.zeros(1, len(ids), h.shape[-1], dtype=h.dtype).index_add_(1, mapping, vanilla_out)
-    expected /= torch.bincount(mapping, minlength=len(ids)).to(h.dtype)[None, :, None]
-    state = patch_llm(model, kernel)
-    state.start(VirtualLayout.from_mappings([mapping]), len(ids))
-    out, _ = attn(h, position_embeddings=(torch.ones_like(cos[:, :len(ids)]), torch.zeros_like(sin[:, :len(ids)])),
-                  attention_mask=None)
-    assert torch.allclose(out, expected, atol=1e-10, rtol=0)
-
-
-def test_sliding_window_cached_decoding_equals_recomputation():
-    model = tiny_sliding_qwen2(window=6)
-    patch_llm(model)
-    samples = [merged_sample(seed=s, n_compact=c) for s, c in [(0, 7), (1, 4)]]
-    ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         return_dict_in_generate=True, pad_token_id=0)
-    generated = out.sequences[:, ids.shape[1]:]
-    seq = ids
-    for t in range(8):
-        P = ids.shape[1]
-        maps = [torch.cat([m + P - len(i), torch.arange(P, P + t)]) for i, m in samples]
-        model.model.dymu_vtu.start(VirtualLayout.from_mappings(maps), P + t)
-        logits = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones(2, t, dtype=torch.long)], 1),
-                       use_cache=False).logits
-        nxt = logits[:, -1].argmax(-1)
-        assert torch.equal(nxt, generated[:, t])
-        seq = torch.cat([seq, nxt[:, None]], 1)
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [ids.shape[1] + 7] * 2  # nothing cropped
