@@ -125,16 +125,11 @@ class VTUState:
 
 def rotate(x: Tensor, cos: Tensor, swapped_sin: Tensor) -> Tensor:
     """HF's RoPE, x * cos + rotate_half(x) * sin, in three passes: rotate_half(x) * sin equals
-    swap_halves(x) * swapped_sin with swapped_sin = (-sin1, sin2), exactly (negation is exact).
+    swap_halves(x) * swapped_sin with swapped_sin = (-sin1, sin2), product for product (negation
+    is exact); only the fused multiply-add may round the sum differently.
     x: (B, H, V, D); cos, swapped_sin: (B, 1, V, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), swapped_sin)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """HF's RoPE pairing: (x1, x2) -> (-x2, x1) on the two halves of the head dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _flat_index(src: Tensor, n_rows: int) -> Tensor:

@@ -94,7 +94,9 @@ def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel,
 
 
 def test_exact_kernel_scores_equal_rope_expansion():
-    from dymu_viz.vtu import exact_scores, gather_slots, rotate_half
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from dymu_viz.vtu import exact_scores, gather_slots
     model = tiny_llama(torch.float64)
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 4, 9, 16, generator=g, dtype=torch.float64), torch.randn(2, 4, 9, 16, generator=g, dtype=torch.float64)
@@ -105,6 +107,22 @@ def test_exact_kernel_scores_equal_rope_expansion():
     qe = qe * cos[:, None] + rotate_half(qe) * sin[:, None]
     ke = ke * cos[:, None] + rotate_half(ke) * sin[:, None]
     assert torch.allclose(exact_scores(q, k, src, src, cos, sin, cos, sin), qe @ ke.transpose(-1, -2), atol=1e-10, rtol=0)
+
+
+def test_rotate_is_hf_rope():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from dymu_viz.vtu import rotate
+    model = tiny_llama(torch.float32)
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 4, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
+    pos = torch.randint(0, 500, (2, 20), generator=g)
+    cos, sin = model.model.rotary_emb(q, pos)
+    s1, s2 = sin.chunk(2, dim=-1)
+    swapped = torch.cat((-s1, s2), dim=-1)[:, None]
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.allclose(rotate(q, cos[:, None], swapped), q_ref, atol=1e-6, rtol=0)
+    assert torch.allclose(rotate(k, cos[:, None], swapped), k_ref, atol=1e-6, rtol=0)
 
 
 def _prefill(model, ids_list, mappings):
