@@ -6,6 +6,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import dymu_viz
 from dymu_viz import vlm
+from tiny_models import TINY_VLM_TEXT, TINY_VLM_VISION
 
 VOCAB, IMAGE = 100, 99
 N_PATCHES = 16  # 56 x 56 images, patch 14
@@ -14,10 +15,7 @@ N_PATCHES = 16  # 56 x 56 images, patch 14
 def tiny_llava(dtype=torch.float32, attn="sdpa", seed=0, vocab=VOCAB, image_token=IMAGE):
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                       num_attention_heads=2, image_size=56, patch_size=14),
-        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                num_hidden_layers=2, vocab_size=vocab),
+        vision_config=CLIPVisionConfig(**TINY_VLM_VISION), text_config=LlamaConfig(**TINY_VLM_TEXT, vocab_size=vocab),
         image_token_id=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
     model.config.text_config._attn_implementation = attn  # the LLM's kernel under test

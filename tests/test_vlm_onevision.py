@@ -6,6 +6,7 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 from dymu_viz import vlm
+from tiny_models import TINY_VLM_TEXT, TINY_VLM_VISION
 
 VOCAB, IMAGE = 100, 99
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
@@ -14,10 +15,7 @@ PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 def tiny_onevision(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     cfg = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=2, image_size=56, patch_size=14),
-        text_config=Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                num_hidden_layers=2, vocab_size=VOCAB),
+        vision_config=SiglipVisionConfig(**TINY_VLM_VISION), text_config=Qwen2Config(**TINY_VLM_TEXT, vocab_size=VOCAB),
         image_token_id=IMAGE, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
     model = LlavaOnevisionForConditionalGeneration(cfg).to(dtype).eval()

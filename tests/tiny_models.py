@@ -18,6 +18,13 @@ from torch import nn
 
 FAMILIES = ("hf_clip", "hf_siglip", "open_clip", "timm_map", "timm_cls")
 
+# Shapes of the tiny VLMs (LLaVA-1.5, LLaVA-OneVision): a 56-pixel tower with 14-pixel patches
+# (16 patches) and a 2-layer GQA decoder.
+TINY_VLM_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                       image_size=56, patch_size=14)
+TINY_VLM_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=2)
+
 
 def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
