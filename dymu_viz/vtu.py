@@ -94,10 +94,25 @@ class VTUState:
         self.layout: Optional[VirtualLayout] = None
         self.n_compact = 0
         self._rope: Optional[tuple[int, Tensor, Tensor, Tensor]] = None
+        self._step: Optional[tuple[tuple[int, int], int, bool]] = None
 
     def start(self, layout: VirtualLayout, n_compact: int) -> None:
         """Set the layout of the next (prefill) forward, which holds n_compact tokens per row."""
-        self.layout, self.n_compact, self._rope = layout, n_compact, None
+        self.layout, self.n_compact, self._rope, self._step = layout, n_compact, None, None
+
+    def step(self, kv_len: int, q_len: int) -> tuple[VirtualLayout, int, bool]:
+        """For a forward whose q_len newest tokens attend over kv_len cached ones: the layout,
+        how many (trailing) slots hold the new tokens, and whether no row is padded. Worked out
+        (with its host syncs) once per forward, not once per layer."""
+        layout = self.sync(kv_len)
+        if self._step is None or self._step[0] != (self.n_compact, q_len):
+            first_new = kv_len - q_len
+            n_slots = int((layout.src >= first_new)[0].sum()) if first_new > 0 else layout.src.shape[1]
+            q_src = layout.src[:, -n_slots:] - first_new
+            if first_new > 0 and not bool(((q_src >= 0) & (q_src < q_len)).all()):
+                raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
+            self._step = ((self.n_compact, q_len), n_slots, bool(layout.valid.all()))
+        return layout, self._step[1], self._step[2]
 
     def sync(self, kv_len: int) -> VirtualLayout:
         """The layout covering kv_len compact tokens: tokens beyond the known ones (decode
@@ -210,13 +225,9 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     state: VTUState = module.dymu_vtu
     B, H, q_len, D = query.shape
     kv_len = key.shape[2]
-    layout = state.sync(kv_len)
-    first_new = kv_len - q_len
-    n_query_slots = int((layout.src >= first_new)[0].sum()) if first_new > 0 else layout.src.shape[1]
-    q_src = layout.src[:, -n_query_slots:] - first_new  # query slot -> row of `query`
+    layout, n_query_slots, unpadded = state.step(kv_len, q_len)
+    q_src = layout.src[:, -n_query_slots:] - (kv_len - q_len)  # query slot -> row of `query`
     q_pos, q_valid = layout.pos[:, -n_query_slots:], layout.valid[:, -n_query_slots:]
-    if first_new > 0 and not bool(((q_src >= 0) & (q_src < q_len)).all()):
-        raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
 
     scale = scaling if scaling is not None else D ** -0.5
     groups = H // key.shape[1]
@@ -233,7 +244,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         k = rotate(k, cos[:, None], swapped[:, None])
         if state.kernel == "sdpa":
             gqa = {"enable_gqa": True} if groups > 1 else {}
-            if sliding_window is None and bool(layout.valid.all()):
+            if sliding_window is None and unpadded:
                 # No padding: slots are in position order, so the mask is plain causal (prefill)
                 # or empty (new tokens after every cached one) and SDPA's fast paths apply.
                 causal = n_query_slots == layout.src.shape[1]

@@ -121,13 +121,10 @@ def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
     tower = model.model.vision_tower
     result = encode(tower, pixels.to(next(tower.parameters()).dtype), output_hidden_states=True)
     hidden, groups, sizes = result.hidden_states[layer], result.layer_groups[layer], result.layer_sizes[layer]
-    drop_cls = cfg.vision_feature_select_strategy == "default"
-    out = []
-    for b in range(hidden.shape[0]):
-        n = int((sizes[b] > 0).sum())
-        rows, mapping = (hidden[b, 1:n], groups[b, 1:] - 1) if drop_cls else (hidden[b, :n], groups[b])
-        out.append((model.model.multi_modal_projector(rows), mapping))
-    return out
+    first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
+    projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
+    counts = ((sizes > 0).sum(-1) - first).tolist()
+    return [(projected[b, :n], groups[b, first:] - first) for b, n in enumerate(counts)]
 
 
 def llava_images(model: nn.Module, pixel_values: Tensor, **kwargs: Any) -> list[ImageTokens]:
