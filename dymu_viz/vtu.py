@@ -22,6 +22,9 @@ rows are left-padded so that decode steps append at the end.
 
 from __future__ import annotations
 
+import functools
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -93,7 +96,7 @@ class VTUState:
         self.backend = backend
         self.layout: Optional[VirtualLayout] = None
         self.n_compact = 0
-        self._rope: Optional[tuple[int, Tensor, Tensor, Tensor]] = None
+        self._rope: Optional[tuple[int, Tensor, Tensor]] = None
         self._step: Optional[tuple[tuple[int, int], int, bool]] = None
 
     def start(self, layout: VirtualLayout, n_compact: int) -> None:
@@ -128,23 +131,34 @@ class VTUState:
                                "start a new layout for a new prompt")
         return self.layout
 
-    def rope(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """cos, sin and swapped_sin (B, V, D) for the layout's virtual positions, computed once
-        per layout; see ``rotate``."""
+    def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, V, D) for the layout's virtual positions in like's dtype, computed once
+        per layout. VTU supports rotate_half RoPE, whose two halves of D repeat the frequencies."""
         if self._rope is None or self._rope[0] != self.n_compact:
             cos, sin = self.rotary(like, self.layout.pos)
-            s1, s2 = sin.chunk(2, dim=-1)
-            self._rope = (self.n_compact, cos, sin, torch.cat((-s1, s2), dim=-1))
-        return tuple(t.to(like.dtype) for t in self._rope[1:])
+            half = cos.shape[-1] // 2
+            if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+                raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both halves "
+                                 "of the head dim); this model's rotary embedding differs")
+            self._rope = (self.n_compact, cos, sin)
+        return self._rope[1].to(like.dtype), self._rope[2].to(like.dtype)
 
 
-def rotate(x: Tensor, cos: Tensor, swapped_sin: Tensor) -> Tensor:
-    """HF's RoPE, x * cos + rotate_half(x) * sin, in three passes: rotate_half(x) * sin equals
-    swap_halves(x) * swapped_sin with swapped_sin = (-sin1, sin2), product for product (negation
-    is exact); only the fused multiply-add may round the sum differently.
-    x: (B, H, V, D); cos, swapped_sin: (B, 1, V, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), swapped_sin)
+def pair_order(x: Tensor) -> Tensor:
+    """(..., D) -> (..., D/2, 2): each rotate_half pair (x_i, x_{i + D/2}) side by side, a view."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's RoPE, x * cos + rotate_half(x) * sin, with x in pair order: x (..., D/2, 2) -> the
+    same shape; cos, sin (..., D) broadcastable. float32 / float64: one complex multiply by
+    e^{i theta}; other dtypes (no complex half / bfloat16 product everywhere): the real form."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.view_as_real(torch.view_as_complex(x) * torch.complex(c, s))
+    x1, x2 = x.unbind(-1)
+    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def _flat_index(src: Tensor, n_rows: int) -> Tensor:
@@ -161,6 +175,20 @@ def gather_slots(x: Tensor, src: Tensor) -> Tensor:
     B, H, P, D = x.shape
     rows = x.transpose(1, 2).reshape(B * P, H * D)
     return rows.index_select(0, _flat_index(src, P)).view(B, -1, H, D).transpose(1, 2)
+
+
+def gather_rotated(x: Tensor, src: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE'd virtual slots of compact q or k: x (B, H, P, D) -> (B, H, V, D); src (B, V);
+    cos, sin (B, V, D) per slot.
+
+    Each head's dims come out in pair order (x_0, x_{D/2}, x_1, x_{D/2+1}, ...): a permutation of
+    the head dim shared by q and k, so every q . k (and SDPA) is unchanged. It costs one copy
+    of the P compact rows; then the virtual slots take one gather and one complex multiply
+    instead of a gather and three RoPE passes."""
+    B, H, P, D = x.shape
+    rows = pair_order(x.transpose(1, 2)).reshape(B * P, H * D)  # the one copy, at compact length
+    slots = rows.index_select(0, _flat_index(src, P)).view(B, -1, H, D // 2, 2)
+    return rotate(slots, cos[:, :, None], sin[:, :, None]).view(B, -1, H, D).transpose(1, 2)
 
 
 def average_copies(out: Tensor, src: Tensor, valid: Tensor, n_rows: int, backend: str = "native") -> Tensor:
@@ -232,16 +260,15 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     scale = scaling if scaling is not None else D ** -0.5
     groups = H // key.shape[1]
     k_src = layout.src
-    cos, sin, swapped = state.rope(query)
+    cos, sin = state.rope(query)
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
     repeat = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)  # GQA, eager paths
     if state.kernel == "exact":
         v = repeat(gather_slots(value, k_src))
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
-        q, k, v = gather_slots(query, q_src), gather_slots(key, k_src), gather_slots(value, k_src)
-        q = rotate(q, cos_q[:, None], swapped[:, None, -n_query_slots:])
-        k = rotate(k, cos[:, None], swapped[:, None])
+        q, k = gather_rotated(query, q_src, cos_q, sin_q), gather_rotated(key, k_src, cos, sin)
+        v = gather_slots(value, k_src)
         if state.kernel == "sdpa":
             gqa = {"enable_gqa": True} if groups > 1 else {}
             if sliding_window is None and unpadded:
@@ -265,11 +292,43 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
 
 
 def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
-    """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype."""
+    """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype; cos is
+    marked so that the modeling module's apply_rotary_pos_emb can skip it (see _skip_identity)."""
     def forward(x: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         cos, sin = original(x, position_ids, *args, **kwargs)
-        return torch.ones_like(cos), torch.zeros_like(sin)
+        cos = torch.ones_like(cos)
+        cos.dymu_identity = True
+        return cos, torch.zeros_like(sin)
     return forward
+
+
+def _skip_identity(apply: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """apply_rotary_pos_emb that hands q, k back untouched for VTU's marked identity cos, and
+    is the original for every other call: the compact q / k need no passes that change nothing."""
+    @functools.wraps(apply)
+    def skipping(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if getattr(cos, "dymu_identity", False):
+            return q, k
+        return apply(q, k, cos, sin, *args, **kwargs)
+    skipping.dymu_original = apply
+    return skipping
+
+
+_SKIPPING: dict[str, weakref.WeakSet] = {}  # modeling module -> VTU-patched decoders built from it
+
+
+def _use_skipping_rope(module_name: str, decoder: nn.Module, on: bool) -> None:
+    """Count decoder in (on) or out of its modeling module; the module's apply_rotary_pos_emb
+    skips identity RoPE while a patched decoder of it is alive, and is the original again
+    once none is."""
+    module = sys.modules.get(module_name)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    if apply is None:
+        return  # no module-level RoPE function: the identity RoPE then simply runs
+    patched = _SKIPPING.setdefault(module_name, weakref.WeakSet())
+    (patched.add if on else patched.discard)(decoder)
+    original = getattr(apply, "dymu_original", apply)
+    module.apply_rotary_pos_emb = _skip_identity(original) if patched else original
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -302,6 +361,8 @@ def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native") -
     config = attentions[0].config
     state.saved_attn_implementation = config._attn_implementation
     rotary.forward = _identity_rotary(state.rotary)
+    state.modeling_module = type(attentions[0]).__module__
+    _use_skipping_rope(state.modeling_module, decoder, True)
     for attn in attentions:
         attn.dymu_vtu = state
     config._attn_implementation = ATTENTION_NAME
@@ -324,6 +385,7 @@ def unpatch_llm(model: nn.Module) -> None:
     if state is None:
         raise ValueError(f"{type(model).__name__} has no VTU patch")
     decoder.rotary_emb.__dict__.pop("forward", None)
+    _use_skipping_rope(state.modeling_module, decoder, False)
     for attn in state.attentions:
         attn.__dict__.pop("dymu_vtu", None)
     config = state.attentions[0].config

@@ -109,20 +109,61 @@ def test_exact_kernel_scores_equal_rope_expansion():
     assert torch.allclose(exact_scores(q, k, src, src, cos, sin, cos, sin), qe @ ke.transpose(-1, -2), atol=1e-10, rtol=0)
 
 
-def test_rotate_is_hf_rope():
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_gather_rotated_is_hf_rope_of_the_expansion_in_pair_order(dtype, tol):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from dymu_viz.vtu import rotate
+    from dymu_viz.vtu import gather_rotated, gather_slots, pair_order
     model = tiny_llama(torch.float32)
     g = torch.Generator().manual_seed(4)
-    q, k = torch.randn(2, 4, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g)
-    pos = torch.randint(0, 500, (2, 20), generator=g)
-    cos, sin = model.model.rotary_emb(q, pos)
-    s1, s2 = sin.chunk(2, dim=-1)
-    swapped = torch.cat((-s1, s2), dim=-1)[:, None]
-    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
-    assert torch.allclose(rotate(q, cos[:, None], swapped), q_ref, atol=1e-6, rtol=0)
-    assert torch.allclose(rotate(k, cos[:, None], swapped), k_ref, atol=1e-6, rtol=0)
+    q, k = torch.randn(2, 4, 9, 16, generator=g).to(dtype), torch.randn(2, 2, 9, 16, generator=g).to(dtype)
+    src = torch.randint(0, 9, (2, 20), generator=g)
+    pos = torch.randint(0, 500, (2, 20), generator=g).sort(-1).values
+    cos, sin = (t.to(dtype) for t in model.model.rotary_emb(q.float(), pos))
+    q_ref, k_ref = apply_rotary_pos_emb(gather_slots(q, src), gather_slots(k, src), cos, sin)
+    q_vtu, k_vtu = gather_rotated(q, src, cos, sin), gather_rotated(k, src, cos, sin)
+    assert q_vtu.shape == q_ref.shape and k_vtu.shape == k_ref.shape
+    assert torch.allclose(q_vtu.double(), pair_order(q_ref).flatten(-2).double(), atol=tol, rtol=0)
+    assert torch.allclose(k_vtu.double(), pair_order(k_ref).flatten(-2).double(), atol=tol, rtol=0)
+    # q and k share the head-dim permutation, so every score is HF's
+    scores = q_vtu.double() @ k_vtu.double().repeat_interleave(2, 1).transpose(-1, -2)
+    expected = q_ref.double() @ k_ref.double().repeat_interleave(2, 1).transpose(-1, -2)
+    assert torch.allclose(scores, expected, atol=10 * tol, rtol=0)
+
+
+def test_non_rotate_half_rope_is_refused():
+    model = tiny_llama(torch.float64)
+    state = patch_llm(model)
+    original = state.rotary
+    state.rotary = lambda x, pos: tuple(t * torch.linspace(1, 2, t.shape[-1], dtype=t.dtype) for t in original(x, pos))
+    state.start(VirtualLayout.from_mappings([torch.tensor([0, 1, 1, 2])]), 3)
+    with pytest.raises(ValueError, match="rotate_half"):
+        model(torch.tensor([[5, 6, 7]]))
+
+
+def test_identity_rope_is_skipped_while_patched_and_restored_after():
+    import gc
+
+    import transformers.models.llama.modeling_llama as llama
+
+    from dymu_viz.vtu import _SKIPPING
+
+    gc.collect()  # patched models of earlier tests are gone and no longer count
+    original = getattr(llama.apply_rotary_pos_emb, "dymu_original", llama.apply_rotary_pos_emb)
+    assert not _SKIPPING.get(llama.__name__)
+    first, second = tiny_llama(torch.float64), tiny_llama(torch.float64)
+    patch_llm(first)
+    patch_llm(second)
+    cos, sin = first.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(4)[None])
+    q, k = torch.randn(1, 4, 4, 16, dtype=torch.float64), torch.randn(1, 2, 4, 16, dtype=torch.float64)
+    assert all(a is b for a, b in zip(llama.apply_rotary_pos_emb(q, k, cos, sin), (q, k)))  # no passes
+    real_cos, real_sin = second.model.rotary_emb.__class__.forward(second.model.rotary_emb, q, torch.arange(4)[None] + 3)
+    assert all(torch.equal(a, b) for a, b in zip(llama.apply_rotary_pos_emb(q, k, real_cos, real_sin),
+                                                 original(q, k, real_cos, real_sin)))
+    unpatch_llm(first)
+    assert llama.apply_rotary_pos_emb is not original  # second is still patched
+    unpatch_llm(second)
+    assert llama.apply_rotary_pos_emb is original
 
 
 def _prefill(model, ids_list, mappings):
