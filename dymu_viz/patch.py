@@ -75,9 +75,10 @@ class DyMUState:
         self.config = config
 
     def run(self, pixels: Tensor, output_hidden_states: bool = False, config: Optional[MergeConfig] = None,
-            **embed_kwargs: Any) -> EncoderResult:
-        """Run the merging encoder; the result is kept as ``last``."""
-        self.last = self.adapter.run(pixels, config or self.config, output_hidden_states, **embed_kwargs)
+            blocks: Optional[int] = None, **embed_kwargs: Any) -> EncoderResult:
+        """Run the merging encoder (its first ``blocks`` blocks only, if given); the result is
+        kept as ``last``."""
+        self.last = self.adapter.run(pixels, config or self.config, output_hidden_states, blocks, **embed_kwargs)
         return self.last
 
 
@@ -123,9 +124,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def encode(model: nn.Module, pixels: Tensor, output_hidden_states: bool = False, **embed_kwargs: Any) -> EncoderResult:
-    """Run a patched model's encoder and return the full ``EncoderResult``."""
+def encode(model: nn.Module, pixels: Tensor, output_hidden_states: bool = False, blocks: Optional[int] = None,
+           **embed_kwargs: Any) -> EncoderResult:
+    """Run a patched model's encoder and return the full ``EncoderResult``; blocks: stop after
+    that many blocks (no pooled output then)."""
     state = get_state(model)
     if state is None:
         raise ValueError("call dymu_viz.patch(model, ...) before encode()")
-    return state.run(pixels, output_hidden_states, **embed_kwargs)
+    return state.run(pixels, output_hidden_states, blocks=blocks, **embed_kwargs)

@@ -378,3 +378,22 @@ def test_pooling_of_merged_tokens_equals_pooling_of_their_unmerged_copies(name: 
                        sizes=torch.ones_like(result.groups, dtype=result.sizes.dtype))
     pooled_expanded = model.dymu.adapter.pool(expanded)
     torch.testing.assert_close(result.pooled, pooled_expanded, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_running_the_first_blocks_only_equals_those_layers_of_a_full_run(family: str) -> None:
+    model = FACTORIES[family]()
+    x = redundancy_images(image_size(model), patch_size(model))
+    dymu_viz.patch(model, thresholds=0.5)
+    full = dymu_viz.encode(model, x, output_hidden_states=True)
+    depth = len(full.layer_sizes) - 1
+    assert (full.counts[:, depth - 1] < n_tokens(family, model)).any()  # merged before the cut
+    cut = dymu_viz.encode(model, x, output_hidden_states=True, blocks=depth - 1)
+    assert cut.pooled is None and len(cut.hidden_states) == depth
+    for layer in range(depth):
+        assert torch.equal(cut.hidden_states[layer], full.hidden_states[layer])
+        assert torch.equal(cut.layer_sizes[layer], full.layer_sizes[layer])
+        assert torch.equal(cut.layer_groups[layer], full.layer_groups[layer])
+    assert torch.equal(cut.counts, full.counts[:, :depth])
+    with pytest.raises(ValueError, match="cannot run"):
+        dymu_viz.encode(model, x, blocks=depth + 1)

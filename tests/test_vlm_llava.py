@@ -137,6 +137,17 @@ def test_errors():
         vlm.patch_vlm(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="mode"):
         vlm.patch_vlm(model, mode="fast")
+    model.config.vision_feature_layer = 4
+    with pytest.raises(ValueError, match="vision_feature_layer 4 does not exist in a 3-layer"):
+        vlm.prepare_inputs(model, ids, images(2), mask)
+
+
+def test_the_tower_stops_at_the_feature_layer():
+    model = tiny_llava()
+    vlm.patch_vlm(model, thresholds=0.5)
+    ids, mask = prompts(n_before=(3,), n_after=(4,))
+    vlm.prepare_inputs(model, ids, images(1), mask)
+    assert len(dymu_viz.get_state(model.model.vision_tower).last.layer_sizes) == 3  # embeddings + 2 of 3 blocks
 
 
 def tiny_processor():

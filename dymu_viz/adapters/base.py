@@ -85,13 +85,18 @@ class EncoderAdapter:
             raise ValueError("input pixels contain NaN; check the image loading and preprocessing")
 
     def run(self, pixels: Tensor, config: MergeConfig, output_hidden_states: bool = False,
-            **embed_kwargs: Any) -> EncoderResult:
-        """Embed, run every block with merging, pool."""
+            blocks: int | None = None, **embed_kwargs: Any) -> EncoderResult:
+        """Embed, run the blocks with merging, pool. blocks: run only the first ones (a VLM
+        reading an inner layer needs no more); the result then has no pooled output."""
         self.check_pixels(pixels, resize_ok=bool(embed_kwargs.get("interpolate_pos_encoding")))
         config.check_depth(self.depth, self.family)
         x = self.embed(pixels, **embed_kwargs)
         ph, pw = self.patch_size()
         grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
-        result = run_blocks(x, self.blocks, config, self.protected, grid, output_hidden_states)
-        result.pooled = self.pool(result)
+        if blocks is not None and not 0 <= blocks <= self.depth:
+            raise ValueError(f"cannot run {blocks} blocks of the {self.depth}-block {self.family} encoder")
+        run_all = blocks is None or blocks == self.depth
+        result = run_blocks(x, self.blocks if run_all else self.blocks[:blocks], config, self.protected, grid,
+                            output_hidden_states)
+        result.pooled = self.pool(result) if run_all else None
         return result

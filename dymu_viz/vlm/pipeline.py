@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..patch import encode, patch, unpatch
+from ..patch import encode, get_state, patch, unpatch
 from ..thresholds import Thresholds
 from ..vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm
 
@@ -113,14 +113,18 @@ def unpatch_vlm(model: nn.Module) -> nn.Module:
 def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
     """Per input image (or crop): (compact features (n, D) after the projector, mapping from
     each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row).
-    The DToMe tower runs batched; features come from ``vision_feature_layer``."""
+    The DToMe tower runs batched, up to ``vision_feature_layer`` and no further."""
     cfg = model.config
     layer = cfg.vision_feature_layer
     if not isinstance(layer, int):
         raise NotImplementedError("DyMU supports a single vision_feature_layer")
     tower = model.model.vision_tower
-    result = encode(tower, pixels.to(next(tower.parameters()).dtype), output_hidden_states=True)
-    hidden, groups, sizes = result.hidden_states[layer], result.layer_groups[layer], result.layer_sizes[layer]
+    depth = get_state(tower).adapter.depth
+    if not -depth - 1 <= layer <= depth:
+        raise ValueError(f"vision_feature_layer {layer} does not exist in a {depth}-layer vision tower")
+    blocks = layer % (depth + 1)  # hidden state `layer` is the output of this many blocks
+    result = encode(tower, pixels.to(next(tower.parameters()).dtype), output_hidden_states=True, blocks=blocks)
+    hidden, groups, sizes = result.hidden_states[-1], result.layer_groups[-1], result.layer_sizes[-1]
     first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
     projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
     counts = ((sizes > 0).sum(-1) - first).tolist()
