@@ -11,10 +11,15 @@ level, in one run with interleaved repetitions and medians:
 * full: the unpatched decoder on all 636 positions;
 * VTU: the VTU-patched decoder on the compact sequence (virtual length 636);
 * w/o VTU: the unpatched decoder on the compact sequence at consecutive positions;
+* FLOP-equivalent: the unpatched decoder on the compact sequence whose attention runs SDPA over
+  fixed tensors of the virtual length (no expansion, no virtual RoPE, no averaging): exactly
+  VTU's FLOP mix with none of its bookkeeping, i.e. what that mix costs on this hardware;
 
 with the FLOP-ratio bound (projections and MLP on compact tokens, attention on the virtual
 length) and the KV-cache bytes after prefill. Time ratios are medians of per-repetition
 ratios. Targets: VTU time / full time <= 1.1 x the FLOP ratio; KV bytes ratio = compact / virtual.
+VTU / FLOP-equivalent is VTU's own overhead; FLOP-equivalent / bound is what the hardware adds
+(matrix products over fewer rows run at a lower rate per row, notably on CPU).
 
 Peak memory of one prefill: on GPU, torch's peak allocated bytes; on CPU (``--memory``), the
 growth of the resident set's peak during one prefill (Linux VmHWM, reset just before it), each
@@ -34,7 +39,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaModel
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, parser, publish  # noqa: E402
@@ -49,6 +55,8 @@ SHAPES = {
 }
 BEFORE, IMAGE, AFTER = 40, 576, 20
 LEVELS = (576, 394, 195, 89)
+MODES = ("full", "vtu", "compact", "flop_equivalent")
+FLOP_EQUIVALENT = "dymu_flop_equivalent"
 
 
 def prefill_flops(n_compact: int, n_virtual: int, cfg: LlamaConfig) -> float:
@@ -75,6 +83,32 @@ def build(shape: str, device: str, dtype: torch.dtype) -> tuple[LlamaModel, torc
     cfg._attn_implementation = "sdpa"
     model = LlamaModel(cfg).to(device, dtype).eval()
     return model, torch.randn(1, BEFORE + IMAGE + AFTER, cfg.hidden_size, device=device, dtype=dtype)
+
+
+def flop_equivalent_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              **kwargs: object) -> tuple[torch.Tensor, None]:
+    """VTU's attention FLOPs without its work: causal SDPA over fixed (B, H, virtual, D) tensors
+    laid out as VTU's expansions are, then the first q_len rows in HF's (B, q_len, H, D) layout."""
+    B, H, q_len, D = query.shape
+    shape = (B, BEFORE + IMAGE + AFTER, H, D)
+    fixed = getattr(module, "flop_equivalent_qkv", None)
+    if fixed is None or fixed[0].shape != shape or fixed[0].dtype != query.dtype:
+        fixed = module.flop_equivalent_qkv = [torch.randn(shape, device=query.device, dtype=query.dtype) for _ in "qkv"]
+    q, k, v = (t.transpose(1, 2) for t in fixed)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    return out.transpose(1, 2)[:, :q_len], None
+
+
+def use_mode(model: LlamaModel, mode: str) -> None:
+    """Patch / unpatch model for mode (see MODES)."""
+    if mode == "vtu":
+        patch_llm(model)
+        return
+    if getattr(model, "dymu_vtu", None) is not None:
+        unpatch_llm(model)
+    AttentionInterface.register(FLOP_EQUIVALENT, flop_equivalent_attention)
+    model.config._attn_implementation = FLOP_EQUIVALENT if mode == "flop_equivalent" else "sdpa"
 
 
 def inputs_for(mode: str, n: int, full_embeds: torch.Tensor) -> tuple[torch.Tensor, VirtualLayout | None]:
@@ -105,8 +139,9 @@ def child_memory(shape: str, mode: str, n: int) -> int:
     threshold so that freed tensors leave the RSS and it follows what is allocated."""
     model, full_embeds = build(shape, "cpu", torch.float32)
     embeds, layout = inputs_for(mode, n, full_embeds)
+    use_mode(model, mode)
     if mode == "vtu":
-        patch_llm(model).start(layout, embeds.shape[1])
+        model.dymu_vtu.start(layout, embeds.shape[1])
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM
     baseline = proc_status_bytes("VmRSS")
@@ -153,14 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for n in LEVELS:
-        times: dict[str, list[float]] = {"full": [], "vtu": [], "compact": []}
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
         kv, peak = {}, {}
         for rep in range(args.warmup + args.reps):
             for mode in times:
-                if mode == "vtu":
-                    patch_llm(model)
-                elif getattr(model, "dymu_vtu", None) is not None:
-                    unpatch_llm(model)
+                use_mode(model, mode)
                 t, kv[mode], peak[mode] = run(*inputs_for(mode, n, full_embeds))
                 if rep >= args.warmup:
                     times[mode].append(t)
@@ -169,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         # paired ratios: each repetition runs the three modes back to back, so a per-repetition
         # ratio cancels the machine's slow drifts; the median of those is reported
-        paired = {k: statistics.median(a / f for a, f in zip(times[k], times["full"])) for k in ("vtu", "compact")}
+        paired = {k: statistics.median(a / f for a, f in zip(times[k], times["full"])) for k in MODES[1:]}
         bound = prefill_flops(BEFORE + n + AFTER, virtual, cfg) / prefill_flops(virtual, virtual, cfg)
         row = {"image_tokens": n, "compact": BEFORE + n + AFTER, "virtual": virtual, "seconds": med,
                "vtu_time_ratio": paired["vtu"], "vtu_flop_ratio": bound,
                "vtu_over_bound": paired["vtu"] / bound,
-               "compact_time_ratio": paired["compact"], "kv_bytes": kv,
+               "compact_time_ratio": paired["compact"], "flop_equivalent_time_ratio": paired["flop_equivalent"],
+               "vtu_over_flop_equivalent": statistics.median(
+                   a / e for a, e in zip(times["vtu"], times["flop_equivalent"])), "kv_bytes": kv,
                "kv_ratio_vtu": kv["vtu"] / kv["full"], "expected_kv_ratio": (BEFORE + n + AFTER) / virtual,
                "peak_bytes": peak}
         rows.append(row)
@@ -184,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Decoder {shape['num_hidden_layers']} layers x {shape['hidden_size']} (MLP {shape['intermediate_size']}, "
              f"{shape['num_attention_heads']} heads), {device}/{args.dtype}, sequence {BEFORE}+{IMAGE}+{AFTER}.", "",
              "| image tokens | compact / virtual | full prefill s | VTU / full time | FLOP ratio | VTU / bound "
-             "| w/o VTU / full time | KV bytes VTU / full | expected | peak MiB full / VTU / w/o VTU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full time | KV bytes VTU / full | expected "
+             "| peak MiB full / VTU / w/o VTU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {r['seconds']['full']:.3f} "
                      f"| {r['vtu_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} | {r['vtu_over_bound']:.2f} "
+                     f"| {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} | {r['vtu_over_flop_equivalent']:.2f} "
                      f"| {r['compact_time_ratio']:.3f} | {r['kv_ratio_vtu']:.3f} | {r['expected_kv_ratio']:.3f} "
                      f"| {peaks(r['peak_bytes'])} |")
     publish("vlm", args.device, {"device": device, "dtype": args.dtype, "shape": shape, "rows": rows}, "\n".join(lines))
