@@ -21,6 +21,10 @@ ratios. Targets: VTU time / full time <= 1.1 x the FLOP ratio; KV bytes ratio = 
 VTU / FLOP-equivalent is VTU's own overhead; FLOP-equivalent / bound is what the hardware adds
 (matrix products over fewer rows run at a lower rate per row, notably on CPU).
 
+Then, per mode but FLOP-equivalent, ``--decode`` single-token steps on that cache (the
+unpatched modes' cache is full length or compact; VTU's is compact and re-expanded each step),
+timed per step.
+
 Peak memory of one prefill: on GPU, torch's peak allocated bytes; on CPU (``--memory``), the
 growth of the resident set's peak during one prefill (Linux VmHWM, reset just before it), each
 mode and level in a fresh child process with a fixed malloc mmap threshold so that freed tensors
@@ -163,6 +167,7 @@ def cpu_memory(shape: str, n: int) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, reps=5, dtype=True)
     p.add_argument("--shape", default="cpu", choices=list(SHAPES))
+    p.add_argument("--decode", type=int, default=8, help="decode steps timed after each prefill (0: none)")
     p.add_argument("--memory", action="store_true", help="CPU: also measure peak RSS growth per prefill (child processes)")
     p.add_argument("--child-memory", nargs=3, metavar=("SHAPE", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -173,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, virtual = model.config, full_embeds.shape[1]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    def run(embeds: torch.Tensor, layout: VirtualLayout | None) -> tuple[float, int, int]:
+    def run(embeds: torch.Tensor, layout: VirtualLayout | None, decode: int) -> tuple[float, int, int, float]:
+        """Prefill seconds, KV bytes after it, peak memory, then seconds per decode step (of
+        `decode` steps; 0 for none)."""
         if layout is not None:
             model.dymu_vtu.start(layout, embeds.shape[1])
         cache = DynamicCache()
@@ -183,19 +190,28 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         sync()
+        prefill = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
-        return time.perf_counter() - start, cache_bytes(cache), peak
+        kv = cache_bytes(cache)
+        start = time.perf_counter()
+        for _ in range(decode):
+            model(inputs_embeds=full_embeds[:, -1:], past_key_values=cache, use_cache=True)
+        sync()
+        return prefill, kv, peak, (time.perf_counter() - start) / max(decode, 1)
 
     rows = []
     for n in LEVELS:
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        steps: dict[str, list[float]] = {mode: [] for mode in MODES}
         kv, peak = {}, {}
         for rep in range(args.warmup + args.reps):
             for mode in times:
                 use_mode(model, mode)
-                t, kv[mode], peak[mode] = run(*inputs_for(mode, n, full_embeds))
+                decode = args.decode if mode != "flop_equivalent" else 0  # it stands in for prefill only
+                t, kv[mode], peak[mode], step = run(*inputs_for(mode, n, full_embeds), decode)
                 if rep >= args.warmup:
                     times[mode].append(t)
+                    steps[mode].append(step)
         if args.memory and args.device == "cpu":
             peak = cpu_memory(args.shape, n)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -210,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                "vtu_over_flop_equivalent": statistics.median(
                    a / e for a, e in zip(times["vtu"], times["flop_equivalent"])), "kv_bytes": kv,
                "kv_ratio_vtu": kv["vtu"] / kv["full"], "expected_kv_ratio": (BEFORE + n + AFTER) / virtual,
-               "peak_bytes": peak}
+               "peak_bytes": peak, "decode_step_seconds": {k: statistics.median(v) for k, v in steps.items()},
+               "decode_step_ratio": {k: statistics.median(a / f for a, f in zip(steps[k], steps["full"]))
+                                     if args.decode else float("nan") for k in ("vtu", "compact")}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -219,14 +237,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{shape['num_attention_heads']} heads), {device}/{args.dtype}, sequence {BEFORE}+{IMAGE}+{AFTER}.", "",
              "| image tokens | compact / virtual | full prefill s | VTU / full time | FLOP ratio | VTU / bound "
              "| FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full time | KV bytes VTU / full | expected "
-             "| peak MiB full / VTU / w/o VTU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak MiB full / VTU / w/o VTU | decode step VTU / full | w/o VTU / full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {r['seconds']['full']:.3f} "
                      f"| {r['vtu_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} | {r['vtu_over_bound']:.2f} "
                      f"| {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} | {r['vtu_over_flop_equivalent']:.2f} "
                      f"| {r['compact_time_ratio']:.3f} | {r['kv_ratio_vtu']:.3f} | {r['expected_kv_ratio']:.3f} "
-                     f"| {peaks(r['peak_bytes'])} |")
+                     f"| {peaks(r['peak_bytes'])} | {r['decode_step_ratio']['vtu']:.2f} "
+                     f"| {r['decode_step_ratio']['compact']:.2f} |")
     publish("vlm", args.device, {"device": device, "dtype": args.dtype, "shape": shape, "rows": rows}, "\n".join(lines))
     return 0
 

@@ -98,6 +98,7 @@ class VTUState:
         self.n_compact = 0
         self._rope: Optional[tuple[int, Tensor, Tensor]] = None
         self._step: Optional[tuple[tuple[int, int], int, bool]] = None
+        self.pair_ordered = False  # the layer's q / k (and cached keys) come in pair order
 
     def start(self, layout: VirtualLayout, n_compact: int) -> None:
         """Set the layout of the next (prefill) forward, which holds n_compact tokens per row."""
@@ -149,6 +150,11 @@ def pair_order(x: Tensor) -> Tensor:
     return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2)
 
 
+def natural_order(x: Tensor) -> Tensor:
+    """Undo pair_order on a flattened head dim: (..., D) in pair order -> (..., D), a copy."""
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """HF's RoPE, x * cos + rotate_half(x) * sin, with x in pair order: x (..., D/2, 2) -> the
     same shape; cos, sin (..., D) broadcastable. float32 / float64: one complex multiply by
@@ -167,27 +173,33 @@ def _flat_index(src: Tensor, n_rows: int) -> Tensor:
 
 
 def gather_slots(x: Tensor, src: Tensor) -> Tensor:
-    """(B, H, P, D) compact rows -> (B, H, V, D) virtual slots, src: (B, V).
+    """(B, H, P, D) compact rows -> (B, H, V, D) virtual slots, src: (B, V); one pass.
 
-    One row copy per slot (index_select over B * P rows of H * D values). HF's q / k / v are
-    (B, P, H, D) tensors seen as (B, H, P, D), so the row view is free and so is the result's
-    (B, V, H, D) layout, which SDPA takes as it is."""
+    The result is laid out (B, V, H, D), which SDPA takes as it is. HF's fresh q / k / v are
+    (B, P, H, D) tensors seen as (B, H, P, D): one row copy of H * D values per slot. A cache's
+    tensors are (B, H, P, D): one row copy of D values per slot and head."""
     B, H, P, D = x.shape
-    rows = x.transpose(1, 2).reshape(B * P, H * D)
-    return rows.index_select(0, _flat_index(src, P)).view(B, -1, H, D).transpose(1, 2)
+    if x.transpose(1, 2).is_contiguous():
+        rows, index = x.transpose(1, 2).reshape(B * P, H * D), _flat_index(src, P)
+    else:
+        heads = torch.arange(B * H, device=src.device).view(B, 1, H) * P
+        rows, index = x.reshape(B * H * P, D), (heads + src[:, :, None]).reshape(-1)  # (B, V, H) rows
+    return rows.index_select(0, index).view(B, -1, H, D).transpose(1, 2)
 
 
-def gather_rotated(x: Tensor, src: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def gather_rotated(x: Tensor, src: Tensor, cos: Tensor, sin: Tensor, pair_ordered: bool = False) -> Tensor:
     """RoPE'd virtual slots of compact q or k: x (B, H, P, D) -> (B, H, V, D); src (B, V);
     cos, sin (B, V, D) per slot.
 
-    Each head's dims come out in pair order (x_0, x_{D/2}, x_1, x_{D/2+1}, ...): a permutation of
-    the head dim shared by q and k, so every q . k (and SDPA) is unchanged. It costs one copy
-    of the P compact rows; then the virtual slots take one gather and one complex multiply
-    instead of a gather and three RoPE passes."""
+    The result has each head's dims in pair order (x_0, x_{D/2}, x_1, x_{D/2+1}, ...): a
+    permutation of the head dim shared by q and k, so every q . k (and SDPA) is unchanged.
+    pair_ordered: x is already in pair order (what VTU's RoPE hook hands over, cache included);
+    otherwise it is put in pair order first, one copy at compact length. Then the virtual
+    slots take one gather and one complex multiply instead of a gather and three RoPE passes."""
     B, H, P, D = x.shape
-    rows = pair_order(x.transpose(1, 2)).reshape(B * P, H * D)  # the one copy, at compact length
-    slots = rows.index_select(0, _flat_index(src, P)).view(B, -1, H, D // 2, 2)
+    if not pair_ordered:
+        x = pair_order(x).flatten(-2)
+    slots = gather_slots(x, src).transpose(1, 2).view(B, -1, H, D // 2, 2)
     return rotate(slots, cos[:, :, None], sin[:, :, None]).view(B, -1, H, D).transpose(1, 2)
 
 
@@ -251,6 +263,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     model's own RoPE is the identity under VTU). sliding_window: the layer's window in virtual
     positions (e.g. Qwen2 sliding layers), None for full attention. Returns (B, q_len, H, D)."""
     state: VTUState = module.dymu_vtu
+    pair_ordered, state.pair_ordered = state.pair_ordered, False  # set by the RoPE hook, for this call
     B, H, q_len, D = query.shape
     kv_len = key.shape[2]
     layout, n_query_slots, unpadded = state.step(kv_len, q_len)
@@ -264,10 +277,13 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
     repeat = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)  # GQA, eager paths
     if state.kernel == "exact":
+        if pair_ordered:
+            query, key = natural_order(query), natural_order(key)
         v = repeat(gather_slots(value, k_src))
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
-        q, k = gather_rotated(query, q_src, cos_q, sin_q), gather_rotated(key, k_src, cos, sin)
+        q = gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
+        k = gather_rotated(key, k_src, cos, sin, pair_ordered)
         v = gather_slots(value, k_src)
         if state.kernel == "sdpa":
             gqa = {"enable_gqa": True} if groups > 1 else {}
@@ -291,44 +307,46 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     return average_copies(probs @ v, q_src, q_valid, q_len, state.backend), None
 
 
-def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
-    """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype; cos is
-    marked so that the modeling module's apply_rotary_pos_emb can skip it (see _skip_identity)."""
+def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]], state: "VTUState") -> Callable[..., tuple[Tensor, Tensor]]:
+    """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype; cos
+    carries the VTU state, for the modeling module's hooked apply_rotary_pos_emb (_rope_hook)."""
     def forward(x: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         cos, sin = original(x, position_ids, *args, **kwargs)
         cos = torch.ones_like(cos)
-        cos.dymu_identity = True
+        cos.dymu_vtu = state
         return cos, torch.zeros_like(sin)
     return forward
 
 
-def _skip_identity(apply: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
-    """apply_rotary_pos_emb that hands q, k back untouched for VTU's marked identity cos, and
-    is the original for every other call: the compact q / k need no passes that change nothing."""
+def _rope_hook(apply: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """apply_rotary_pos_emb that, for VTU's identity cos, hands q and k back in pair order (one
+    copy each at compact length, which the cache then keeps) instead of multiplying them by 1,
+    and tells the layer's attention call so; every other call is the original."""
     @functools.wraps(apply)
-    def skipping(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if getattr(cos, "dymu_identity", False):
-            return q, k
-        return apply(q, k, cos, sin, *args, **kwargs)
-    skipping.dymu_original = apply
-    return skipping
+    def hooked(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        state = getattr(cos, "dymu_vtu", None)
+        if state is None:
+            return apply(q, k, cos, sin, *args, **kwargs)
+        state.pair_ordered = True
+        return pair_order(q).flatten(-2), pair_order(k).flatten(-2)
+    hooked.dymu_original = apply
+    return hooked
 
 
-_SKIPPING: dict[str, weakref.WeakSet] = {}  # modeling module -> VTU-patched decoders built from it
+_HOOKED: dict[str, weakref.WeakSet] = {}  # modeling module -> VTU-patched decoders built from it
 
 
-def _use_skipping_rope(module_name: str, decoder: nn.Module, on: bool) -> None:
+def _use_rope_hook(module_name: str, decoder: nn.Module, on: bool) -> None:
     """Count decoder in (on) or out of its modeling module; the module's apply_rotary_pos_emb
-    skips identity RoPE while a patched decoder of it is alive, and is the original again
-    once none is."""
+    is hooked while a patched decoder of it is alive, and is the original again once none is."""
     module = sys.modules.get(module_name)
     apply = getattr(module, "apply_rotary_pos_emb", None)
     if apply is None:
         return  # no module-level RoPE function: the identity RoPE then simply runs
-    patched = _SKIPPING.setdefault(module_name, weakref.WeakSet())
+    patched = _HOOKED.setdefault(module_name, weakref.WeakSet())
     (patched.add if on else patched.discard)(decoder)
     original = getattr(apply, "dymu_original", apply)
-    module.apply_rotary_pos_emb = _skip_identity(original) if patched else original
+    module.apply_rotary_pos_emb = _rope_hook(original) if patched else original
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -360,9 +378,9 @@ def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native") -
     state = VTUState(rotary.forward, kernel, backend)
     config = attentions[0].config
     state.saved_attn_implementation = config._attn_implementation
-    rotary.forward = _identity_rotary(state.rotary)
+    rotary.forward = _identity_rotary(state.rotary, state)
     state.modeling_module = type(attentions[0]).__module__
-    _use_skipping_rope(state.modeling_module, decoder, True)
+    _use_rope_hook(state.modeling_module, decoder, True)
     for attn in attentions:
         attn.dymu_vtu = state
     config._attn_implementation = ATTENTION_NAME
@@ -385,7 +403,7 @@ def unpatch_llm(model: nn.Module) -> None:
     if state is None:
         raise ValueError(f"{type(model).__name__} has no VTU patch")
     decoder.rotary_emb.__dict__.pop("forward", None)
-    _use_skipping_rope(state.modeling_module, decoder, False)
+    _use_rope_hook(state.modeling_module, decoder, False)
     for attn in state.attentions:
         attn.__dict__.pop("dymu_vtu", None)
     config = state.attentions[0].config

@@ -109,19 +109,29 @@ def test_exact_kernel_scores_equal_rope_expansion():
     assert torch.allclose(exact_scores(q, k, src, src, cos, sin, cos, sin), qe @ ke.transpose(-1, -2), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["fresh", "cache", "pair_ordered_cache"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
-def test_gather_rotated_is_hf_rope_of_the_expansion_in_pair_order(dtype, tol):
+def test_gather_rotated_is_hf_rope_of_the_expansion_in_pair_order(dtype, tol, layout):
+    """q / k as HF makes them ((B, P, H, D) seen as (B, H, P, D)), as a cache keeps them
+    ((B, H, P, D)), or a cache already in pair order (what VTU's RoPE hook hands over)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from dymu_viz.vtu import gather_rotated, gather_slots, pair_order
     model = tiny_llama(torch.float32)
     g = torch.Generator().manual_seed(4)
-    q, k = torch.randn(2, 4, 9, 16, generator=g).to(dtype), torch.randn(2, 2, 9, 16, generator=g).to(dtype)
+    q, k = torch.randn(2, 9, 4, 16, generator=g).to(dtype), torch.randn(2, 9, 2, 16, generator=g).to(dtype)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, P, D) views, as HF's
+    if layout != "fresh":
+        q, k = q.contiguous(), k.contiguous()
     src = torch.randint(0, 9, (2, 20), generator=g)
     pos = torch.randint(0, 500, (2, 20), generator=g).sort(-1).values
     cos, sin = (t.to(dtype) for t in model.model.rotary_emb(q.float(), pos))
     q_ref, k_ref = apply_rotary_pos_emb(gather_slots(q, src), gather_slots(k, src), cos, sin)
-    q_vtu, k_vtu = gather_rotated(q, src, cos, sin), gather_rotated(k, src, cos, sin)
+    assert torch.equal(gather_slots(q, src), q[torch.arange(2)[:, None], :, src].transpose(1, 2))
+    paired = layout == "pair_ordered_cache"
+    if paired:
+        q, k = pair_order(q).flatten(-2), pair_order(k).flatten(-2)
+    q_vtu, k_vtu = gather_rotated(q, src, cos, sin, paired), gather_rotated(k, src, cos, sin, paired)
     assert q_vtu.shape == q_ref.shape and k_vtu.shape == k_ref.shape
     assert torch.allclose(q_vtu.double(), pair_order(q_ref).flatten(-2).double(), atol=tol, rtol=0)
     assert torch.allclose(k_vtu.double(), pair_order(k_ref).flatten(-2).double(), atol=tol, rtol=0)
@@ -141,22 +151,24 @@ def test_non_rotate_half_rope_is_refused():
         model(torch.tensor([[5, 6, 7]]))
 
 
-def test_identity_rope_is_skipped_while_patched_and_restored_after():
+def test_rope_hook_pair_orders_identity_rope_while_patched_and_is_restored_after():
     import gc
 
     import transformers.models.llama.modeling_llama as llama
 
-    from dymu_viz.vtu import _SKIPPING
+    from dymu_viz.vtu import _HOOKED, pair_order
 
     gc.collect()  # patched models of earlier tests are gone and no longer count
     original = getattr(llama.apply_rotary_pos_emb, "dymu_original", llama.apply_rotary_pos_emb)
-    assert not _SKIPPING.get(llama.__name__)
+    assert not _HOOKED.get(llama.__name__)
     first, second = tiny_llama(torch.float64), tiny_llama(torch.float64)
-    patch_llm(first)
+    state = patch_llm(first)
     patch_llm(second)
     cos, sin = first.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(4)[None])
     q, k = torch.randn(1, 4, 4, 16, dtype=torch.float64), torch.randn(1, 2, 4, 16, dtype=torch.float64)
-    assert all(a is b for a, b in zip(llama.apply_rotary_pos_emb(q, k, cos, sin), (q, k)))  # no passes
+    hq, hk = llama.apply_rotary_pos_emb(q, k, cos, sin)  # no multiplications by 1: pair order for VTU
+    assert torch.equal(hq, pair_order(q).flatten(-2)) and torch.equal(hk, pair_order(k).flatten(-2))
+    assert state.pair_ordered
     real_cos, real_sin = second.model.rotary_emb.__class__.forward(second.model.rotary_emb, q, torch.arange(4)[None] + 3)
     assert all(torch.equal(a, b) for a, b in zip(llama.apply_rotary_pos_emb(q, k, real_cos, real_sin),
                                                  original(q, k, real_cos, real_sin)))
@@ -164,6 +176,30 @@ def test_identity_rope_is_skipped_while_patched_and_restored_after():
     assert llama.apply_rotary_pos_emb is not original  # second is still patched
     unpatch_llm(second)
     assert llama.apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+def test_without_the_rope_hook_vtu_gives_the_same_logits_and_tokens(kernel, monkeypatch):
+    """A model whose attention does not call its module's apply_rotary_pos_emb runs the real
+    identity RoPE and natural-order q / k: same results."""
+    import transformers.models.llama.modeling_llama as llama
+
+    runs = []
+    for hooked in (True, False):
+        model = tiny_llama(torch.float64)
+        state = patch_llm(model, kernel)
+        if not hooked:
+            monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
+        ids, mapping = merged_sample(seed=2)
+        state.start(VirtualLayout.from_mappings([mapping]), len(ids))
+        out = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=6,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+        runs.append(out)
+        monkeypatch.undo()
+        unpatch_llm(model)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
 def _prefill(model, ids_list, mappings):
