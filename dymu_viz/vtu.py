@@ -4,7 +4,9 @@ modeling code.
 The LLM runs on the *compact* sequence (each merged visual token once). Position-wise layers
 (norms, projections, MLP) therefore see only the unique tokens. RoPE is made the identity in the
 model (the rotary module returns cos = 1, sin = 0), so the KV cache holds compact, un-rotated keys
-and values. A registered attention function then, in every layer:
+and values; while a decoder is patched, its modeling module's apply_rotary_pos_emb hands such q /
+k over in RoPE pair order instead of multiplying them by 1 (a head-dim permutation shared by q and
+k, so scores are unchanged). A registered attention function then, in every layer:
 
     expands q / k / v to the virtual (full-length) sequence through the mapping,
     rotates them with their *virtual* positions,
