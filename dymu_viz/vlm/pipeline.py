@@ -123,8 +123,8 @@ def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
     if not -depth - 1 <= layer <= depth:
         raise ValueError(f"vision_feature_layer {layer} does not exist in a {depth}-layer vision tower")
     blocks = layer % (depth + 1)  # hidden state `layer` is the output of this many blocks
-    result = encode(tower, pixels.to(next(tower.parameters()).dtype), output_hidden_states=True, blocks=blocks)
-    hidden, groups, sizes = result.hidden_states[-1], result.layer_groups[-1], result.layer_sizes[-1]
+    result = encode(tower, pixels.to(next(tower.parameters()).dtype), blocks=blocks)
+    hidden, groups, sizes = result.tokens, result.groups, result.sizes  # the last block run is the one read
     first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
     projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
     counts = ((sizes > 0).sum(-1) - first).tolist()
