@@ -202,7 +202,7 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
             src, tau = config.select(i, best, size, protected)
         batch_thresholds.append(tau)
         if src is not None and bool(src.any()):
-            x, size, groups = merge.merge_tokens(x, size, groups, src, dst)
+            x, size, groups = merge.merge_tokens(x, size, groups, src, dst, best, protected)
             merged, rows = True, valid_rows(size)
 
         x = x + rowwise(lambda t: mlp_branch(blk, t), x, rows)

@@ -9,9 +9,12 @@ Conventions shared by every path (fixed r, threshold, calibration; one image or 
   ``size == 0``, so ``valid = size > 0`` and no separate mask has to be kept in sync.
 * ``protected`` leading tokens (1 for a CLS token, else 0) are never sources; they are A
   tokens (slot 0), so they are never destinations either.
-* After a merge, surviving tokens keep their relative order (stable compaction) and each
-  merged source is added into its destination. An image that merges nothing keeps its rows
-  untouched. The order therefore depends only on the image itself, never on the batch.
+* The reference's token order (spec section 2.6): an image that merges in a layer becomes
+  [protected, unmerged A tokens, all B tokens]; the unmerged A tokens are in slot order when
+  a CLS token is protected and in descending best-edge score (ties by slot) when none is; the
+  B tokens keep slot order and absorb their sources. An image that merges nothing keeps its
+  rows untouched. The order depends only on the image itself, never on the batch, and it
+  matters: the next layer's even / odd split is taken on it.
 * Provenance is a group id per original token: ``groups[b, p]`` is the row that original
   token ``p`` lives in now. The dense 0/1 membership matrix is built only on demand.
 """
@@ -89,31 +92,52 @@ def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int) -> tupl
     return src.view_as(best), tau
 
 
-def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Size-weighted merge of every selected A token into its B partner.
+def survivor_rows(src: Tensor, best: Tensor, size: Tensor, protected: int) -> Tensor:
+    """New row of every surviving slot in the reference order; -1 for sources and padding.
 
-    x: (B, N, C); size: (B, N); groups: (B, N0); src, dst: (B, Na) from the selection and
+    src, best: (B, Na) from the selection and bipartite_scores; size: (B, N). Returns (B, N).
+    Rows of an image that merges: [protected, unmerged A (by slot with a CLS token, else by
+    descending score, ties by slot), B tokens by slot]. An image that merges nothing: its slots.
+    """
+    valid = size > 0
+    keep_a = valid[:, ::2] & ~src  # (B, Na) unmerged A tokens, the protected ones included
+    valid_b = valid[:, 1::2]  # (B, Nb)
+    if protected:
+        a_row = keep_a.long().cumsum(-1) - 1  # slot order: protected slot 0 comes first
+    else:  # descending score: the k-th best kept A token goes to row k
+        by_rank = best.argsort(dim=-1, descending=True, stable=True)  # (B, Na) A slots, best first
+        a_row = torch.empty_like(by_rank).scatter_(-1, by_rank, keep_a.gather(-1, by_rank).long().cumsum(-1) - 1)
+    b_row = keep_a.sum(-1, keepdim=True) + valid_b.long().cumsum(-1) - 1
+    rows = torch.full_like(size, -1, dtype=torch.long)
+    rows[:, ::2] = torch.where(keep_a, a_row, -1)
+    rows[:, 1::2] = torch.where(valid_b, b_row, -1)
+    unchanged = torch.where(valid, torch.arange(size.shape[1], device=size.device), -1)
+    return torch.where(src.any(-1, keepdim=True), rows, unchanged)
+
+
+def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tensor, best: Tensor,
+                 protected: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Size-weighted merge of every selected A token into its B partner, in the reference order.
+
+    x: (B, N, C); size: (B, N); groups: (B, N0); src, best, dst: (B, Na) from the selection and
     bipartite_scores. Returns x: (B, N', C), size: (B, N'), groups: (B, N0) with
     N' = the largest surviving count. Features are averaged in at least float32.
     """
     B, N, C = x.shape
-    is_src = torch.zeros_like(size, dtype=torch.bool)
-    is_src[:, ::2] = src
-    survive = (size > 0) & ~is_src
-    pos = survive.long().cumsum(-1) - 1  # new row of every surviving token
+    pos = survivor_rows(src, best, size, protected)  # (B, N), -1 = not a survivor
+    survive = pos >= 0
     n_new = int(survive.sum(-1).max())
     dump = n_new  # one scratch row that collects padding; dropped below
-    dst_row = pos[:, 1::2].gather(1, dst)  # (B, Na): new row of each A token's partner
-    target = torch.where(survive, pos, torch.full_like(pos, dump))
-    target[:, ::2] = torch.where(src, dst_row, target[:, ::2])
+    keep = torch.where(survive, pos, dump)
+    dst_row = keep[:, 1::2].gather(1, dst)  # (B, Na): new row of each A token's partner
+    target = keep.clone()
+    target[:, ::2] = torch.where(src, dst_row, keep[:, ::2])
 
     # Each destination keeps its own value and gains sum_u s_u (x_u - x_dst) / new_size: the
     # size-weighted mean, and rows that receive nothing stay bitwise unchanged.
     wdtype = score_dtype(x.dtype)
     xw = x.to(wdtype)
-    keep = torch.where(survive, pos, torch.full_like(pos, dump))[..., None].expand(B, N, C)
-    base = xw.new_zeros((B, n_new + 1, C)).scatter_(1, keep, xw)
+    base = xw.new_zeros((B, n_new + 1, C)).scatter_(1, keep[..., None].expand(B, N, C), xw)
     index = target[..., None].expand(B, N, C)
     delta = (xw - base.gather(1, index)) * size.to(wdtype)[..., None]
     gained = torch.zeros_like(base).scatter_add_(1, index, delta)

@@ -33,7 +33,7 @@ BUILDERS = {
     "open_clip": lambda: make_open_clip(layers=4, image=64, patch=8),
 }
 GEOMETRY = {"hf_siglip": (112, 14), "hf_clip": (112, 14), "timm_map": (64, 8), "open_clip": (64, 8)}
-THRESHOLDS = [0.6, 0.55, 0.5, 0.45]
+THRESHOLDS = [0.62, 0.56, 0.5, 0.44]
 PERMUTATION = [2, 0, 3, 1]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 # margin between every edge score and its threshold: far above float32 round-off, so that a

@@ -62,17 +62,24 @@ def padded_state(n: int, protected: int, n_valid: list[int], seed: int):
     return x, k, size, groups
 
 
-def reference_merge_row(x, size, groups, src, dst):
-    """Naive single-image merge (no batch): x (N, C), size (N,), groups (N0,), src/dst (Na,).
+def reference_merge_row(x, size, groups, src, dst, best, protected):
+    """Naive single-image merge (no batch): x (N, C), size (N,), groups (N0,), src/dst/best (Na,).
 
-    Survivors = valid tokens that are not sources, in their original relative order; every
-    source joins the row of its B partner; features are size-weighted means.
+    Survivors, when the image merges: [unmerged A slots (by slot with a protected CLS, else by
+    descending score, ties by slot), then valid B slots]; with no merge the valid slots as they
+    are. Every source joins the row of its B partner; features are size-weighted means.
     Returns (x', size', groups') trimmed to the surviving count.
     """
     n = size.shape[0]
     valid = [i for i in range(n) if size[i] > 0]
     sources = {2 * a: 2 * int(dst[a]) + 1 for a in range(src.shape[0]) if bool(src[a])}
-    survivors = [i for i in valid if i not in sources]
+    if sources:
+        kept_a = [i for i in valid if i % 2 == 0 and i not in sources]
+        if not protected:
+            kept_a.sort(key=lambda i: (-float(best[i // 2]), i))
+        survivors = kept_a + [i for i in valid if i % 2 == 1]
+    else:
+        survivors = valid
     new_row = {i: j for j, i in enumerate(survivors)}
     for s_slot, d_slot in sources.items():
         new_row[s_slot] = new_row[d_slot]
@@ -173,7 +180,7 @@ def test_fixed_r_step_properties(n, protected):
     mass0 = (x * size[..., None]).sum(1)
     for r in r_values(n, protected):
         src = M.select_fixed_r(best, size, r, protected)
-        nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+        nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
         n_out = n - min(r, cap)
         # length per row
         assert nx.shape == (B, n_out, C) and ns.shape == (B, n_out)
@@ -193,7 +200,7 @@ def test_fixed_r_step_properties(n, protected):
         assert ng.min() >= 0 and ng.max() < n_out
         # matches the naive reference row by row
         for b in range(B):
-            ex, es, eg = reference_merge_row(x[b], size[b], groups[b], src[b], dst[b])
+            ex, es, eg = reference_merge_row(x[b], size[b], groups[b], src[b], dst[b], best[b], protected)
             assert torch.allclose(nx[b], ex, atol=1e-12, rtol=0)
             assert torch.equal(ns[b], es)
             assert torch.equal(ng[b], eg)
@@ -205,7 +212,7 @@ def test_r0_is_identity(n, protected):
     best, dst = M.bipartite_scores(k, size, protected)
     src = M.select_fixed_r(best, size, 0, protected)
     assert not src.any()
-    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
     assert torch.equal(nx, x) and torch.equal(ns, size) and torch.equal(ng, groups)
 
 
@@ -259,7 +266,7 @@ def test_pure_merge_chain_fixed_r(n, protected):
         best, dst = M.bipartite_scores(k, size, protected)
         r = [8, 1, 40, 0, 1000][step]  # 1000 > cap: the cap binds
         src = M.select_fixed_r(best, size, r, protected)
-        x, size, groups = M.merge_tokens(x, size, groups, src, dst)
+        x, size, groups = M.merge_tokens(x, size, groups, src, dst, best, protected)
         assert torch.equal(size.sum(-1), torch.full((B,), float(n), dtype=F64))
         assert torch.allclose((x * size[..., None]).sum(1), x0.sum(1), atol=1e-10, rtol=0)
         check_provenance(x0, x, size, groups, n)
@@ -284,7 +291,7 @@ def test_pure_merge_chain_mixed_rules_variable_counts(n, protected):
         # padded slots are never selected
         a_slots = torch.arange(best.shape[1]) * 2
         assert not (src & (a_slots[None] >= n_valid_rows(size)[:, None])).any()
-        x, size, groups = M.merge_tokens(x, size, groups, src, dst)
+        x, size, groups = M.merge_tokens(x, size, groups, src, dst, best, protected)
         assert torch.equal(size.sum(-1), torch.full((B,), float(n), dtype=F64))
         check_provenance(x0, x, size, groups, n)
         # valid rows form a prefix
@@ -306,7 +313,7 @@ def test_row_independence_full_rows(n, protected, rule, arg):
     x, k, size, groups = fresh(n, seed=40)
     best, dst = M.bipartite_scores(k, size, protected)
     src = select(rule, best, size, protected, arg)
-    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
     for b in range(B):
         sl = slice(b, b + 1)
         b_best, b_dst = M.bipartite_scores(k[sl], size[sl], protected)
@@ -314,7 +321,7 @@ def test_row_independence_full_rows(n, protected, rule, arg):
         assert torch.equal(b_dst, dst[sl])
         b_src = select(rule, b_best, size[sl], protected, arg)
         assert torch.equal(b_src, src[sl])
-        bx, bs, bg = M.merge_tokens(x[sl], size[sl], groups[sl], b_src, b_dst)
+        bx, bs, bg = M.merge_tokens(x[sl], size[sl], groups[sl], b_src, b_dst, b_best, protected)
         m = bs.shape[1]
         assert torch.allclose(nx[sl, :m], bx, atol=1e-12, rtol=0)
         assert torch.equal(ns[sl, :m], bs) and torch.equal(ng[sl], bg)
@@ -328,7 +335,7 @@ def test_row_independence_with_padding(n, protected, rule, arg):
     x, k, size, groups = padded_state(n, protected, n_valid, seed=41 + n)
     best, dst = M.bipartite_scores(k, size, protected)
     src = select(rule, best, size, protected, arg)
-    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
     for b, nv in enumerate(n_valid):
         # padded A slots never selected
         assert not src[b, (torch.arange(src.shape[1]) * 2) >= nv].any()
@@ -342,7 +349,7 @@ def test_row_independence_with_padding(n, protected, rule, arg):
         assert torch.equal(b_dst, dst[sl, :na1])
         b_src = select(rule, b_best, s1, protected, arg)
         assert torch.equal(b_src, src[sl, :na1])
-        bx, bs, bg = M.merge_tokens(x1, s1, groups[sl], b_src, b_dst)
+        bx, bs, bg = M.merge_tokens(x1, s1, groups[sl], b_src, b_dst, b_best, protected)
         m = bs.shape[1]
         assert torch.allclose(nx[sl, :m], bx, atol=1e-12, rtol=0)
         assert torch.equal(ns[sl, :m], bs) and torch.equal(ng[sl], bg)
@@ -350,7 +357,7 @@ def test_row_independence_with_padding(n, protected, rule, arg):
         assert not ns[b, m:].any() and int(ng[b].max()) < m
         assert torch.equal(ns[b].sum(), torch.tensor(float(n), dtype=F64))
         # and the naive reference agrees
-        ex, es, eg = reference_merge_row(x[b], size[b], groups[b], src[b], dst[b])
+        ex, es, eg = reference_merge_row(x[b], size[b], groups[b], src[b], dst[b], best[b], protected)
         assert torch.allclose(nx[b, :m], ex, atol=1e-12, rtol=0)
         assert torch.equal(ns[b, :m], es) and torch.equal(ng[b], eg)
     # at least one row actually merged something in this configuration
@@ -376,24 +383,44 @@ def test_padded_slots_never_selected_by_batch_top():
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,protected", LAYOUTS, ids=LAYOUT_IDS)
-def test_survivors_keep_relative_order(n, protected):
+def test_survivors_follow_the_reference_order(n, protected):
+    """[CLS, unmerged A by slot, B by slot] with a CLS token; [unmerged A by descending score,
+    B by slot] without one (spec 2.6, golden README)."""
     x, k, size, groups = fresh(n, seed=50)
     # mark each token's identity in a spare channel: survivors that receive nothing keep it
     x[..., 0] = torch.arange(n, dtype=F64)
     best, dst = M.bipartite_scores(k, size, protected)
     src = M.select_fixed_r(best, size, 30, protected)
-    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
     for b in range(B):
-        is_src = torch.zeros(n, dtype=torch.bool)
-        is_src[::2] = src[b]
-        survivors = (~is_src).nonzero().flatten()
+        a_slots = [2 * a for a in range(src.shape[1]) if not src[b, a]]
+        if not protected:
+            scores = best[b].tolist()
+            a_slots = sorted(a_slots, key=lambda slot: -scores[slot // 2])
+            assert all(scores[i // 2] >= scores[j // 2] for i, j in zip(a_slots, a_slots[1:]))
+        expected = torch.tensor(a_slots + list(range(1, n, 2)))
         # the surviving original slot of new row j: the one member that is not a source
         owner = torch.full((nx.shape[1],), -1)
-        for p in survivors.tolist():
+        for p in expected.tolist():
             owner[ng[b, p]] = p
-        assert torch.equal(owner, survivors)  # increasing = stable order
+        assert torch.equal(owner, expected)
+        if protected:
+            assert int(owner[0]) == 0  # CLS first
         untouched = ns[b] == 1
-        assert torch.equal(nx[b, untouched], x[b, survivors[untouched]])
+        assert torch.equal(nx[b, untouched], x[b, expected[untouched]])
+
+
+def test_score_order_ties_break_by_slot():
+    """No CLS: equal best scores keep slot order; the rows are [A by score, then B]."""
+    x = torch.arange(8, dtype=F64).view(1, 8, 1)
+    size = torch.ones(1, 8, dtype=F64)
+    best = torch.tensor([[0.5, 0.9, 0.5, 0.7]], dtype=F64)  # A slots 0, 2, 4, 6
+    src = torch.tensor([[False, True, False, False]])  # slot 2 merges
+    dst = torch.tensor([[0, 3, 0, 0]])  # into B slot 7
+    nx, ns, ng = M.merge_tokens(x, size, torch.arange(8)[None], src, dst, best, 0)
+    # kept A slots 6 (0.7), 0 (0.5), 4 (0.5, after 0 by slot), then B slots 1, 3, 5, 7
+    assert nx[0, :, 0].tolist() == [6, 0, 4, 1, 3, 5, (7 + 2) / 2]
+    assert ng[0].tolist() == [1, 3, 6, 4, 2, 5, 0, 6]
 
 
 def test_image_that_merges_nothing_keeps_its_rows_exactly_fresh_sizes():
@@ -402,7 +429,7 @@ def test_image_that_merges_nothing_keeps_its_rows_exactly_fresh_sizes():
     best, dst = M.bipartite_scores(k, size, protected)
     src = M.select_fixed_r(best, size, 12, protected)
     src[1] = False  # image 1 merges nothing while the others do
-    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
     assert nx.shape[1] == n  # image 1 sets the width
     assert torch.equal(nx[1], x[1]) and torch.equal(ns[1], size[1]) and torch.equal(ng[1], groups[1])
 
@@ -419,13 +446,13 @@ def test_image_that_merges_nothing_keeps_its_rows_exactly_after_earlier_merges()
     best, dst = M.bipartite_scores(k, size, protected)
     src = M.select_fixed_r(best, size, 12, protected)
     src[1] = False
-    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, src, dst, best, protected)
     assert torch.equal(ns[1], size[1]) and torch.equal(ng[1], groups[1])
     assert torch.equal(nx[1], x[1]), (
         f"{int((nx[1] != x[1]).sum())} values of the non-merging image changed, "
         f"max |diff| {float((nx[1] - x[1]).abs().max()):.3g}")
     # the same holds for a whole batch that merges nothing
-    nx, ns, ng = M.merge_tokens(x, size, groups, torch.zeros_like(src), dst)
+    nx, ns, ng = M.merge_tokens(x, size, groups, torch.zeros_like(src), dst, best, protected)
     assert torch.equal(nx, x)
 
 
@@ -461,8 +488,8 @@ def test_threshold_midpoint_reproduces_fixed_r(n, protected):
                 by_r = M.select_fixed_r(best[sl], size[sl], r, protected)
                 assert torch.equal(by_tau, by_r), (seed, b, r)
                 assert int(by_tau.sum()) == r
-                out_tau = M.merge_tokens(x[sl], size[sl], groups[sl], by_tau, dst[sl])
-                out_r = M.merge_tokens(x[sl], size[sl], groups[sl], by_r, dst[sl])
+                out_tau = M.merge_tokens(x[sl], size[sl], groups[sl], by_tau, dst[sl], best[sl], protected)
+                out_r = M.merge_tokens(x[sl], size[sl], groups[sl], by_r, dst[sl], best[sl], protected)
                 for a, c in zip(out_tau, out_r):
                     assert torch.equal(a, c)
                 checked += 1
@@ -480,8 +507,8 @@ def test_threshold_extremes(n, protected):
     assert torch.equal(lowest.sum(-1), torch.full((B,), cap))
     for r in (cap, cap + 5, 10**6):
         assert torch.equal(lowest, M.select_fixed_r(best, size, r, protected))
-    out_a = M.merge_tokens(x, size, groups, lowest, dst)
-    out_b = M.merge_tokens(x, size, groups, M.select_fixed_r(best, size, cap, protected), dst)
+    out_a = M.merge_tokens(x, size, groups, lowest, dst, best, protected)
+    out_b = M.merge_tokens(x, size, groups, M.select_fixed_r(best, size, cap, protected), dst, best, protected)
     for a, c in zip(out_a, out_b):
         assert torch.equal(a, c)
     assert out_a[0].shape[1] == n - cap
