@@ -26,12 +26,24 @@ from .viz import display_image, normalisation_of, plot_merge_maps
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="DToMe on the bundled sample photos: token-count table and merge-map PNGs")
-    p.add_argument("--model", default="ViT-L-14-336", help=f"encoder name; known: {', '.join(known_models())}")
+def _model_arguments(p: argparse.ArgumentParser, **model: object) -> None:
+    """--model / --pretrained / --download / --quick-gelu, shared by the subcommands."""
+    p.add_argument("--model", help=f"encoder name or a local HF folder; known: {', '.join(known_models())}", **model)
     p.add_argument("--pretrained", default="auto",
                    help="'auto' (local weights if cached, else random init), 'random', a tag such as 'openai', or a path")
     p.add_argument("--download", action="store_true", help="allow downloading pretrained weights")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="open_clip models: the MLP activation of the weights (default: the one the weights were "
+                        "trained with; QuickGELU for OpenAI CLIP names, also for random init and checkpoint files)")
+
+
+def _load(args: argparse.Namespace, device: object, dtype: torch.dtype):
+    return load_encoder(args.model, args.pretrained, device, dtype, args.download, args.quick_gelu)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="DToMe on the bundled sample photos: token-count table and merge-map PNGs")
+    _model_arguments(p, default="ViT-L-14-336")
     p.add_argument("--thresholds", type=Path, help="thresholds file (.json, or a reference .pth); "
                    "default: calibrate on the demo images themselves")
     p.add_argument("--target", default="72out", help="'Kout' calibration target when calibrating (default 72out)")
@@ -45,10 +57,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="find DToMe thresholds on an image set (works under torchrun)")
-    p.add_argument("--model", required=True, help=f"encoder name or local HF folder; known: {', '.join(known_models())}")
-    p.add_argument("--pretrained", default="auto",
-                   help="'auto' (local weights if cached, else random init), 'random', a tag such as 'openai', or a path")
-    p.add_argument("--download", action="store_true", help="allow downloading pretrained weights")
+    _model_arguments(p, required=True)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--json", type=Path, help='reference-format list: [{"image": "relative/path.jpg"}, ...]')
     data.add_argument("--folder", type=Path, help="a folder of images (searched recursively)")
@@ -93,7 +102,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         if args.out.exists() and not (args.overwrite or args.resume):
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it or --resume to continue")
         paths, skipped = list_images(args.json or args.folder, args.image_root)
-        loaded = load_encoder(args.model, args.pretrained, device, dtype, args.download)
+        loaded = _load(args, device, dtype)
         say(f"model   : {loaded.name}\nweights : {loaded.weights}")
         state = encoder_state(loaded.model)
         r_total, rs = resolve_r(state.depth, n_patches_of(state), args.r_total, args.target, args.schedule)
@@ -150,7 +159,7 @@ def demo_images(names: Optional[Sequence[str]] = None) -> dict:
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     torch.manual_seed(0)
-    loaded = load_encoder(args.model, args.pretrained, args.device, DTYPES[args.dtype], args.download)
+    loaded = _load(args, args.device, DTYPES[args.dtype])
     print(f"model   : {loaded.name}")
     print(f"weights : {loaded.weights}")
     images = demo_images(args.images)
@@ -192,12 +201,16 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dymu_viz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _calibrate_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return {"demo": run_demo, "calibrate": run_calibrate}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:

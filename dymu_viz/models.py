@@ -9,6 +9,13 @@
 * ``"auto"``: the default pretrained weights if they are cached locally, else random init, and
   the returned ``LoadedEncoder.weights`` says which, in words, for the caller to print.
 
+OpenAI's CLIP checkpoints were trained with QuickGELU (x * sigmoid(1.702 x)), and open_clip's
+plain model configs (``ViT-L-14-336``, ``ViT-B-16``, ...) say GELU: built as they are, real OpenAI
+weights give silently wrong features. So the activation follows the weights: a pretrained tag
+brings its own (open_clip records it per tag), and random initialisation or a checkpoint file
+takes the default tag's (QuickGELU for the names whose default is ``openai``) unless
+``quick_gelu=`` says otherwise. The weights note names the activation.
+
 ``load_tokenizer(name or loaded encoder, ...)``: the text tokenizer for ``encode_text`` (open_clip
 models): the real one when it is on this machine, else, for random weights only, a
 ``StandInTokenizer`` whose note says so; real weights without their tokenizer are an error.
@@ -77,10 +84,16 @@ def known_models() -> list[str]:
 
 
 def load_encoder(name: str, pretrained: str = "auto", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, allow_download: bool = False) -> LoadedEncoder:
-    """Build encoder ``name`` (an open_clip name, an HF id, or a local HF folder)."""
+                 dtype: torch.dtype = torch.float32, allow_download: bool = False,
+                 quick_gelu: Optional[bool] = None) -> LoadedEncoder:
+    """Build encoder ``name`` (an open_clip name, an HF id, or a local HF folder).
+
+    quick_gelu (open_clip names only): the MLP activation; None = the one the weights were
+    trained with (see the module docstring). HF models take it from their config."""
     if name in OPEN_CLIP_MODELS:
-        loaded = _load_open_clip(name, pretrained, allow_download)
+        loaded = _load_open_clip(name, pretrained, allow_download, quick_gelu)
+    elif quick_gelu is not None:
+        raise ValueError(f"quick_gelu applies to open_clip models only; {name} takes its activation from its config")
     elif name in HF_MODELS or Path(name).is_dir():
         loaded = _load_hf(name, pretrained, allow_download)
     else:
@@ -116,34 +129,43 @@ def _open_clip_cached_file(name: str, tag: str) -> Optional[str]:
     return None
 
 
-def _open_clip_source(name: str, pretrained: str, allow_download: bool) -> tuple[Optional[str], str]:
-    """(what to hand open_clip as ``pretrained``: None for random init; the weights note)."""
+def _open_clip_source(name: str, pretrained: str, allow_download: bool) -> tuple[Optional[str], str, str]:
+    """(what to hand open_clip as ``pretrained``: None for random init; the weights note; the
+    pretrained tag whose training activation the model must use)."""
     default_tag = OPEN_CLIP_MODELS[name]
     if pretrained == "random":
-        source, weights = None, _random_note(name, "asked for")
-    elif Path(pretrained).is_file():
-        source, weights = pretrained, f"pretrained, from the file {Path(pretrained).name}"
-    else:
-        tag = default_tag if pretrained == "auto" else pretrained
-        cached = _open_clip_cached_file(name, tag)
-        if cached is not None:
-            source, weights = cached, f"pretrained ({tag}), from the local cache"
-        elif allow_download:
-            source, weights = tag, f"pretrained ({tag}), downloaded"
-        elif pretrained == "auto":
-            source, weights = None, _random_note(name, f"no local copy of the {tag!r} weights")
-        else:
-            raise FileNotFoundError(
-                f"the {tag!r} weights of {name} are not in the local cache; download them explicitly "
-                "(allow_download=True / --download), or pass a checkpoint path, or use pretrained='random'")
-    return source, weights
+        return None, _random_note(name, "asked for"), default_tag
+    if Path(pretrained).is_file():
+        return pretrained, f"pretrained, from the file {Path(pretrained).name}", default_tag
+    tag = default_tag if pretrained == "auto" else pretrained
+    cached = _open_clip_cached_file(name, tag)
+    if cached is not None:
+        return cached, f"pretrained ({tag}), from the local cache", tag
+    if allow_download:
+        return tag, f"pretrained ({tag}), downloaded", tag
+    if pretrained == "auto":
+        return None, _random_note(name, f"no local copy of the {tag!r} weights"), tag
+    raise FileNotFoundError(
+        f"the {tag!r} weights of {name} are not in the local cache; download them explicitly "
+        "(allow_download=True / --download), or pass a checkpoint path, or use pretrained='random'")
 
 
-def _load_open_clip(name: str, pretrained: str, allow_download: bool) -> LoadedEncoder:
+def trained_with_quick_gelu(name: str, tag: Optional[str] = None) -> bool:
+    """Whether open_clip's pretrained tag (default: the name's default tag) was trained with
+    QuickGELU: True for OpenAI's CLIP weights."""
     import open_clip
 
-    source, weights = _open_clip_source(name, pretrained, allow_download)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source)
+    return bool(open_clip.get_pretrained_cfg(name, tag or OPEN_CLIP_MODELS[name]).get("quick_gelu", False))
+
+
+def _load_open_clip(name: str, pretrained: str, allow_download: bool, quick_gelu: Optional[bool]) -> LoadedEncoder:
+    import open_clip
+
+    source, weights, tag = _open_clip_source(name, pretrained, allow_download)
+    if quick_gelu is None:
+        quick_gelu = trained_with_quick_gelu(name, tag)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source, force_quick_gelu=quick_gelu)
+    weights += "; QuickGELU activation" if quick_gelu else "; GELU activation"
     return LoadedEncoder(model, preprocess, name, weights, source is not None)
 
 
@@ -187,6 +209,39 @@ def image_transform(size: int, crop: bool, mean: tuple, std: tuple) -> Callable[
     resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)] if crop else \
         [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
     return T.Compose([*resize, lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def hf_clip_from_open_clip(visual: nn.Module) -> nn.Module:
+    """An HF ``CLIPVisionModel`` holding the weights of an open_clip OpenAI-CLIP ViT tower
+    (``model.visual``), e.g. to run open_clip weights in LLaVA's HF tower. Same activation
+    (QuickGELU or GELU, read from the tower), same features: ``pooler_output @ visual.proj``
+    equals ``visual(pixels)``. The packed attention in-projection is split into q / k / v."""
+    from open_clip.transformer import QuickGELU
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    blocks = visual.transformer.resblocks
+    width, heads = visual.conv1.out_channels, blocks[0].attn.num_heads
+    config = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features, num_hidden_layers=len(blocks),
+        num_attention_heads=heads, image_size=visual.image_size[0], patch_size=visual.patch_size[0],
+        hidden_act="quick_gelu" if isinstance(blocks[0].mlp.gelu, QuickGELU) else "gelu",
+        layer_norm_eps=visual.ln_pre.eps, projection_dim=visual.output_dim)
+    state = {"embeddings.patch_embedding.weight": visual.conv1.weight,
+             "embeddings.class_embedding": visual.class_embedding,
+             "embeddings.position_embedding.weight": visual.positional_embedding}
+    for hf, oc in (("pre_layrnorm", visual.ln_pre), ("post_layernorm", visual.ln_post)):
+        state.update({f"{hf}.weight": oc.weight, f"{hf}.bias": oc.bias})
+    for i, blk in enumerate(blocks):
+        pre = f"encoder.layers.{i}."
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), blk.attn.in_proj_weight.chunk(3),
+                              blk.attn.in_proj_bias.chunk(3)):
+            state.update({f"{pre}self_attn.{name}.weight": w, f"{pre}self_attn.{name}.bias": b})
+        for hf, oc in (("self_attn.out_proj", blk.attn.out_proj), ("layer_norm1", blk.ln_1),
+                       ("layer_norm2", blk.ln_2), ("mlp.fc1", blk.mlp.c_fc), ("mlp.fc2", blk.mlp.c_proj)):
+            state.update({f"{pre}{hf}.weight": oc.weight, f"{pre}{hf}.bias": oc.bias})
+    model = CLIPVisionModel(config).to(visual.conv1.weight.dtype)
+    model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def clip_l():
     torch.manual_seed(0)
-    return open_clip.create_model("ViT-L-14-336", pretrained=None).eval()
+    return open_clip.create_model("ViT-L-14-336", pretrained=None, force_quick_gelu=True).eval()
 
 
 @torch.no_grad()
