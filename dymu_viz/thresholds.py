@@ -51,9 +51,21 @@ class Thresholds:
     def check_depth(self, layers: int) -> None:
         if self.layers != layers:
             name = f" ({self.model})" if self.model else ""
-            raise ValueError(
-                f"these thresholds{name} have {self.layers} layers but the encoder has {layers}; "
-                "use thresholds calibrated for this encoder")
+            hint = "use thresholds calibrated for this encoder"
+            if self.layers > layers:
+                hint += (f"; if the encoder is the calibrated one with its last {self.layers - layers} layer(s) "
+                         f"removed (LLaVA-OneVision's SO400M tower keeps 26 of 27), use .truncated({layers}): "
+                         "the reference uses the first thresholds the same way")
+            raise ValueError(f"these thresholds{name} have {self.layers} layers but the encoder has {layers}; {hint}")
+
+    def truncated(self, layers: int) -> "Thresholds":
+        """The thresholds of the first ``layers`` layers, for a tower that keeps only its first
+        blocks (LLaVA-OneVision deletes SO400M's last layer; the reference then ignores the
+        last threshold). The metadata records which layers are used."""
+        if not 0 < layers <= self.layers:
+            raise ValueError(f"cannot keep {layers} of {self.layers} layers")
+        metadata = {**self.metadata, "layers_used": f"0-{layers - 1} of {self.layers}"}
+        return Thresholds(self.values[:layers], self.r[:layers], self.model, self.schedule, self.r_total, metadata)
 
     @classmethod
     def uniform(cls, value: float, layers: int, **kwargs: Any) -> "Thresholds":
@@ -143,6 +155,8 @@ def _patches_from_name(name: str) -> Optional[int]:
 
 
 def _reference_r(name: str, layers: int, n_patches: Optional[int], schedule: Optional[str]) -> list[int]:
+    if re.search(r"no[-_]?merge", name):  # r_total 0: its stored 1.0 placeholders must never merge
+        return [0] * layers
     kout = re.search(r"(\d+)out", name)
     n_patches = n_patches or _patches_from_name(name)
     if kout is None or n_patches is None:

@@ -19,6 +19,7 @@ placeholders is replaced by that image's compact tokens.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -90,13 +91,29 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     _family(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    patch(model.model.vision_tower, None if mode == "full" else thresholds)
+    patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend)
     elif getattr(model.model.language_model, "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     model.dymu_vlm = VLMState(mode, kernel)
     return model
+
+
+def onevision_tower_thresholds(model: nn.Module, thresholds: Any) -> Any:
+    """LLaVA-OneVision's tower is SO400M with its last layer deleted (26 of 27 layers), and the
+    reference's SO400M threshold files have 27 values, of which its tower uses the first 26. Such
+    a file is mapped the same way here, with a warning that says so; any other depth mismatch
+    stays an error (raised by ``patch``)."""
+    if type(model).__name__ != "LlavaOnevisionForConditionalGeneration" or isinstance(thresholds, (int, float)):
+        return thresholds
+    depth = model.config.vision_config.num_hidden_layers
+    if thresholds is None or len(thresholds.values if isinstance(thresholds, Thresholds) else thresholds) != depth + 1:
+        return thresholds
+    warnings.warn(f"{depth + 1}-layer thresholds on LLaVA-OneVision's {depth}-layer tower: layers 0-{depth - 1} are "
+                  f"used and the last threshold is not, as in the reference (its tower drops SO400M's last layer "
+                  f"too); pass thresholds.truncated({depth}) to map it yourself", stacklevel=3)
+    return thresholds.truncated(depth) if isinstance(thresholds, Thresholds) else list(thresholds)[:depth]
 
 
 def unpatch_vlm(model: nn.Module) -> nn.Module:
