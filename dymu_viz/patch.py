@@ -7,16 +7,21 @@
     model.dymu.last                             # EncoderResult of the last call
     dymu_viz.unpatch(model)                     # back to the original
 
-Only the one encoder instance found in ``model`` is touched; classes are never modified.
+Patching swaps the class of the one encoder instance found in ``model`` for a subclass
+``DyMU<Class>`` whose ``forward`` runs the merging loop (ToMe / tomesd style); no class is ever
+modified and ``unpatch`` puts the original class back. Because the state lives in the instance
+and the subclass pickles as "the base class, patched", a patched model survives
+``copy.deepcopy``, ``torch.save(model)`` / pickle, module hooks and accelerate's device hooks.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .adapters import EncoderAdapter, find_encoder
+from .adapters import EncoderAdapter, adapter_for, find_encoder
 from .encoder import EncoderResult, MergeConfig
 from .schedule import RSpec, parse_r
 from .thresholds import Thresholds
@@ -27,11 +32,25 @@ ThresholdSpec = Union[Thresholds, Sequence[float], float, None]
 class DyMUState:
     """Settings and last result of a patched encoder, reachable as ``model.dymu``."""
 
-    def __init__(self, module: nn.Module, adapter: EncoderAdapter):
+    def __init__(self, module: nn.Module, adapter: Optional[EncoderAdapter] = None):
         self.module = module
-        self.adapter = adapter
+        self._adapter = adapter
         self.config = MergeConfig()
         self.last: Optional[EncoderResult] = None
+
+    @property
+    def adapter(self) -> EncoderAdapter:
+        """The family adapter, built from the module on first use (after a copy or an unpickle
+        it is rebuilt, so its block callables point at the copy's own layers)."""
+        if self._adapter is None:
+            self._adapter = adapter_for(self.module)(self.module)
+        return self._adapter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module, "config": self.config, "last": self.last}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _adapter=None)
 
     @property
     def depth(self) -> int:
@@ -47,7 +66,9 @@ class DyMUState:
 
     @thresholds.setter
     def thresholds(self, value: ThresholdSpec) -> None:
-        self.configure(thresholds=value, r=self.config.r if self.mode == "threshold" else None)
+        """A ``Thresholds`` brings its own schedule; plain values keep the layers allowed now."""
+        keep_r = self.mode == "threshold" and not isinstance(value, Thresholds)
+        self.configure(thresholds=value, r=self.config.r if keep_r else None)
 
     @property
     def r(self) -> Optional[list[int]]:
@@ -88,6 +109,43 @@ def get_state(model: nn.Module) -> Optional[DyMUState]:
     return getattr(module, "dymu", None)
 
 
+_PATCHED: dict[type, type] = {}
+
+
+def patched_class(base: type) -> type:
+    """``DyMU<Base>``: ``base`` with DyMU's forward; made once per base class."""
+    if base not in _PATCHED:
+        _PATCHED[base] = type(f"DyMU{base.__name__}", (base,), {
+            "forward": _patched_forward, "__reduce_ex__": _reduce_patched, "_dymu_base": base,
+            "__module__": __name__, "__doc__": f"{base.__name__} patched by dymu_viz (see dymu_viz.patch)."})
+    return _PATCHED[base]
+
+
+def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    state = self.__dict__.get("dymu")
+    if not isinstance(state, DyMUState):  # a stale bound method kept by someone after unpatch
+        return getattr(type(self), "_dymu_base", type(self)).forward(self, *args, **kwargs)
+    return state.adapter.forward(state, *args, **kwargs)
+
+
+def _reduce_patched(self: nn.Module, protocol: int) -> tuple:
+    """Pickle / deepcopy as "an instance of the base class, patched": the generated class is
+    not importable, its base is."""
+    return _rebuild_patched, (type(self)._dymu_base,), self.__dict__
+
+
+def _rebuild_patched(base: type) -> nn.Module:
+    cls = patched_class(base)
+    return cls.__new__(cls)
+
+
+def _rebind_accelerate(module: nn.Module) -> None:
+    """accelerate's hooks replace ``module.forward`` with a wrapper that calls the forward bound
+    when the hook was added (``_old_forward``); point it at the current class's forward."""
+    if "_old_forward" in module.__dict__:
+        module._old_forward = types.MethodType(type(module).forward, module)
+
+
 def patch(model: nn.Module, thresholds: ThresholdSpec = None, r: Optional[RSpec] = None) -> nn.Module:
     """Make the vision encoder inside ``model`` merge tokens; returns the same model.
 
@@ -96,16 +154,13 @@ def patch(model: nn.Module, thresholds: ThresholdSpec = None, r: Optional[RSpec]
     layers allowed to merge. Patching a patched model only changes its settings.
     """
     module, adapter_cls = find_encoder(model)
-    state = getattr(module, "dymu", None)
+    state = module.__dict__.get("dymu")
     if not isinstance(state, DyMUState):
         state = DyMUState(module, adapter_cls(module))
         state.configure(thresholds, r)  # validate before touching the module
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return state.adapter.forward(state, *args, **kwargs)
-
-        module.forward = forward
+        module.__class__ = patched_class(type(module))
         module.dymu = state
+        _rebind_accelerate(module)
         if model is not module:
             model.dymu = state
         return model
@@ -114,13 +169,14 @@ def patch(model: nn.Module, thresholds: ThresholdSpec = None, r: Optional[RSpec]
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch``: the encoder's own forward again. Returns the same model."""
+    """Undo ``patch``: the encoder's own class (and forward) again. Returns the same model."""
     module, _ = find_encoder(model)
-    if not isinstance(getattr(module, "dymu", None), DyMUState):
+    if not isinstance(module.__dict__.get("dymu"), DyMUState):
         raise ValueError(f"{type(model).__name__} is not patched by dymu_viz")
     for obj in {id(model): model, id(module): module}.values():
         obj.__dict__.pop("dymu", None)
-    module.__dict__.pop("forward", None)
+    module.__class__ = type(module)._dymu_base
+    _rebind_accelerate(module)
     return model
 
 

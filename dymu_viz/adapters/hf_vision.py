@@ -22,7 +22,8 @@ class HFVisionAdapter(EncoderAdapter):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return type(module).__name__ == cls.model_class and hasattr(module, "encoder")
+        names = {c.__name__ for c in type(module).__mro__}  # the class, a subclass, or DyMU's patched class
+        return cls.model_class in names and hasattr(module, "encoder")
 
     def build_blocks(self) -> list[BlockParts]:
         parts = []
