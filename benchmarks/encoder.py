@@ -6,8 +6,8 @@
 Models are randomly initialised (exact architectures); thresholds are calibrated on the
 benchmark images themselves for a "Kout" target, and fixed r uses the same per-layer r.
 Modes are timed interleaved, repetition by repetition, so machine noise hits them alike; the
-first ``--warmup`` repetitions are thrown away and medians are reported. Every figure of
-interest is a ratio within one run:
+first ``--warmup`` repetitions are thrown away, and every ratio is the median of the
+per-repetition (paired) ratios. Every figure of interest is a ratio within one run:
 
 * off / unpatched time (target <= 1.03);
 * threshold speed-up at batch 1 against the FLOP bound computed from the measured per-layer
@@ -69,7 +69,7 @@ def sync(device: str) -> None:
 
 @torch.no_grad()
 def time_modes(model, batches: list[torch.Tensor], thresholds, reps: int, warmup: int, device: str) -> dict:
-    """Median seconds per pass over all ``batches`` for every mode, modes interleaved."""
+    """Seconds per pass over all ``batches``, per mode and repetition, modes interleaved."""
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for rep in range(warmup + reps):
         for mode in MODES:
@@ -81,7 +81,12 @@ def time_modes(model, batches: list[torch.Tensor], thresholds, reps: int, warmup
             sync(device)
             if rep >= warmup:
                 times[mode].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items()}
+    return times
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repetitions of time[num] / time[den]."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 @torch.no_grad()
@@ -102,12 +107,13 @@ def run_model(name: str, device: str, dtype: torch.dtype, reps: int, warmup: int
         batches = list(torch.split(chosen, bs))
         t = time_modes(model, batches, thresholds, reps, warmup, device)
         bound = flop_ratio(chosen_counts, width, hidden)
-        speedup = t["unpatched"] / t["threshold"]
+        speedup = paired(t, "unpatched", "threshold")
         row = {
             "model": name, "batch": bs, "images": n, "device": device, "dtype": str(dtype).removeprefix("torch."),
-            "images_per_s": {m: n / t[m] for m in MODES},
-            "off_over_unpatched_time": t["off"] / t["unpatched"],
-            "fixed_r_speedup": t["unpatched"] / t["fixed_r"],
+            "images_per_s": {m: n / statistics.median(t[m]) for m in MODES},
+            "off_over_unpatched_time": paired(t, "off", "unpatched"),
+            "off_over_unpatched_per_rep": [a / b for a, b in zip(t["off"], t["unpatched"])],
+            "fixed_r_speedup": paired(t, "unpatched", "fixed_r"),
             "threshold_speedup": speedup,
             "flop_bound": bound,
             "threshold_speedup_over_bound": speedup / bound,
@@ -118,7 +124,17 @@ def run_model(name: str, device: str, dtype: torch.dtype, reps: int, warmup: int
             row["gap_to_padding_free_bound"] = bound / speedup - 1.0
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {"model": name, "target": TARGETS[name], "thresholds": thresholds.values, "rows": rows}
+    return {"model": name, "target": TARGETS[name], "measured": time.strftime("%Y-%m-%d"), "reps": reps,
+            "thresholds": thresholds.values, "rows": rows}
+
+
+def kept_results(device: str, rerun: set[str]) -> list[dict]:
+    """Results of the models not run this time, kept from the last published run (each row
+    says when it was measured through its own ``run`` field)."""
+    path = Path(__file__).resolve().parent / "results" / f"encoder_{device_kind(device)}.json"
+    if not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text())["results"] if r["model"] not in rerun]
 
 
 def table(results: list[dict]) -> str:
@@ -145,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     results = [run_model(m, args.device, DTYPES[args.dtype], args.reps, args.warmup, args.batch_sizes)
                for m in args.models]
+    results += kept_results(args.device, {r["model"] for r in results})
     device_name = torch.cuda.get_device_name() if device_kind(args.device) == "gpu" else platform.processor() or "cpu"
     publish("encoder", args.device, {"device": device_name, "threads": torch.get_num_threads(),
                                      "torch": torch.__version__, "reps": args.reps, "warmup": args.warmup,
