@@ -16,11 +16,11 @@ and the subclass pickles as "the base class, patched", a patched model survives
 
 from __future__ import annotations
 
-import types
 from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from . import classswap
 from .adapters import EncoderAdapter, adapter_for, find_encoder
 from .encoder import EncoderResult, MergeConfig
 from .schedule import RSpec, parse_r
@@ -109,41 +109,12 @@ def get_state(model: nn.Module) -> Optional[DyMUState]:
     return getattr(module, "dymu", None)
 
 
-_PATCHED: dict[type, type] = {}
-
-
-def patched_class(base: type) -> type:
-    """``DyMU<Base>``: ``base`` with DyMU's forward; made once per base class."""
-    if base not in _PATCHED:
-        _PATCHED[base] = type(f"DyMU{base.__name__}", (base,), {
-            "forward": _patched_forward, "__reduce_ex__": _reduce_patched, "_dymu_base": base,
-            "__module__": __name__, "__doc__": f"{base.__name__} patched by dymu_viz (see dymu_viz.patch)."})
-    return _PATCHED[base]
-
-
 def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    state = self.__dict__.get("dymu")
-    if not isinstance(state, DyMUState):  # a stale bound method kept by someone after unpatch
-        return getattr(type(self), "_dymu_base", type(self)).forward(self, *args, **kwargs)
+    state: DyMUState = self.__dict__["dymu"]
     return state.adapter.forward(state, *args, **kwargs)
 
 
-def _reduce_patched(self: nn.Module, protocol: int) -> tuple:
-    """Pickle / deepcopy as "an instance of the base class, patched": the generated class is
-    not importable, its base is."""
-    return _rebuild_patched, (type(self)._dymu_base,), self.__dict__
-
-
-def _rebuild_patched(base: type) -> nn.Module:
-    cls = patched_class(base)
-    return cls.__new__(cls)
-
-
-def _rebind_accelerate(module: nn.Module) -> None:
-    """accelerate's hooks replace ``module.forward`` with a wrapper that calls the forward bound
-    when the hook was added (``_old_forward``); point it at the current class's forward."""
-    if "_old_forward" in module.__dict__:
-        module._old_forward = types.MethodType(type(module).forward, module)
+classswap.register("encoder", _patched_forward)
 
 
 def patch(model: nn.Module, thresholds: ThresholdSpec = None, r: Optional[RSpec] = None) -> nn.Module:
@@ -158,9 +129,8 @@ def patch(model: nn.Module, thresholds: ThresholdSpec = None, r: Optional[RSpec]
     if not isinstance(state, DyMUState):
         state = DyMUState(module, adapter_cls(module))
         state.configure(thresholds, r)  # validate before touching the module
-        module.__class__ = patched_class(type(module))
         module.dymu = state
-        _rebind_accelerate(module)
+        classswap.swap_in(module, "encoder")
         if model is not module:
             model.dymu = state
         return model
@@ -175,8 +145,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError(f"{type(model).__name__} is not patched by dymu_viz")
     for obj in {id(model): model, id(module): module}.values():
         obj.__dict__.pop("dymu", None)
-    module.__class__ = type(module)._dymu_base
-    _rebind_accelerate(module)
+    classswap.swap_out(module)
     return model
 
 
