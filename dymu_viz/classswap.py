@@ -17,12 +17,15 @@ from typing import Any, Callable
 from torch import nn
 
 _FORWARDS: dict[str, Callable[..., Any]] = {}
+_ATTRIBUTES: dict[str, dict[str, Any]] = {}
 _CLASSES: dict[tuple[type, str], type] = {}
 
 
-def register(kind: str, forward: Callable[..., Any]) -> None:
-    """Make ``forward(self, *args, **kwargs)`` the forward of every class swapped in for ``kind``."""
+def register(kind: str, forward: Callable[..., Any], **attributes: Any) -> None:
+    """Make ``forward(self, *args, **kwargs)`` the forward of every class swapped in for ``kind``
+    (and ``attributes`` its other class attributes)."""
     _FORWARDS[kind] = forward
+    _ATTRIBUTES[kind] = attributes
 
 
 def base_class(module: nn.Module) -> type:
@@ -47,7 +50,7 @@ def swapped_class(base: type, kind: str) -> type:
             return forward(self, *args, **kwargs)
 
         _CLASSES[base, kind] = type(f"DyMU{base.__name__}", (base,), {
-            "forward": swapped_forward, "__reduce_ex__": _reduce, "_dymu_base": base, "_dymu_kind": kind,
+            **_ATTRIBUTES[kind], "forward": swapped_forward, "__reduce_ex__": _reduce, "_dymu_base": base, "_dymu_kind": kind,
             "__module__": __name__, "__doc__": f"{base.__name__} patched by dymu_viz ({kind})."})
     return _CLASSES[base, kind]
 

@@ -92,10 +92,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else (args.device or "cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # each rank its own GPU: NCCL's collectives use the current device
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else (args.device or "cpu")
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
     say = print if rank == 0 else (lambda *a, **k: None)
     try:

@@ -73,20 +73,56 @@ class VirtualLayout:
         """(B,) virtual length per sample."""
         return self.valid.sum(-1)
 
-    def extend(self, n_new: int, first_src: int) -> "VirtualLayout":
-        """Append n_new plain tokens (compact indices first_src...) to every sample, each at the
-        next virtual position: what decoding adds."""
-        B = self.src.shape[0]
-        steps = torch.arange(1, n_new + 1, device=self.src.device)
-        last = torch.where(self.valid, self.pos, -1).amax(-1, keepdim=True)
-        src = (first_src + steps - 1).expand(B, n_new)
-        return VirtualLayout(torch.cat([self.src, src], 1), torch.cat([self.pos, last + steps], 1),
-                             torch.cat([self.valid, torch.ones_like(src, dtype=torch.bool)], 1))
+    def select_rows(self, index: Tensor) -> "VirtualLayout":
+        """The layout of rows ``index`` (beam reordering, batch expansion)."""
+        return VirtualLayout(self.src[index], self.pos[index], self.valid[index])
+
+    def append(self, block: "VirtualLayout") -> "VirtualLayout":
+        """This layout followed by ``block`` (whose positions and compact indices are global)."""
+        return VirtualLayout(torch.cat([self.src, block.src], 1), torch.cat([self.pos, block.pos], 1),
+                             torch.cat([self.valid, block.valid], 1))
+
+    def next_positions(self) -> Tensor:
+        """(B,) the virtual position after each row's last slot."""
+        return torch.where(self.valid, self.pos, -1).amax(-1) + 1
+
+
+class VTUTrack:
+    """One generation's virtual sequence: the layout of every compact token in the KV cache so
+    far, how many compact tokens it covers, and how many trailing slots hold the newest tokens
+    (the queries of the current forward). It lives with its KV cache (see ``dymu_viz.vlm``) and
+    follows the cache's rows when beam search reorders them."""
+
+    def __init__(self, layout: VirtualLayout, n_compact: int):
+        self.layout, self.n_compact, self.query_slots = layout, n_compact, layout.src.shape[1]
+        self._rope: Optional[tuple[int, Tensor, Tensor]] = None
+        self._step: Optional[tuple[tuple[int, int], bool]] = None
+
+    def append(self, block: VirtualLayout, n_new: int) -> None:
+        """Add ``n_new`` compact tokens whose virtual slots are ``block`` (the newest queries)."""
+        self.layout = self.layout.append(block)
+        self.n_compact += n_new
+        self.query_slots = block.src.shape[1]
+        self._rope = self._step = None
+
+    def append_plain(self, n_new: int) -> None:
+        """Add n_new plain tokens to every row, each at the row's next virtual position: what a
+        decode step adds."""
+        B, device = self.layout.src.shape[0], self.layout.src.device
+        steps = torch.arange(n_new, device=device)
+        pos = self.layout.next_positions()[:, None] + steps
+        src = (self.n_compact + steps).expand(B, n_new)
+        self.append(VirtualLayout(src, pos, torch.ones_like(src, dtype=torch.bool)), n_new)
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep rows ``index`` (in that order), as the KV cache does under beam search."""
+        self.layout = self.layout.select_rows(index.to(self.layout.src.device))
+        self._rope = self._step = None
 
 
 class VTUState:
-    """Shared by every attention layer of one patched LLM: the current layout, the number of
-    compact tokens it covers, the model's real rotary embedding and the kernel choice."""
+    """Shared by every attention layer of one patched LLM: the real rotary embedding, the kernel
+    choice, and the track of the generation now running (set before each forward)."""
 
     def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa", backend: str = "native"):
         if kernel not in KERNELS:
@@ -96,55 +132,50 @@ class VTUState:
         self.rotary = rotary
         self.kernel = kernel
         self.backend = backend
-        self.layout: Optional[VirtualLayout] = None
-        self.n_compact = 0
-        self._rope: Optional[tuple[int, Tensor, Tensor]] = None
-        self._step: Optional[tuple[tuple[int, int], int, bool]] = None
+        self.track: Optional[VTUTrack] = None
         self.pair_ordered = False  # the layer's q / k (and cached keys) come in pair order
 
-    def start(self, layout: VirtualLayout, n_compact: int) -> None:
-        """Set the layout of the next (prefill) forward, which holds n_compact tokens per row."""
-        self.layout, self.n_compact, self._rope, self._step = layout, n_compact, None, None
+    def start(self, layout: VirtualLayout, n_compact: int) -> VTUTrack:
+        """A new generation whose (prefill) forward holds n_compact tokens per row laid out as
+        ``layout``; returns its track (the current one from now on)."""
+        self.track = VTUTrack(layout, n_compact)
+        return self.track
 
     def step(self, kv_len: int, q_len: int) -> tuple[VirtualLayout, int, bool]:
         """For a forward whose q_len newest tokens attend over kv_len cached ones: the layout,
         how many (trailing) slots hold the new tokens, and whether no row is padded. Worked out
-        (with its host syncs) once per forward, not once per layer."""
-        layout = self.sync(kv_len)
-        if self._step is None or self._step[0] != (self.n_compact, q_len):
-            first_new = kv_len - q_len
-            n_slots = int((layout.src >= first_new)[0].sum()) if first_new > 0 else layout.src.shape[1]
-            q_src = layout.src[:, -n_slots:] - first_new
-            if first_new > 0 and not bool(((q_src >= 0) & (q_src < q_len)).all()):
-                raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
-            self._step = ((self.n_compact, q_len), n_slots, bool(layout.valid.all()))
-        return layout, self._step[1], self._step[2]
-
-    def sync(self, kv_len: int) -> VirtualLayout:
-        """The layout covering kv_len compact tokens: tokens beyond the known ones (decode
-        steps, continued prompts) are plain tokens appended at the next positions."""
-        if self.layout is None:
-            raise RuntimeError("VTU has no layout: run the model through dymu_viz's VLM helpers or call "
+        (with its host syncs) once per forward, not once per layer. Tokens the track does not
+        know yet (fed to the decoder directly) are plain tokens at the next positions."""
+        track = self.track
+        if track is None:
+            raise RuntimeError("VTU has no layout: run the model through a DyMU-patched VLM or call "
                                "state.start(layout, n_compact) before the forward")
-        if kv_len > self.n_compact:
-            self.layout = self.layout.extend(kv_len - self.n_compact, self.n_compact)
-            self.n_compact, self._rope = kv_len, None
-        elif kv_len < self.n_compact:
-            raise RuntimeError(f"the KV cache holds {kv_len} tokens but the VTU layout {self.n_compact}; "
+        if kv_len > track.n_compact:
+            track.append_plain(kv_len - track.n_compact)
+        elif kv_len < track.n_compact:
+            raise RuntimeError(f"the KV cache holds {kv_len} tokens but the VTU layout {track.n_compact}; "
                                "start a new layout for a new prompt")
-        return self.layout
+        if track._step is None or track._step[0] != (kv_len, q_len):
+            n_slots = track.query_slots
+            q_src = track.layout.src[:, -n_slots:] - (kv_len - q_len)
+            q_valid = track.layout.valid[:, -n_slots:]
+            if not bool((((q_src >= 0) & (q_src < q_len)) | ~q_valid).all()):
+                raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
+            track._step = ((kv_len, q_len), bool(track.layout.valid.all()))
+        return track.layout, track.query_slots, track._step[1]
 
     def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, V, D) for the layout's virtual positions in like's dtype, computed once
+        """cos, sin (B, V, D) for the track's virtual positions in like's dtype, computed once
         per layout. VTU supports rotate_half RoPE, whose two halves of D repeat the frequencies."""
-        if self._rope is None or self._rope[0] != self.n_compact:
-            cos, sin = self.rotary(like, self.layout.pos)
+        track = self.track
+        if track._rope is None or track._rope[0] != track.n_compact:
+            cos, sin = self.rotary(like, track.layout.pos)
             half = cos.shape[-1] // 2
             if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
                 raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both halves "
                                  "of the head dim); this model's rotary embedding differs")
-            self._rope = (self.n_compact, cos, sin)
-        return self._rope[1].to(like.dtype), self._rope[2].to(like.dtype)
+            track._rope = (track.n_compact, cos, sin)
+        return track._rope[1].to(like.dtype), track._rope[2].to(like.dtype)
 
 
 def pair_order(x: Tensor) -> Tensor:
@@ -289,12 +320,13 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         v = gather_slots(value, k_src)
         if state.kernel == "sdpa":
             gqa = {"enable_gqa": True} if groups > 1 else {}
-            if sliding_window is None and unpadded:
+            prefill, single = n_query_slots == layout.src.shape[1], n_query_slots == 1
+            if sliding_window is None and unpadded and (prefill or single):
                 # No padding: slots are in position order, so the mask is plain causal (prefill)
-                # or empty (new tokens after every cached one) and SDPA's fast paths apply.
-                causal = n_query_slots == layout.src.shape[1]
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and n_query_slots > 1, scale=scale,
-                                                     **gqa)
+                # or empty (one new token after every cached one) and SDPA's fast paths apply.
+                # Several new tokens after cached ones need the explicit mask: SDPA's is_causal
+                # aligns the diagonal top-left, not bottom-right.
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=prefill and not single, scale=scale, **gqa)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, sliding_window),
                                                      scale=scale, **gqa)

@@ -125,7 +125,7 @@ def test_clip_l_files_on_llava_1_5_use_23_layers(tmp_path, name: str) -> None:
     write_reference_file(tmp_path / "t.pth", name, key, r)
     model = tiny_llava(vision_layers=24)
     vlm.patch_vlm(model, Thresholds.load(tmp_path / "t.pth"))
-    features = vlm.pipeline.tower_features(model, torch.randn(1, 3, 56, 56))
+    features = vlm.common.tower_features(model, torch.randn(1, 3, 56, 56))
     assert len(features) == 1
     assert len(model.model.vision_tower.dymu.last.counts[0]) == 24  # input + 23 blocks
 

@@ -57,10 +57,11 @@ def test_no_merging_equals_the_unpatched_model(attn, dtype, tol):
     pixels = images(1, dtype)
     ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     vlm.patch_vlm(model, thresholds=float("inf"), kernel=attn)
-    out, prepared = vlm.logits(model, ids, pixels, mask)
-    assert prepared.accounting[0]["image_tokens"] == N_PATCHES
+    out, accounting = vlm.logits(model, ids, pixels, mask)
+    assert accounting[0]["image_tokens"] == N_PATCHES
     assert torch.allclose(out, ref, atol=tol, rtol=0)
     vlm.unpatch_vlm(model)
+    assert type(model) is LlavaForConditionalGeneration
     assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, ref)
 
 
@@ -68,14 +69,13 @@ def test_merged_image_keeps_the_virtual_layout_and_the_accounting():
     model = tiny_llava(torch.float64)
     vlm.patch_vlm(model, thresholds=0.2)
     ids, mask = prompts()
-    out, prepared = vlm.logits(model, ids, images(3, torch.float64), mask)
-    for acc, (a, c) in zip(prepared.accounting, [(3, 4), (5, 2), (2, 6)]):
-        assert acc["image_positions"] == N_PATCHES
+    _, accounting = vlm.logits(model, ids, images(3, torch.float64), mask)
+    for acc, (a, c) in zip(accounting, [(3, 4), (5, 2), (2, 6)]):
+        assert acc["image_positions"] == N_PATCHES and acc["text_tokens"] == a + c
         assert acc["llm_virtual_length"] == a + N_PATCHES + c
         assert acc["llm_compact_length"] == a + acc["image_tokens"] + c
-    assert prepared.accounting[0]["image_tokens"] < N_PATCHES  # the flat image merged
-    assert all(acc["crop_tokens"] == [acc["encoder_tokens"]] == [acc["image_tokens"]] for acc in prepared.accounting)
-    assert prepared.layout.lengths.tolist() == [a["llm_virtual_length"] for a in prepared.accounting]
+    assert accounting[0]["image_tokens"] < N_PATCHES  # the flat image merged
+    assert all(acc["crop_tokens"] == [acc["encoder_tokens"]] == [acc["image_tokens"]] for acc in accounting)
 
 
 def test_batch_of_three_equals_each_alone():
@@ -83,12 +83,12 @@ def test_batch_of_three_equals_each_alone():
     vlm.patch_vlm(model, thresholds=0.2)
     ids, mask = prompts()
     pixels = images(3, torch.float64)
-    batched, prepared = vlm.logits(model, ids, pixels, mask)
+    batched, accounting = vlm.logits(model, ids, pixels, mask)
     for b in range(3):
-        one, p1 = vlm.logits(model, ids[b:b + 1], pixels[b:b + 1], mask[b:b + 1])
-        n = p1.accounting[0]["llm_compact_length"]
-        assert p1.accounting[0] == prepared.accounting[b]
-        assert torch.allclose(batched[b, -n:], one[0, -n:], atol=1e-10, rtol=0)
+        one, acc1 = vlm.logits(model, ids[b:b + 1], pixels[b:b + 1], mask[b:b + 1])
+        assert acc1[0] == accounting[b]
+        valid = mask[b].bool()
+        assert torch.allclose(batched[b, valid], one[0, valid], atol=1e-10, rtol=0)
 
 
 def test_generate_matches_step_by_step_recomputation():
@@ -110,15 +110,23 @@ def test_generate_matches_step_by_step_recomputation():
 
 
 def test_compact_mode_is_the_w_o_vtu_ablation():
+    """The unpatched LLM on [text, compact image tokens in order of their first patch, text] at
+    consecutive positions."""
+    from dymu_viz.vlm.common import llava_images
     model = tiny_llava(torch.float64)
     vlm.patch_vlm(model, thresholds=0.2, mode="compact")
     ids, mask = prompts(n_before=(3,), n_after=(4,))
     pixels = images(1, torch.float64)
-    out, prepared = vlm.logits(model, ids, pixels, mask)
-    assert prepared.layout is None
-    plain = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask).logits
-    assert torch.allclose(out, plain, atol=1e-12, rtol=0)  # the unpatched LLM on the compact sequence
-    acc, = prepared.accounting
+    out, (acc,) = vlm.logits(model, ids, pixels, mask)
+    image, = llava_images(model, pixels)
+    first = [int((image.mapping == j).nonzero()[0]) for j in range(len(image.features))]
+    assert first == sorted(first) and len(first) < N_PATCHES  # merged rows, in order of their first patch
+    embed = model.get_input_embeddings()
+    compact = torch.cat([embed(ids[0, :3]), image.features, embed(ids[0, -4:])])[None]
+    hidden = model.model.language_model(inputs_embeds=compact).last_hidden_state
+    plain = model.lm_head(hidden)
+    assert torch.allclose(out[0, :3], plain[0, :3], atol=1e-12, rtol=0)
+    assert torch.allclose(out[0, -4:], plain[0, -4:], atol=1e-12, rtol=0)
     assert acc["llm_virtual_length"] == acc["llm_compact_length"] == 7 + acc["image_tokens"]  # consecutive positions
     assert acc["image_positions"] == N_PATCHES
 
@@ -127,59 +135,24 @@ def test_errors():
     model = tiny_llava()
     ids, mask = prompts(n_before=(3, 5), n_after=(4, 2))
     with pytest.raises(ValueError, match="patch_vlm"):
-        vlm.prepare_inputs(model, ids, images(2), mask)
+        vlm.logits(model, ids, images(2), mask)
     with pytest.raises(ValueError, match="3 layers"):
         vlm.patch_vlm(model, thresholds=[0.5] * 24)
     vlm.patch_vlm(model, thresholds=0.5)
-    with pytest.raises(ValueError, match="3 images given but the prompts hold 2"):
-        vlm.prepare_inputs(model, ids, images(3), mask)
+    with pytest.raises(ValueError, match="3 images given but the prompts hold image placeholders for 2"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=images(3))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         vlm.patch_vlm(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="mode"):
         vlm.patch_vlm(model, mode="fast")
     model.config.vision_feature_layer = 4
     with pytest.raises(ValueError, match="vision_feature_layer 4 does not exist in a 3-layer"):
-        vlm.prepare_inputs(model, ids, images(2), mask)
+        model(input_ids=ids, attention_mask=mask, pixel_values=images(2))
 
 
 def test_the_tower_stops_at_the_feature_layer():
     model = tiny_llava()
     vlm.patch_vlm(model, thresholds=0.5)
     ids, mask = prompts(n_before=(3,), n_after=(4,))
-    vlm.prepare_inputs(model, ids, images(1), mask)
+    model(input_ids=ids, attention_mask=mask, pixel_values=images(1))
     assert len(dymu_viz.get_state(model.model.vision_tower).last.layer_sizes) == 3  # embeddings + 2 of 3 blocks
-
-
-def tiny_processor():
-    """A real LlavaProcessor: HF's CLIP image processor and a small word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-    words = ["<pad>", "<unk>", "<s>", "</s>", "USER:", "ASSISTANT:", "describe", "the", "image", "a", "cat", "dog",
-             "<image>"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, image_token="<image>",
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
-def test_chat_takes_images_and_prompts_and_returns_text():
-    from dymu_viz.data import sample_photos
-    processor = tiny_processor()
-    model = tiny_llava(torch.float32, vocab=13, image_token=12)
-    vlm.patch_vlm(model, thresholds=0.2)
-    photos = list(sample_photos(["chelsea", "rocket"]).values())
-    prompts = ["USER: <image> describe the image ASSISTANT:", "USER: <image> a cat ASSISTANT:"]
-    out = vlm.chat(model, processor, photos, prompts, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
-    assert out.texts == processor.batch_decode(out.sequences, skip_special_tokens=True)
-    inputs = processor(images=photos, text=prompts, return_tensors="pt", padding=True)
-    direct = vlm.generate(model, inputs.input_ids, inputs.pixel_values, inputs.attention_mask, max_new_tokens=5,
-                          do_sample=False, pad_token_id=0)
-    assert torch.equal(direct.sequences, out.sequences)  # right padding from the processor is handled
-    for acc, n_text in zip(out.accounting, (5, 4)):  # words around the image (no BOS)
-        assert acc["image_positions"] == N_PATCHES and acc["llm_virtual_length"] == n_text + N_PATCHES
-    with pytest.raises(ValueError, match="one image per prompt"):
-        vlm.chat(model, processor, photos[:1], prompts)

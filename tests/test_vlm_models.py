@@ -95,9 +95,10 @@ def test_the_processors_placeholders_are_what_the_unpatched_model_expects(which,
 def test_chat_runs_end_to_end_with_dymu(which, request, photos):
     loaded = request.getfixturevalue(which)
     prompt = loaded.processor.apply_chat_template(QUESTION, add_generation_prompt=True)
+    question = QUESTION[0]["content"][-1]["text"]
     vlm.patch_vlm(loaded.model, thresholds=0.9)
     try:
-        out = vlm.chat(loaded.model, loaded.processor, photos, [prompt] * 2, max_new_tokens=3)
+        out = vlm.chat(loaded.model, loaded.processor, photos, [question] * 2, max_new_tokens=3)
     finally:
         vlm.unpatch_vlm(loaded.model)
     inputs = loaded.processor(images=photos, text=[prompt] * 2, return_tensors="pt", padding=True)

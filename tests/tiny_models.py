@@ -152,3 +152,41 @@ def flatten_outputs(outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
     return flat
 
 
+
+
+# Tiny LLaVA-1.5 / OneVision with a real HF processor (stand-in tokenizer): what users call.
+TINY_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def tiny_vlm(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0,
+             vision_layers: int = 3) -> tuple[nn.Module, Any]:
+    """(model, processor) for family "llava" or "onevision": a 56 px tower (16 patches), a
+    2-layer GQA decoder, and a real HF processor whose stand-in tokenizer sizes the vocabulary."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+    from dymu_viz.vlm.standin import standin_processor
+
+    llava = family == "llava"
+    processor = standin_processor(family, 56, 14, "default" if llava else "full",
+                                  None if llava else TINY_PINPOINTS, None if llava else "anyres_max_9")
+    tok = processor.tokenizer
+    text = dict(TINY_VLM_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(TINY_VLM_VISION, num_hidden_layers=vision_layers)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"))
+    _seeded(seed)
+    if llava:
+        cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text), **ids,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration(cfg)
+    else:
+        cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text), **ids,
+                                   video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=TINY_PINPOINTS,
+                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                   vision_aspect_ratio="anyres_max_9")
+        model = LlavaOnevisionForConditionalGeneration(cfg)
+    model = model.to(dtype).eval()
+    model.config.get_text_config()._attn_implementation = attn
+    model.config.vision_config._attn_implementation = "sdpa"
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, processor

@@ -1,7 +1,9 @@
 """DyMU in vision-language models: DToMe in the vision tower, VTU in the RoPE LLM."""
 
+from .cache import DyMUCache
+from .common import ImageTokens
 from .models import LoadedVLM, load_vlm
-from .pipeline import GenerateOutput, PreparedInputs, chat, generate, logits, patch_vlm, prepare_inputs, unpatch_vlm
+from .pipeline import GenerateOutput, VLMState, chat, generate, logits, patch_vlm, unpatch_vlm
 
-__all__ = ["GenerateOutput", "LoadedVLM", "PreparedInputs", "chat", "generate", "load_vlm", "logits", "patch_vlm",
-           "prepare_inputs", "unpatch_vlm"]
+__all__ = ["DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMState", "chat", "generate", "load_vlm",
+           "logits", "patch_vlm", "unpatch_vlm"]

@@ -25,7 +25,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+from .standin import standin_processor
+
 _ANYRES_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 
 _CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -61,97 +62,13 @@ VLM_MODELS: dict[str, VLMSpec] = {
              image_grid_pinpoints=_ANYRES_PINPOINTS)),
 }
 
-# The small word-level vocabulary of the random-init tokenizer: enough for prompts and a
-# readable (random) answer. Words outside it become <unk>.
-WORDS = """
-a an the this that these those it its is are was were be been has have had do does did not no yes
-and or but of in on at to from with without by for as into over under above below near behind between
-what which who where when why how many much some any all each one two three four five six seven eight
-nine ten first second left right top bottom middle front back up down out here there very more most
-image picture photo photograph scene view describe tell me about show shows see seen look looks like
-color colour colors red green blue yellow white black brown orange pink purple gray grey dark light
-bright small large big little long short tall round square flat old new young
-man woman person people boy girl child face hair eye eyes hand hands head
-cat cats dog animal bird fish horse flower flowers plant tree trees grass leaf leaves
-sky cloud clouds sun moon star stars space planet earth galaxy water sea river lake beach mountain
-road street building house city wall window door room table chair cup coffee mug plate food
-rocket launch smoke fire car bike boat train plane astronaut suit flag helmet
-text word words letter number sign background foreground object objects shape shapes pattern texture
-cell cells tissue stain microscope sample uniform officer navy portrait painting drawing
-sitting standing lying holding wearing looking flying walking running
-there's it's i you we they he she his her their my your our
-. , ? ! : ; ' " ( ) -
-""".split()
-
-
-def build_tokenizer(family: str) -> Any:
-    """A small word-level ``PreTrainedTokenizerFast`` (lower-cased words and punctuation) with
-    the special tokens of the family's real tokenizer (Llama: ``<s>`` BOS; Qwen2: ChatML)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    if family == "llava":
-        specials = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-        extra = {"image_token": "<image>"}
-        chat = ["user", "assistant"]
-    else:
-        specials = dict(pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>")
-        extra = {"image_token": "<image>", "video_token": "<video>", "im_start": "<|im_start|>"}
-        chat = ["user", "assistant", "system"]
-    special_words = list(dict.fromkeys([*specials.values(), *extra.values()]))
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(special_words + chat + WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no space before punctuation
-    if family == "llava":  # Llama's tokenizer starts every text with <s>
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                           special_tokens=[("<s>", vocab["<s>"])])
-    extra_special = {k: v for k, v in extra.items() if k in ("image_token", "video_token")}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", extra_special_tokens=extra_special,
-                                        **specials)
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_words if t not in
-                                                                tokenizer.all_special_tokens]})
-    return tokenizer
-
-
-# Chat templates written after the real processors' prompt formats.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
-    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{{ '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 def build_processor(model_id: str) -> Any:
     """The real HF processor class of ``model_id`` with HF's own image processor at the real image
-    size and the small word-level tokenizer of ``build_tokenizer``."""
-    from transformers import (CLIPImageProcessor, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
-                              LlavaOnevisionVideoProcessor, LlavaProcessor)
-
+    size and the stand-in word-level tokenizer (random-init models only)."""
     spec = _spec(model_id)
-    size, patch = spec.vision["image_size"], spec.vision["patch_size"]
-    tokenizer = build_tokenizer(spec.family)
-    if spec.family == "llava":
-        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                    image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
-        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch, image_token="<image>",
-                              vision_feature_select_strategy=spec.settings["vision_feature_select_strategy"],
-                              num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
-    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    images = LlavaOnevisionImageProcessor(size={"height": size, "width": size}, **norm,
-                                          image_grid_pinpoints=spec.settings["image_grid_pinpoints"])
-    videos = LlavaOnevisionVideoProcessor(size={"height": size, "width": size}, **norm)
-    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
-                                   num_image_tokens=(size // patch) ** 2,
-                                   vision_feature_select_strategy=spec.settings["vision_feature_select_strategy"],
-                                   vision_aspect_ratio=spec.settings["vision_aspect_ratio"],
-                                   chat_template=CHATML_TEMPLATE)
+    return standin_processor(spec.family, spec.vision["image_size"], spec.vision["patch_size"],
+                             spec.settings["vision_feature_select_strategy"],
+                             spec.settings.get("image_grid_pinpoints"), spec.settings.get("vision_aspect_ratio"))
 
 
 @dataclass
@@ -172,34 +89,55 @@ def _spec(model_id: str) -> VLMSpec:
     return VLM_MODELS[model_id]
 
 
-def load_vlm(model_id: str, pretrained: str = "auto", device: Union[str, torch.device] = "cpu",
-             dtype: torch.dtype = torch.float32, allow_download: bool = False, *, vision_layers: Optional[int] = None,
-             text_layers: int = 2, text_width: int = 256) -> LoadedVLM:
+def load_vlm(model_id: str, pretrained: str = "auto", device: Union[str, torch.device, None] = None,
+             dtype: Optional[torch.dtype] = None, allow_download: bool = False, *, device_map: Any = None,
+             vision_layers: Optional[int] = None, text_layers: int = 2, text_width: int = 256) -> LoadedVLM:
     """Build VLM ``model_id`` (a known HF id, or a local HF folder) and its processor.
 
     pretrained: "random", "auto" (the real weights if cached locally, else random), "pretrained"
-    (the real weights, or an error), or a local folder holding them. vision_layers (default: the
-    real depth), text_layers and text_width shape the random-init model only."""
+    (the real weights, or an error), or a local folder holding them. device: default CUDA when
+    available, else CPU; dtype: default bfloat16 on CUDA, float32 on CPU. device_map (real
+    weights): handed to ``from_pretrained`` (e.g. "auto" to spread a 7B model over the GPUs;
+    needs no ``device``). vision_layers (default: the real depth), text_layers and text_width
+    shape the random-init model only."""
+    if device_map is not None and device is not None:
+        raise ValueError("give device or device_map, not both")
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device_map is not None or torch.device(device).type == "cuda"
+    dtype = dtype or (torch.bfloat16 if on_gpu and torch.cuda.is_available() else torch.float32)
     if pretrained == "random":
         loaded = _random(model_id, "asked for", vision_layers, text_layers, text_width)
     elif pretrained in ("auto", "pretrained"):
         if model_id not in VLM_MODELS and not Path(model_id).is_dir() and not allow_download:
             _spec(model_id)  # an unknown id: name the known ones
         try:
-            loaded = _from_pretrained(model_id, allow_download, dtype)
+            loaded = _from_pretrained(model_id, allow_download, dtype, device_map)
         except FileNotFoundError:
             if pretrained != "auto" or model_id not in VLM_MODELS:
                 raise
             loaded = _random(model_id, "no local copy of the weights", vision_layers, text_layers, text_width)
     elif Path(pretrained).is_dir():
-        loaded = _from_pretrained(pretrained, allow_download, dtype)
+        loaded = _from_pretrained(pretrained, allow_download, dtype, device_map)
     else:
         raise ValueError(f"pretrained must be 'random', 'auto', 'pretrained' or a local folder, got {pretrained!r}")
-    loaded.model = loaded.model.to(device=device, dtype=dtype).eval()
+    if device_map is not None and not loaded.pretrained:
+        if not isinstance(device_map, (str, torch.device)) or device_map == "auto":
+            raise ValueError("a random-init model is built on one device: pass device=... (device_map is for real weights)")
+        device = device_map
+    if not (loaded.pretrained and device_map is not None):
+        loaded.model = loaded.model.to(device=device, dtype=dtype)
+    loaded.model.eval()
+    loaded.weights += f"; {str(dtype).removeprefix('torch.')} on {_placement(loaded.model)}"
     return loaded
 
 
-def _from_pretrained(source: str, allow_download: bool, dtype: torch.dtype) -> LoadedVLM:
+def _placement(model: nn.Module) -> str:
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return ", ".join(devices)
+
+
+def _from_pretrained(source: str, allow_download: bool, dtype: torch.dtype, device_map: Any = None) -> LoadedVLM:
     from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,
                               LlavaOnevisionForConditionalGeneration)
 
@@ -211,7 +149,8 @@ def _from_pretrained(source: str, allow_download: bool, dtype: torch.dtype) -> L
         config = AutoConfig.from_pretrained(source, local_files_only=local)
         if config.model_type not in classes:
             raise ValueError(f"{source} is a {config.model_type!r} model; dymu_viz.vlm runs {', '.join(classes)}")
-        model = classes[config.model_type].from_pretrained(source, local_files_only=local, dtype=dtype)
+        model = classes[config.model_type].from_pretrained(source, local_files_only=local, dtype=dtype,
+                                                            device_map=device_map)
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
     except OSError as err:
         raise FileNotFoundError(

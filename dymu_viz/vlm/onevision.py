@@ -24,23 +24,29 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .common import ImageTokens, tower_features
+
 NEWLINE = -1.0
 MIXED = 1e-6  # index variance above which a downsampled slot blends different compact rows
 
 
 def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Optional[Tensor] = None,
-                     **kwargs: Any) -> list["ImageTokens"]:
-    """Per image: (compact features (n, D): every crop's merged tokens, one token per newline,
-    and one per blended slot, those two in slot order; mapping (V_img,) from each vanilla-layout position to its compact row)."""
+                     batch_num_images: Optional[Tensor] = None, **kwargs: Any) -> list[ImageTokens]:
+    """Per image: compact features (n, D) -- every crop's merged tokens, one token per newline and
+    one per blended slot -- and the mapping (V_img,) from each vanilla-layout position to its
+    compact row. batch_num_images: images per sample; as in HF, an image of a sample with
+    several images is its base crop only (no AnyRes tiles)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-    from .pipeline import ImageTokens, tower_features
 
     if image_sizes is None:
         raise ValueError("LLaVA-OneVision needs image_sizes (the original (H, W) of every image)")
     cfg = model.config
-    n_crops = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-               for size in image_sizes]
+    tiled = [True] * len(image_sizes) if batch_num_images is None else \
+        [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+    if len(tiled) != len(image_sizes):
+        raise ValueError(f"batch_num_images counts {len(tiled)} images but image_sizes has {len(image_sizes)}")
+    n_crops = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if tile else 1
+               for size, tile in zip(image_sizes, tiled)]
     if pixel_values.dim() != 5:
         raise ValueError(f"LLaVA-OneVision pixel_values must be (images, crops, 3, H, W), got {tuple(pixel_values.shape)}")
     crops = torch.cat([pix[:n] for pix, n in zip(pixel_values, n_crops)])
@@ -52,8 +58,9 @@ def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Option
         feats = torch.cat([f for f, _ in segments])
         offsets = torch.tensor([0] + [len(f) for f, _ in segments[:-1]], device=feats.device).cumsum(0)
         grid = torch.stack([m + o for (_, m), o in zip(segments, offsets)])  # (crops, positions) compact rows
-        slots = _pack(model, grid.to(torch.float64)[..., None] ** torch.tensor([1.0, 2.0], dtype=torch.float64),
-                      image_sizes[i], torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64))
+        powers = torch.tensor([1.0, 2.0], dtype=torch.float64, device=grid.device)
+        newline_index = torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64, device=grid.device)
+        slots = _pack(model, grid.to(torch.float64)[..., None] ** powers, image_sizes[i], newline_index)
         index, variance = slots[:, 0], slots[:, 1] - slots[:, 0] ** 2
         newline, mixed = index == NEWLINE, variance > MIXED
         mapping = index.round().long()
@@ -64,7 +71,8 @@ def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Option
             extra = model.model.image_newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
         mapping[own] = len(feats) + torch.arange(int(own.sum()), device=mapping.device)
         used, mapping = torch.unique(mapping, return_inverse=True)  # drop rows no slot copies (unpadded away)
-        out.append(ImageTokens(torch.cat([feats, extra])[used], mapping, [len(f) for f, _ in segments]))
+        image = ImageTokens(torch.cat([feats, extra])[used], mapping, [len(f) for f, _ in segments])
+        out.append(image.in_slot_order())
     return out
 
 

@@ -1,102 +1,104 @@
-"""DyMU in HF LLaVA models: DToMe in the vision tower, compact image features spliced where
-the image placeholders are, VTU in the RoPE decoder.
+"""DyMU in HF LLaVA models: DToMe in the vision tower, compact image features spliced where the
+image placeholders are, VTU in the RoPE decoder, all behind the model's own ``forward``.
 
-    dymu_viz.vlm.patch_vlm(model, thresholds)            # DToMe + VTU (mode="vtu")
-    out = dymu_viz.vlm.generate(model, input_ids, pixel_values, attention_mask, max_new_tokens=32)
-    out.sequences, out.accounting                       # new tokens; per-sample token counts
+    dymu_viz.vlm.patch_vlm(model, thresholds)                 # DToMe + VTU (mode="vtu")
+    out = model.generate(**processor(images=..., text=..., return_tensors="pt"))   # HF's own call
+    model.dymu_vlm.last                                       # per-sample token accounting
     dymu_viz.vlm.unpatch_vlm(model)
 
-Modes: "vtu" (the LLM runs as if the full-length image were there), "compact" (the paper's
-"w/o VTU" ablation: compact tokens at consecutive positions), and "full" (no merging: equal to
-the unpatched model).
+Modes: "vtu" (the LLM runs as if the full-length image were there), "compact" (the paper's "w/o
+VTU" ablation: compact tokens at consecutive positions) and "full" (no merging: the unpatched
+model's numbers).
 
-Each model family supplies one function: images -> per image an ``ImageTokens``: compact
-features (n, D), the mapping (V_img,) from every virtual image position to its compact row, and
-the tokens the tower returned for each of its crops. ``input_ids`` may hold each
-image as the processor expands it or as a single placeholder: either way the run of
-placeholders is replaced by that image's compact tokens.
+``patch_vlm`` swaps the model's class for one whose ``forward`` takes every call in the
+processor's coordinates (each image a run of placeholders, as vanilla HF expands it) and runs
+the LLM on the compact sequence of that call: text tokens, and for each image its compact
+tokens (``ImageTokens``, one function per family). The KV cache holds compact entries; the
+generation's state (compact mask, virtual layout) lives in that cache (``DyMUCache``), so it
+lasts exactly as long as the generation, follows beam reordering, and a call with a fresh cache
+never sees an older call's layout. Logits (and hidden states) come back in the input's
+coordinates: each position gets those of the compact token standing there.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..patch import encode, get_state, patch, unpatch
+from .. import classswap
+from ..patch import patch, unpatch
 from ..thresholds import Thresholds
-from ..vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm
+from ..vtu import VirtualLayout, VTUTrack, cache_bytes, find_decoder, patch_llm, unpatch_llm
+from .cache import DyMUCache, GenerationState, adopt
+from .common import ImageTokens, llava_images
+from .onevision import onevision_images
 
 MODES = ("vtu", "compact", "full")
+FAMILIES: dict[str, Callable[..., list[ImageTokens]]] = {
+    "LlavaForConditionalGeneration": llava_images,
+    "LlavaOnevisionForConditionalGeneration": onevision_images,
+}
 
 
 @dataclass
 class VLMState:
+    """``model.dymu_vlm``: the mode and kernel, and ``last``, the per-sample accounting of the
+    last forward that read a prompt (decode steps leave it as it is): encoder_tokens (tower
+    output, summed over crops) and crop_tokens (per crop); image_tokens (compact image rows in
+    the LLM: for OneVision the crop tokens its layout uses plus newline and blend tokens) and
+    image_positions (virtual image length); text_tokens; llm_compact_length and
+    llm_virtual_length (positions the LLM attends over, cache included; the compact length in
+    "compact" and "full" modes)."""
+
     mode: str
     kernel: str
-
-
-@dataclass
-class PreparedInputs:
-    """The compact LLM input. inputs_embeds: (B, P, D) left-padded; attention_mask: (B, P);
-    layout: the virtual sequence (None in "compact" mode); accounting: one dict per sample:
-    encoder_tokens (tower output, summed over crops) and crop_tokens (per crop); image_tokens
-    (compact image rows in the LLM: for OneVision, the crop tokens its layout uses plus newline
-    and blend tokens) and image_positions (virtual image length); llm_compact_length and
-    llm_virtual_length (the positions the LLM attends over: the compact length in "compact" mode)."""
-
-    inputs_embeds: Tensor
-    attention_mask: Tensor
-    layout: Optional[VirtualLayout]
-    accounting: list[dict[str, Any]]
+    last: list[dict[str, Any]] = field(default_factory=list)
+    prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
 
 @dataclass
 class GenerateOutput:
-    sequences: Tensor  # (B, new tokens)
+    sequences: Tensor  # (rows, new tokens)
     accounting: list[dict[str, Any]]
     texts: Optional[list[str]] = None  # decoded new tokens (chat only)
 
 
-@dataclass
-class ImageTokens:
-    """One image in the LLM: features (n, D) compact rows; mapping (V_img,) virtual image
-    position -> compact row; crop_tokens: tokens the tower returned per crop (one crop for
-    LLaVA-1.5; base crop then tiles for OneVision)."""
-
-    features: Tensor
-    mapping: Tensor
-    crop_tokens: list[int]
+def _images_of(model: nn.Module) -> Callable[..., list[ImageTokens]]:
+    name = classswap.base_class(model).__name__
+    if name not in FAMILIES:
+        raise TypeError(f"expected one of {', '.join(FAMILIES)}, got {name}")
+    return FAMILIES[name]
 
 
-ImageSegments = list[tuple[Tensor, Tensor]]
-
-
-def _family(model: nn.Module) -> Callable[..., list[ImageTokens]]:
-    from .onevision import onevision_images
-    families = {"LlavaForConditionalGeneration": llava_images,
-                "LlavaOnevisionForConditionalGeneration": onevision_images}
-    if type(model).__name__ not in families:
-        raise TypeError(f"expected one of {', '.join(families)}, got {type(model).__name__}")
-    return families[type(model).__name__]
+def _state(model: nn.Module) -> VLMState:
+    state = model.__dict__.get("dymu_vlm")
+    if state is None:
+        raise ValueError("call dymu_viz.vlm.patch_vlm(model, thresholds) first")
+    return state
 
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
               mode: str = "vtu", kernel: str = "sdpa", backend: str = "native") -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
-    (kernel and scatter backend as in ``dymu_viz.vtu.patch_llm``)."""
-    _family(model)
+    (kernel and scatter backend as in ``dymu_viz.vtu.patch_llm``). Afterwards the model's own
+    ``forward`` / ``generate`` run DyMU. Patching a patched model changes its settings."""
+    _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend)
-    elif getattr(model.model.language_model, "dymu_vtu", None) is not None:
+    elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     model.dymu_vlm = VLMState(mode, kernel)
+    if not classswap.is_swapped(model, "vlm"):
+        classswap.swap_in(model, "vlm")
     return model
 
 
@@ -105,10 +107,11 @@ def onevision_tower_thresholds(model: nn.Module, thresholds: Any) -> Any:
     reference's SO400M threshold files have 27 values, of which its tower uses the first 26. Such
     a file is mapped the same way here, with a warning that says so; any other depth mismatch
     stays an error (raised by ``patch``)."""
-    if type(model).__name__ != "LlavaOnevisionForConditionalGeneration" or isinstance(thresholds, (int, float)):
+    if classswap.base_class(model).__name__ != "LlavaOnevisionForConditionalGeneration" or \
+            thresholds is None or isinstance(thresholds, (int, float)):
         return thresholds
     depth = model.config.vision_config.num_hidden_layers
-    if thresholds is None or len(thresholds.values if isinstance(thresholds, Thresholds) else thresholds) != depth + 1:
+    if len(thresholds.values if isinstance(thresholds, Thresholds) else thresholds) != depth + 1:
         return thresholds
     warnings.warn(f"{depth + 1}-layer thresholds on LLaVA-OneVision's {depth}-layer tower: layers 0-{depth - 1} are "
                   f"used and the last threshold is not, as in the reference (its tower drops SO400M's last layer "
@@ -117,94 +120,31 @@ def onevision_tower_thresholds(model: nn.Module, thresholds: Any) -> Any:
 
 
 def unpatch_vlm(model: nn.Module) -> nn.Module:
-    """Undo patch_vlm."""
-    state = model.__dict__.pop("dymu_vlm", None)
-    if state is None:
+    """Undo patch_vlm: the model's own class, tower and LLM again."""
+    if model.__dict__.pop("dymu_vlm", None) is None:
         raise ValueError(f"{type(model).__name__} is not patched by dymu_viz.vlm")
     unpatch(model.model.vision_tower)
-    if getattr(model.model.language_model, "dymu_vtu", None) is not None:
+    if getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
+    classswap.swap_out(model)
     return model
 
 
-def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
-    """Per input image (or crop): (compact features (n, D) after the projector, mapping from
-    each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row).
-    The DToMe tower runs batched, up to ``vision_feature_layer`` and no further."""
-    cfg = model.config
-    layer = cfg.vision_feature_layer
-    if not isinstance(layer, int):
-        raise NotImplementedError("DyMU supports a single vision_feature_layer")
-    tower = model.model.vision_tower
-    depth = get_state(tower).adapter.depth
-    if not -depth - 1 <= layer <= depth:
-        raise ValueError(f"vision_feature_layer {layer} does not exist in a {depth}-layer vision tower")
-    blocks = layer % (depth + 1)  # hidden state `layer` is the output of this many blocks
-    result = encode(tower, pixels.to(next(tower.parameters()).dtype), blocks=blocks)
-    hidden, groups, sizes = result.tokens, result.groups, result.sizes  # the last block run is the one read
-    first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
-    projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
-    counts = ((sizes > 0).sum(-1) - first).tolist()
-    return [(projected[b, :n], groups[b, first:] - first) for b, n in enumerate(counts)]
+# ---------------------------------------------------------------------------------------------
+# One forward: the input chunk -> its compact chunk
 
 
-def llava_images(model: nn.Module, pixel_values: Tensor, **kwargs: Any) -> list[ImageTokens]:
-    """LLaVA-1.5: one image, one tower pass; the virtual image is its patch grid."""
-    return [ImageTokens(f, m, [len(f)]) for f, m in tower_features(model, pixel_values)]
+@dataclass
+class Chunk:
+    """The compact form of one forward's input_ids (B, L): embeds (B, P, D) and mask (B, P),
+    left-padded; slots: per row, the compact row (0..P-1) of each of its virtual slots, in order;
+    rows: (B, L) the compact row standing at every input position; accounting per row."""
 
-
-def prepare_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor,
-                   attention_mask: Optional[Tensor] = None, **image_kwargs: Any) -> PreparedInputs:
-    """Encode the images with DToMe and build the compact, left-padded LLM input and layout."""
-    state: Optional[VLMState] = getattr(model, "dymu_vlm", None)
-    if state is None:
-        raise ValueError("call dymu_viz.vlm.patch_vlm(model, thresholds) first")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    image_id = model.config.image_token_id
-    embed = model.get_input_embeddings()
-    features = _family(model)(model, pixel_values, **image_kwargs)
-    runs = [_runs(row[m.bool()] == image_id) for row, m in zip(input_ids, attention_mask)]
-    if sum(len(r) for r in runs) != len(features):
-        raise ValueError(f"{len(features)} images given but the prompts hold {sum(len(r) for r in runs)} image "
-                         "placeholder runs; give one image per placeholder (<image>)")
-    sequences, mappings, accounting = [], [], []
-    images = iter(features)
-    for row, m, sample_runs in zip(input_ids, attention_mask, runs):
-        tokens = row[m.bool()]
-        parts, mapping, start, compact = [], [], 0, 0
-        n_image_tokens = n_image_virtual = 0
-        crop_tokens: list[int] = []
-        for begin, end in sample_runs + [(len(tokens), len(tokens))]:
-            text = tokens[start:begin]
-            parts.append(embed(text))
-            mapping.append(compact + torch.arange(len(text), device=row.device))
-            compact += len(text)
-            if begin < len(tokens):
-                image = next(images)
-                feats, image_map = image.features, image.mapping
-                crop_tokens += image.crop_tokens
-                parts.append(feats.to(parts[-1].dtype))
-                mapping.append(compact + image_map.to(row.device))
-                compact += len(feats)
-                n_image_tokens += len(feats)
-                n_image_virtual += len(image_map)
-            start = end
-        sequences.append(torch.cat(parts))
-        mappings.append(torch.cat(mapping))
-        accounting.append({"encoder_tokens": sum(crop_tokens), "crop_tokens": crop_tokens,
-                           "image_tokens": n_image_tokens, "image_positions": n_image_virtual,
-                           "llm_compact_length": compact,
-                           "llm_virtual_length": compact if state.mode == "compact" else int(mappings[-1].numel())})
-    P = max(len(s) for s in sequences)
-    dim = sequences[0].shape[-1]
-    embeds = sequences[0].new_zeros((len(sequences), P, dim))
-    mask = torch.zeros((len(sequences), P), dtype=torch.long, device=input_ids.device)
-    for b, s in enumerate(sequences):
-        embeds[b, P - len(s):], mask[b, P - len(s):] = s, 1
-        mappings[b] = mappings[b] + P - len(s)
-    layout = VirtualLayout.from_mappings(mappings) if state.mode == "vtu" else None
-    return PreparedInputs(embeds, mask, layout, accounting)
+    embeds: Tensor
+    mask: Tensor
+    slots: list[Tensor]
+    rows: Tensor
+    accounting: list[dict[str, Any]]
 
 
 def _runs(flags: Tensor) -> list[tuple[int, int]]:
@@ -213,60 +153,258 @@ def _runs(flags: Tensor) -> list[tuple[int, int]]:
     return list(zip(edges.eq(1).nonzero().squeeze(1).tolist(), edges.eq(-1).nonzero().squeeze(1).tolist()))
 
 
-def _start_llm(model: nn.Module, prepared: PreparedInputs) -> None:
-    vtu = getattr(model.model.language_model, "dymu_vtu", None)
-    if vtu is not None:
-        vtu.start(prepared.layout, prepared.inputs_embeds.shape[1])
+def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> Chunk:
+    """Replace the image placeholders of input_ids (B, L) by the images' compact tokens, in order.
+
+    Images are assigned to placeholders as HF does (row by row, left to right); each takes as
+    many placeholders as it has virtual positions (the processor's expansion), or a single
+    placeholder standing for all of them. Positions with mask 0 are dropped (padding)."""
+    B, L = input_ids.shape
+    device = input_ids.device
+    text = model.get_input_embeddings()(input_ids)  # (B, L, D); placeholder rows are replaced
+    image_id = model.config.image_token_id
+    feed = iter(enumerate(images))
+    rows_feats, rows_slots, accounting = [], [], []
+    rows = torch.zeros((B, L), dtype=torch.long, device=device)
+    for b in range(B):
+        valid = mask[b].bool()
+        is_image = (input_ids[b] == image_id) & valid
+        feats, slots, n, cursor = [], [], 0, 0
+        acc = _row_accounting()
+        for begin, end in _runs(is_image) + [(L, L)]:
+            between = (valid[cursor:begin] & ~is_image[cursor:begin]).nonzero().squeeze(1) + cursor
+            k = len(between)
+            feats.append(text[b, between])
+            slots.append(n + torch.arange(k, device=device))
+            rows[b, between] = n + torch.arange(k, device=device)
+            n, acc["text_tokens"] = n + k, acc["text_tokens"] + k
+            p = begin
+            while p < end:
+                i, image = next(feed, (None, None))
+                if image is None:
+                    raise ValueError(f"{len(images)} images given but the prompts hold more image placeholders; "
+                                     "give one image per <image> in the prompts")
+                V = len(image.mapping)
+                take = 1 if (end - p == 1 and V != 1) else V
+                if end - p < take:
+                    raise ValueError(f"image {i} has {V} positions but only {end - p} image placeholders are left "
+                                     "where it goes; expand prompts with the model's own processor")
+                mapping = image.mapping.to(device)
+                feats.append(image.features.to(text.dtype))
+                slots.append(n + mapping)
+                rows[b, p:p + take] = n + (mapping if take == V else mapping[:1])
+                n += len(image.features)
+                acc["crop_tokens"] += image.crop_tokens
+                acc["image_tokens"] += len(image.features)
+                acc["image_positions"] += V
+                p += take
+            cursor = end
+        acc["encoder_tokens"] = sum(acc["crop_tokens"])
+        rows_feats.append(torch.cat(feats))
+        rows_slots.append(torch.cat(slots))
+        accounting.append(acc)
+    left = sum(1 for _ in feed)
+    if left:
+        raise ValueError(f"{len(images)} images given but the prompts hold image placeholders for "
+                         f"{len(images) - left}; give one image per <image> in the prompts")
+    P = max(len(f) for f in rows_feats)
+    embeds = text.new_zeros((B, P, text.shape[-1]))
+    compact_mask = torch.zeros((B, P), dtype=torch.long, device=device)
+    for b, f in enumerate(rows_feats):
+        pad = P - len(f)
+        embeds[b, pad:], compact_mask[b, pad:] = f, 1
+        rows_slots[b] = rows_slots[b] + pad
+        rows[b] = torch.where(mask[b].bool(), rows[b] + pad, P - 1)
+    return Chunk(embeds, compact_mask, rows_slots, rows, accounting)
 
 
-def _positions(prepared: PreparedInputs) -> Tensor:
-    """Position ids: consecutive from 0 at each sample's first token (VTU ignores them)."""
-    return (prepared.attention_mask.cumsum(-1) - 1).clamp_min(0)
+def plain_chunk(model: nn.Module, input_ids: Tensor) -> Chunk:
+    """A chunk of text tokens with no padding (decode steps): compact = input."""
+    B, L = input_ids.shape
+    arange = torch.arange(L, device=input_ids.device)
+    return Chunk(model.get_input_embeddings()(input_ids), torch.ones_like(input_ids), [arange] * B,
+                 arange.expand(B, L), [_row_accounting(L) for _ in range(B)])
+
+
+def _row_accounting(text_tokens: int = 0) -> dict[str, Any]:
+    return {"encoder_tokens": 0, "crop_tokens": [], "image_tokens": 0, "image_positions": 0, "text_tokens": text_tokens}
+
+
+def virtual_block(chunk: Chunk, track: VTUTrack, first_row: int) -> VirtualLayout:
+    """The chunk's virtual slots as a layout block: global compact rows (first_row + row),
+    positions continuing each row's sequence, left padding with invalid slots."""
+    B, device = len(chunk.slots), chunk.mask.device
+    S = max(len(s) for s in chunk.slots)
+    start = track.layout.next_positions() if track.layout.src.shape[1] else torch.zeros(B, dtype=torch.long,
+                                                                                           device=device)
+    src = torch.full((B, S), first_row, dtype=torch.long, device=device)
+    pos = torch.zeros_like(src)
+    valid = torch.zeros_like(src, dtype=torch.bool)
+    for b, slots in enumerate(chunk.slots):
+        n = len(slots)
+        src[b, S - n:] = first_row + slots
+        pos[b, S - n:] = start[b] + torch.arange(n, device=device)
+        valid[b, S - n:] = True
+    return VirtualLayout(src, pos, valid)
+
+
+def _output_class(model: nn.Module) -> type:
+    base = classswap.base_class(model)
+    return getattr(sys.modules[base.__module__], base.__name__.replace("ForConditionalGeneration",
+                                                                       "CausalLMOutputWithPast"))
+
+
+def _gather_positions(x: Tensor, rows: Tensor) -> Tensor:
+    """(B, P, D) compact rows -> (B, L, D) at the input positions ``rows`` (B, L)."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+UNSUPPORTED = {"pixel_values_videos": "video inputs (pixel_values_videos): OneVision's frames are pooled 2 x 2 "
+                                      "before the LLM, which DyMU does not reproduce exactly yet",
+               "mm_encoder_outputs": "precomputed mm_encoder_outputs: DyMU must run the vision tower itself",
+               "inputs_embeds": "inputs_embeds: DyMU finds the image placeholders in input_ids"}
+
+
+def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a DyMU-patched LLaVA model (same signature and outputs as the model's own)."""
+    state: VLMState = self.__dict__["dymu_vlm"]
+    bound = inspect.signature(classswap.base_class(self).forward).bind(self, *args, **kwargs)
+    a = {**bound.arguments.pop("kwargs", {}), **bound.arguments}
+    for name, why in UNSUPPORTED.items():
+        if a.get(name) is not None:
+            raise NotImplementedError(f"DyMU does not support {why}")
+    if a.get("output_attentions"):
+        raise NotImplementedError("DyMU does not return attention weights (VTU attends over virtual copies)")
+    for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+        if a.get(name) is not None and a[name] != getattr(self.config, name, None):
+            raise NotImplementedError(f"DyMU uses the model config's {name}; set model.config.{name} instead")
+    input_ids = a.get("input_ids")
+    if input_ids is None:
+        raise ValueError("a DyMU-patched VLM needs input_ids")
+    B, L = input_ids.shape
+    device = input_ids.device
+    use_cache = a.get("use_cache")
+    if use_cache is None:
+        use_cache = bool(getattr(self.config.get_text_config(), "use_cache", True))
+    cache = a.get("past_key_values")
+    if cache is None and use_cache:
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.config.get_text_config())
+    gen = adopt(cache, B, device).dymu if cache is not None else \
+        GenerationState(torch.zeros((B, 0), dtype=torch.long, device=device))
+    if gen.compact_mask.shape[0] != B:
+        raise ValueError(f"the cache holds {gen.compact_mask.shape[0]} rows but input_ids has {B}")
+
+    full_mask = a.get("attention_mask")
+    if full_mask is not None and full_mask.dim() != 2:
+        raise ValueError("a DyMU-patched VLM takes a 2-D attention_mask (batch, tokens)")
+    mask = torch.ones_like(input_ids) if full_mask is None else full_mask[:, -L:].to(device)
+    pixel_values = a.get("pixel_values")
+    images = [] if pixel_values is None else _images_of(self)(
+        self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"))
+    plain = pixel_values is None and bool(mask.all()) and not bool((input_ids == self.config.image_token_id).any())
+    chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images)
+
+    first_row, P = gen.n_compact, chunk.mask.shape[1]
+    gen.compact_mask = torch.cat([gen.compact_mask, chunk.mask], 1)
+    gen.offset += L - P
+    if state.mode == "vtu":
+        if gen.track is None:
+            empty = torch.zeros((B, 0), dtype=torch.long, device=device)
+            gen.track = VTUTrack(VirtualLayout(empty, empty, empty.bool()), 0)
+        gen.track.append(virtual_block(chunk, gen.track, first_row), P)
+        find_decoder(self.model.language_model).dymu_vtu.track = gen.track
+    position_ids = (gen.compact_mask.cumsum(-1) - 1).clamp_min(0)[:, -P:]  # consecutive (VTU ignores them)
+
+    out = self.model.language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask,
+                                    position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
+                                    output_hidden_states=a.get("output_hidden_states"))
+    if L > 1 or images:
+        _account(state, gen, chunk)
+    keep = a.get("logits_to_keep", 0)
+    rows = chunk.rows if isinstance(keep, int) and keep == 0 else \
+        chunk.rows[:, -keep:] if isinstance(keep, int) else chunk.rows[:, keep.to(device)]
+    logits = self.lm_head(_gather_positions(out.last_hidden_state, rows))
+    loss = None
+    if a.get("labels") is not None:
+        loss = self.loss_function(logits=logits, labels=a["labels"], vocab_size=self.config.get_text_config().vocab_size)
+    hidden = None if out.hidden_states is None else tuple(_gather_positions(h, chunk.rows) for h in out.hidden_states)
+    result = _output_class(self)(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
+                                 hidden_states=hidden)
+    return result if a.get("return_dict", True) is not False else result.to_tuple()
+
+
+def _runs_its_own_vision(self: nn.Module) -> bool:
+    """generate would encode the images with the unpatched tower before the first forward; a
+    patched model encodes them itself (DToMe), from pixel_values."""
+    return False
+
+
+classswap.register("vlm", vlm_forward, _supports_mm_encoder_outputs=_runs_its_own_vision)
+
+
+def _account(state: VLMState, gen: GenerationState, chunk: Chunk) -> None:
+    compact = gen.compact_mask.sum(-1).tolist()
+    virtual = gen.track.layout.valid.sum(-1).tolist() if gen.track is not None else compact
+    state.last = [{**acc, "llm_compact_length": c, "llm_virtual_length": v}
+                  for acc, c, v in zip(chunk.accounting, compact, virtual)]
+    state.prompt_entries = gen.n_compact
+
+
+# ---------------------------------------------------------------------------------------------
+# Conveniences over the model's own calls
 
 
 @torch.no_grad()
-def logits(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None,
-           **image_kwargs: Any) -> tuple[Tensor, PreparedInputs]:
-    """Next-token logits at every compact position: (B, P, vocab), and the prepared inputs."""
-    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask, **image_kwargs)
-    _start_llm(model, prepared)
-    out = model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
-                position_ids=_positions(prepared))
-    return out.logits, prepared
+def logits(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor] = None,
+           attention_mask: Optional[Tensor] = None, **image_kwargs: Any) -> tuple[Tensor, list[dict[str, Any]]]:
+    """Next-token logits at every input position, (B, L, vocab), and the per-sample accounting."""
+    _state(model)
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False,
+                **image_kwargs)
+    return out.logits, _state(model).last
 
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Optional[Tensor] = None,
-             image_sizes: Optional[Tensor] = None, **generate_kwargs: Any) -> GenerateOutput:
-    """Generate from images + prompts; per-sample accounting gains KV-cache entries and bytes.
-    image_sizes: (n_images, 2) original (H, W), needed by LLaVA-OneVision's AnyRes layout."""
-    image_kwargs = {} if image_sizes is None else {"image_sizes": image_sizes}
-    prepared = prepare_inputs(model, input_ids, pixel_values, attention_mask, **image_kwargs)
-    _start_llm(model, prepared)
-    out = model.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+def generate(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor] = None,
+             attention_mask: Optional[Tensor] = None, **generate_kwargs: Any) -> GenerateOutput:
+    """``model.generate`` on a patched model, returning only the new tokens and the accounting
+    of each returned sequence, with its KV-cache entries and bytes (image_sizes and every other
+    generate argument pass through)."""
+    state = _state(model)
+    out = model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          return_dict_in_generate=True, **generate_kwargs)
-    new = out.sequences
+    new = out.sequences[:, input_ids.shape[1]:]
+    prompts, rows = input_ids.shape[0], len(state.last)
+    per_prompt_rows, per_prompt_sequences = rows // prompts, new.shape[0] // prompts
     cache = getattr(out, "past_key_values", None)
-    kv_len = cache.layers[0].keys.shape[2] if cache is not None and cache.layers else 0
-    for acc in prepared.accounting:
-        acc["generated_tokens"] = int(new.shape[1])
-        acc["kv_cache_entries"] = acc["llm_compact_length"] + max(kv_len - prepared.inputs_embeds.shape[1], 0)
-    if cache is not None:
-        per_row = cache_bytes(cache) // max(new.shape[0], 1)
-        for acc in prepared.accounting:
-            acc["kv_cache_bytes_per_sample_padded"] = per_row
-    return GenerateOutput(new, prepared.accounting)
+    appended = cache.compact_length() - state.prompt_entries if isinstance(cache, DyMUCache) else 0
+    per_row_bytes = cache_bytes(cache) // max(cache.dymu.compact_mask.shape[0], 1) if isinstance(cache, DyMUCache) else 0
+    accounting = []
+    for j in range(new.shape[0]):
+        acc = dict(state.last[(j // per_prompt_sequences) * per_prompt_rows])
+        acc.update(generated_tokens=int(new.shape[1]), kv_cache_entries=acc["llm_compact_length"] + appended,
+                   kv_cache_bytes_per_sample_padded=per_row_bytes)
+        accounting.append(acc)
+    return GenerateOutput(new, accounting)
 
 
-def chat(model: nn.Module, processor: Any, images: list[Any], prompts: list[str], **generate_kwargs: Any) -> GenerateOutput:
-    """Images + prompts in, generated text and per-sample accounting out. Preprocessing is the
-    model's own HF processor (one image per prompt, marked with the processor's image token)."""
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one image per prompt")
+def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[str],
+         **generate_kwargs: Any) -> GenerateOutput:
+    """Plain questions in, answers out: each question with its images (None, one image, or a
+    list) goes through the processor's chat template, then the processor and ``generate``."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} image entries but {len(questions)} questions; give one entry per question "
+                         "(None, an image, or a list of images)")
+    per_question = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": q}]}],
+        add_generation_prompt=True) for ims, q in zip(per_question, questions)]
+    # nested per question, so that OneVision's processor counts each sample's images (batch_num_images)
+    nested = per_question if all(per_question) else [im for ims in per_question for im in ims] or None
+    inputs = processor(images=nested, text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    extra = {"image_sizes": inputs["image_sizes"].to(device)} if "image_sizes" in inputs else {}
-    out = generate(model, inputs["input_ids"].to(device), inputs["pixel_values"].to(device),
-                   inputs["attention_mask"].to(device), **extra, **generate_kwargs)
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    out = generate(model, **inputs, **generate_kwargs)
     out.texts = processor.batch_decode(out.sequences, skip_special_tokens=True)
     return out
