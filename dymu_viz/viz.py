@@ -385,7 +385,7 @@ def plot_vlm_accounting(accounting: Union[Accounting, Mapping[str, Accounting]],
     tick at the KV-cache entries, and a text "img physical/virtual · LLM compact/virtual · KV
     entries, MiB" (the KV bytes are per sample of the padded batch cache).
 
-    accounting: the per-sample dicts of ``vlm.generate`` / ``vlm.chat`` / ``vlm.prepare_inputs``,
+    accounting: the per-sample dicts of ``vlm.generate`` / ``vlm.chat`` / ``model.dymu_vlm.last``,
     or {label: such a list} over the same samples to compare runs (e.g. "vtu" / "compact" /
     "full"): then one row per sample and label."""
     labels, rows = vlm_rows(accounting, names)
