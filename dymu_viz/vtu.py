@@ -73,6 +73,10 @@ class VirtualLayout:
         """(B,) virtual length per sample."""
         return self.valid.sum(-1)
 
+    def to(self, device: torch.device) -> "VirtualLayout":
+        return self if self.src.device == device else VirtualLayout(self.src.to(device), self.pos.to(device),
+                                                                    self.valid.to(device))
+
     def select_rows(self, index: Tensor) -> "VirtualLayout":
         """The layout of rows ``index`` (beam reordering, batch expansion)."""
         return VirtualLayout(self.src[index], self.pos[index], self.valid[index])
@@ -175,7 +179,7 @@ class VTUState:
                 raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both halves "
                                  "of the head dim); this model's rotary embedding differs")
             track._rope = (track.n_compact, cos, sin)
-        return track._rope[1].to(like.dtype), track._rope[2].to(like.dtype)
+        return track._rope[1].to(like.device, like.dtype), track._rope[2].to(like.device, like.dtype)
 
 
 def pair_order(x: Tensor) -> Tensor:
@@ -300,6 +304,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     B, H, q_len, D = query.shape
     kv_len = key.shape[2]
     layout, n_query_slots, unpadded = state.step(kv_len, q_len)
+    layout = layout.to(query.device)  # a model split over devices (device_map) runs layers elsewhere
     q_src = layout.src[:, -n_query_slots:] - (kv_len - q_len)  # query slot -> row of `query`
     q_pos, q_valid = layout.pos[:, -n_query_slots:], layout.valid[:, -n_query_slots:]
 

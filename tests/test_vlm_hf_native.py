@@ -271,3 +271,29 @@ def test_bad_input_gets_clear_errors(family: str) -> None:
     if family == "onevision":
         with pytest.raises(NotImplementedError, match="pixel_values_videos"):
             model(input_ids=inputs["input_ids"], pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_image_text_to_text_pipeline_runs_dymu(family: str) -> None:
+    from transformers import pipeline
+    model, processor = tiny_vlm(family)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    messages = [{"role": "user", "content": [{"type": "image", "image": photos(2)[1]},
+                                             {"type": "text", "text": "what is this ?"}]}]
+    reference = pipe(text=messages, max_new_tokens=5, do_sample=False)[0]["generated_text"][-1]
+    vlm.patch_vlm(model, thresholds=float("inf"))
+    assert pipe(text=messages, max_new_tokens=5, do_sample=False)[0]["generated_text"][-1] == reference
+    vlm.patch_vlm(model, thresholds=0.3)
+    pipe(text=messages, max_new_tokens=5, do_sample=False)
+    acc, = model.dymu_vlm.last
+    assert acc["image_tokens"] < acc["image_positions"]  # the pipeline's call merged
+
+
+def test_load_vlm_dtype_and_placement() -> None:
+    loaded = vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1, dtype=torch.bfloat16)
+    assert loaded.model.dtype == torch.bfloat16 and loaded.weights.endswith("; bfloat16 on cpu")
+    assert vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1).model.dtype == torch.float32
+    with pytest.raises(ValueError, match="device_map is for real weights"):
+        vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1, device_map="auto")
+    with pytest.raises(ValueError, match="not both"):
+        vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", device="cpu", device_map="auto")

@@ -190,7 +190,7 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: lis
                     raise ValueError(f"image {i} has {V} positions but only {end - p} image placeholders are left "
                                      "where it goes; expand prompts with the model's own processor")
                 mapping = image.mapping.to(device)
-                feats.append(image.features.to(text.dtype))
+                feats.append(image.features.to(text.device, text.dtype))
                 slots.append(n + mapping)
                 rows[b, p:p + take] = n + (mapping if take == V else mapping[:1])
                 n += len(image.features)
@@ -324,11 +324,12 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     keep = a.get("logits_to_keep", 0)
     rows = chunk.rows if isinstance(keep, int) and keep == 0 else \
         chunk.rows[:, -keep:] if isinstance(keep, int) else chunk.rows[:, keep.to(device)]
-    logits = self.lm_head(_gather_positions(out.last_hidden_state, rows))
+    logits = self.lm_head(_gather_positions(out.last_hidden_state, rows.to(out.last_hidden_state.device)))
     loss = None
     if a.get("labels") is not None:
         loss = self.loss_function(logits=logits, labels=a["labels"], vocab_size=self.config.get_text_config().vocab_size)
-    hidden = None if out.hidden_states is None else tuple(_gather_positions(h, chunk.rows) for h in out.hidden_states)
+    hidden = None if out.hidden_states is None else \
+        tuple(_gather_positions(h, chunk.rows.to(h.device)) for h in out.hidden_states)
     result = _output_class(self)(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
                                  hidden_states=hidden)
     return result if a.get("return_dict", True) is not False else result.to_tuple()
