@@ -150,6 +150,16 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def rank_device(device: str) -> str:
+    """This process's device: "cuda" means this rank's GPU under torchrun (``LOCAL_RANK``), and a
+    CUDA device is made current, so that NCCL's collectives run on it (not all ranks on GPU 0)."""
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    return device
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """The obj of every rank (a list of one without torch.distributed)."""
     import torch.distributed as dist
@@ -297,7 +307,7 @@ def calibrate(model: nn.Module, data: Any, transform: Any, target: Optional[str]
     with tempfile.TemporaryDirectory() as tmp:
         target_path = Path(out) if out is not None else Path(tmp) / "thresholds.json"
         job = CalibrationJob(model, transform, paths, rs, target_path, batch_size, name, schedule, r_total,
-                             device, dtype, workers, resume=resume, progress_bar=progress_bar)
+                             rank_device(device), dtype, workers, resume=resume, progress_bar=progress_bar)
         thresholds, progress = run_calibration(job)
         thresholds.metadata["bad_image_paths"] = [str(paths[i]) for i, _ in sorted(progress.failures)]
         if out is not None and dist_info()[0] == 0:

@@ -86,15 +86,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from .calibrate import (CalibrationJob, encoder_state, n_patches_of, remove_checkpoints, resolve_r,
+    from .calibrate import (CalibrationJob, encoder_state, n_patches_of, rank_device, remove_checkpoints, resolve_r,
                             run_calibration, token_report)
     from .dataset import list_images
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and args.device in (None, "cuda")
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else (args.device or "cpu")
-    if cuda:
-        torch.cuda.set_device(device)  # each rank its own GPU: NCCL's collectives use the current device
+    device = rank_device("cuda" if cuda else (args.device or "cpu"))  # each rank its own GPU, made current
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0

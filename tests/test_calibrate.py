@@ -262,3 +262,15 @@ def test_python_api_calibrates_a_folder_and_saves(tiny_model_dir, image_set, tmp
     assert dymu_viz.Thresholds.load(out).values == th.values
     assert th.metadata["n_images"] == 24 and th.metadata["bad_image_paths"] == []
     assert not list(tmp_path.glob("*.partial.*"))
+
+
+def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
+    """Under torchrun "cuda" is this rank's GPU, made current (NCCL then never puts every rank on
+    GPU 0); CPU devices are left as they are."""
+    from dymu_viz.calibrate import rank_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device("cuda") == "cuda:3" and current == ["cuda:3"]
+    assert rank_device("cuda:1") == "cuda:1" and current[-1] == "cuda:1"
+    assert rank_device("cpu") == "cpu" and len(current) == 2
