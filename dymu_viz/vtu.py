@@ -24,6 +24,7 @@ rows are left-padded so that decode steps append at the end.
 
 from __future__ import annotations
 
+import collections
 import functools
 import sys
 import weakref
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 ATTENTION_NAME = "dymu_vtu"
 KERNELS = ("sdpa", "eager", "exact")
 BACKENDS = ("native", "torch_scatter")
+CACHE_POLICIES = ("compact", "decode_fast")
 
 
 @dataclass
@@ -92,52 +94,69 @@ class VirtualLayout:
 
 
 class VTUTrack:
-    """One generation's virtual sequence: the layout of every compact token in the KV cache so
-    far, how many compact tokens it covers, and how many trailing slots hold the newest tokens
-    (the queries of the current forward). It lives with its KV cache (see ``dymu_viz.vlm``) and
-    follows the cache's rows when beam search reorders them."""
+    """One generation's virtual sequence: the layout of every compact token fed so far, how many
+    compact tokens it covers, how many trailing slots hold the newest tokens (the queries of the
+    current forward), and the RoPE cos / sin of every slot (extended as slots are appended). It
+    lives with its KV cache (see ``dymu_viz.vlm``) and follows the cache's rows when beam search
+    reorders them."""
 
     def __init__(self, layout: VirtualLayout, n_compact: int):
         self.layout, self.n_compact, self.query_slots = layout, n_compact, layout.src.shape[1]
-        self._rope: Optional[tuple[int, Tensor, Tensor]] = None
-        self._step: Optional[tuple[tuple[int, int], bool]] = None
+        self.unfed = n_compact  # compact tokens appended but not fed to the decoder yet
+        self.unpadded = bool(layout.valid.all())
+        self.checked = False  # the newest slots were checked to point at the newest tokens
+        self.cos: Optional[Tensor] = None  # (B, slots so far, D)
+        self.sin: Optional[Tensor] = None
 
     def append(self, block: VirtualLayout, n_new: int) -> None:
         """Add ``n_new`` compact tokens whose virtual slots are ``block`` (the newest queries)."""
         self.layout = self.layout.append(block)
         self.n_compact += n_new
+        self.unfed += n_new
         self.query_slots = block.src.shape[1]
-        self._rope = self._step = None
+        self.unpadded = self.unpadded and bool(block.valid.all())
+        self.checked = False
 
     def append_plain(self, n_new: int) -> None:
         """Add n_new plain tokens to every row, each at the row's next virtual position: what a
         decode step adds."""
         B, device = self.layout.src.shape[0], self.layout.src.device
         steps = torch.arange(n_new, device=device)
-        pos = self.layout.next_positions()[:, None] + steps
+        first = self.layout.next_positions() if self.layout.src.shape[1] else torch.zeros(B, dtype=torch.long,
+                                                                                          device=device)
         src = (self.n_compact + steps).expand(B, n_new)
-        self.append(VirtualLayout(src, pos, torch.ones_like(src, dtype=torch.bool)), n_new)
+        unpadded = self.unpadded
+        self.append(VirtualLayout(src, first[:, None] + steps, torch.ones_like(src, dtype=torch.bool)), n_new)
+        self.unpadded, self.checked = unpadded, True  # known valid: no check, no sync
 
     def select_rows(self, index: Tensor) -> None:
         """Keep rows ``index`` (in that order), as the KV cache does under beam search."""
-        self.layout = self.layout.select_rows(index.to(self.layout.src.device))
-        self._rope = self._step = None
+        index = index.to(self.layout.src.device)
+        self.layout = self.layout.select_rows(index)
+        if self.cos is not None:
+            self.cos, self.sin = self.cos[index.to(self.cos.device)], self.sin[index.to(self.sin.device)]
 
 
 class VTUState:
-    """Shared by every attention layer of one patched LLM: the real rotary embedding, the kernel
-    choice, and the track of the generation now running (set before each forward)."""
+    """Shared by every attention layer of one patched LLM: the real rotary embedding, the kernel,
+    the cache policy, and the track of the generation now running (set before each forward).
+    ``routes`` counts the attention paths taken (see ``vtu_attention``), for inspection."""
 
-    def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa", backend: str = "native"):
+    def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa", backend: str = "native",
+                 cache: str = "compact"):
         if kernel not in KERNELS:
             raise ValueError(f"unknown VTU kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown scatter backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if cache not in CACHE_POLICIES:
+            raise ValueError(f"unknown VTU cache policy {cache!r}; choose one of {', '.join(CACHE_POLICIES)}")
         self.rotary = rotary
         self.kernel = kernel
         self.backend = backend
+        self.cache = cache
         self.track: Optional[VTUTrack] = None
         self.pair_ordered = False  # the layer's q / k (and cached keys) come in pair order
+        self.routes: collections.Counter[str] = collections.Counter()
 
     def start(self, layout: VirtualLayout, n_compact: int) -> VTUTrack:
         """A new generation whose (prefill) forward holds n_compact tokens per row laid out as
@@ -145,41 +164,60 @@ class VTUState:
         self.track = VTUTrack(layout, n_compact)
         return self.track
 
-    def step(self, kv_len: int, q_len: int) -> tuple[VirtualLayout, int, bool]:
-        """For a forward whose q_len newest tokens attend over kv_len cached ones: the layout,
-        how many (trailing) slots hold the new tokens, and whether no row is padded. Worked out
-        (with its host syncs) once per forward, not once per layer. Tokens the track does not
-        know yet (fed to the decoder directly) are plain tokens at the next positions."""
+    def begin_forward(self, q_len: int) -> None:
+        """Called once per decoder forward (by the identity rotary): its q_len new tokens are the
+        ones appended to the track, or, when none were (tokens fed to the decoder directly, such as
+        decode steps), plain tokens at the next positions."""
         track = self.track
         if track is None:
             raise RuntimeError("VTU has no layout: run the model through a DyMU-patched VLM or call "
                                "state.start(layout, n_compact) before the forward")
-        if kv_len > track.n_compact:
-            track.append_plain(kv_len - track.n_compact)
-        elif kv_len < track.n_compact:
-            raise RuntimeError(f"the KV cache holds {kv_len} tokens but the VTU layout {track.n_compact}; "
+        if track.unfed == 0:
+            track.append_plain(q_len)
+        elif track.unfed != q_len:
+            raise RuntimeError(f"the VTU layout holds {track.unfed} new tokens but the forward feeds {q_len}")
+        track.unfed = 0
+
+    def step(self, kv_len: int, q_len: int) -> tuple[VirtualLayout, int, bool]:
+        """For a forward whose q_len newest compact tokens attend over kv_len cached ones: the
+        layout, how many (trailing) slots hold the new tokens, and whether no row is padded. The
+        one host sync (checking a layout given from outside) happens once per forward."""
+        track = self.track
+        if kv_len != track.n_compact:
+            raise RuntimeError(f"the KV cache holds {kv_len} compact tokens but the VTU layout {track.n_compact}; "
                                "start a new layout for a new prompt")
-        if track._step is None or track._step[0] != (kv_len, q_len):
-            n_slots = track.query_slots
-            q_src = track.layout.src[:, -n_slots:] - (kv_len - q_len)
-            q_valid = track.layout.valid[:, -n_slots:]
+        if not track.checked:
+            q_src = track.layout.src[:, -track.query_slots:] - (kv_len - q_len)
+            q_valid = track.layout.valid[:, -track.query_slots:]
             if not bool((((q_src >= 0) & (q_src < q_len)) | ~q_valid).all()):
                 raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
-            track._step = ((kv_len, q_len), bool(track.layout.valid.all()))
-        return track.layout, track.query_slots, track._step[1]
+            track.checked = True
+        return track.layout, track.query_slots, track.unpadded
 
     def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, V, D) for the track's virtual positions in like's dtype, computed once
-        per layout. VTU supports rotate_half RoPE, whose two halves of D repeat the frequencies."""
+        """cos, sin (B, V, D) of every slot of the track, in like's dtype and device; the slots
+        appended since the last call are the only ones computed. VTU supports rotate_half RoPE,
+        whose two halves of D repeat the frequencies."""
         track = self.track
-        if track._rope is None or track._rope[0] != track.n_compact:
-            cos, sin = self.rotary(like, track.layout.pos)
+        done = 0 if track.cos is None else track.cos.shape[1]
+        if done < track.layout.pos.shape[1]:
+            cos, sin = self.rotary(like, track.layout.pos[:, done:].to(like.device))
             half = cos.shape[-1] // 2
             if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
                 raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both halves "
                                  "of the head dim); this model's rotary embedding differs")
-            track._rope = (track.n_compact, cos, sin)
-        return track._rope[1].to(like.device, like.dtype), track._rope[2].to(like.device, like.dtype)
+            track.cos = cos if track.cos is None else torch.cat([track.cos, cos.to(track.cos)], 1)
+            track.sin = sin if track.sin is None else torch.cat([track.sin, sin.to(track.sin)], 1)
+        return track.cos.to(like.device, like.dtype), track.sin.to(like.device, like.dtype)
+
+    def new_slot_keys(self, k: Tensor) -> Tensor:
+        """Decode-fast cache: the new compact keys k (B, Hkv, q_len, D), pair order, expanded to
+        the newest virtual slots and rotated there: (B, Hkv, slots, D), what the cache appends."""
+        track, q_len = self.track, k.shape[2]
+        n = track.query_slots
+        src = (track.layout.src[:, -n:].to(k.device) - (track.n_compact - q_len)).clamp(0, q_len - 1)
+        cos, sin = self.rope(k)
+        return gather_rotated(k, src, cos[:, -n:], sin[:, -n:], pair_ordered=True)
 
 
 def pair_order(x: Tensor) -> Tensor:
@@ -292,64 +330,106 @@ def _allowed(layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor, window: Opti
     return allowed | ~q_valid[:, None, :, None]
 
 
+def _sdpa(state: VTUState, q: Tensor, k: Tensor, v: Tensor, layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor,
+          window: Optional[int], unpadded: bool, n_query_slots: int, scale: float) -> Tensor:
+    """SDPA over the virtual slots, on a path that keeps a fused kernel (route counted):
+
+    * "causal" / "no_mask": nothing padded and no window, and the queries are the whole sequence
+      (causal) or one new token (no mask): no mask tensor, GQA native (``enable_gqa``);
+    * "mask_repeat_kv" / "mask": otherwise an explicit boolean mask; with GQA, K / V are
+      repeated per query head first, because SDPA given both a mask and ``enable_gqa`` falls
+      back to the math kernel, which materialises (B, H, V, V).
+
+    SDPA's is_causal aligns the diagonal top-left, so several new tokens after cached ones take
+    the mask path."""
+    groups = q.shape[1] // k.shape[1]
+    prefill, single = n_query_slots == layout.src.shape[1], n_query_slots == 1
+    if window is None and unpadded and (prefill or single):
+        state.routes["causal" if prefill and not single else "no_mask"] += 1
+        gqa = {"enable_gqa": True} if groups > 1 else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=prefill and not single, scale=scale, **gqa)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    state.routes["mask_repeat_kv" if groups > 1 else "mask"] += 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, window), scale=scale)
+
+
+def _grouped(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """a (B, H, M, K) @ b (B, Hkv, K, N) with H = Hkv * groups (GQA), without repeating b."""
+    B, H, M, K = a.shape
+    return (a.reshape(B, H // groups, groups * M, K) @ b).reshape(B, H, M, -1)
+
+
 def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                   scaling: Optional[float] = None, dropout: float = 0.0, sliding_window: Optional[int] = None,
                   **kwargs: Any) -> tuple[Tensor, None]:
     """The registered attention function. query: (B, H, q_len, D) for the newest compact
-    tokens; key / value: (B, Hkv, kv_len, D) for all cached compact tokens (un-rotated: the
-    model's own RoPE is the identity under VTU). sliding_window: the layer's window in virtual
-    positions (e.g. Qwen2 sliding layers), None for full attention. Returns (B, q_len, H, D)."""
+    tokens; value: (B, Hkv, kv_len, D) for all cached compact tokens; key: the same compact
+    tokens un-rotated (the model's own RoPE is the identity under VTU), or, with the decode-fast
+    cache, (B, Hkv, V, D) already expanded to the virtual slots and rotated. sliding_window: the
+    layer's window in virtual positions (e.g. Qwen2 sliding layers), None for full attention.
+    Returns (B, q_len, H, D).
+
+    Decode-fast cache: values stay compact; a step's attention probabilities over the virtual
+    slots are summed into the compact rows they copy and multiplied with the compact values,
+    sum_p softmax_p v_src(p) = sum_c (sum_{p in c} softmax_p) v_c, so no value is expanded."""
     state: VTUState = module.dymu_vtu
     pair_ordered, state.pair_ordered = state.pair_ordered, False  # set by the RoPE hook, for this call
+    fast = state.cache == "decode_fast"
+    if fast and not pair_ordered:
+        raise RuntimeError("the decode-fast VTU cache needs the model's attention to call its modeling module's "
+                           "apply_rotary_pos_emb (it stores keys rotated there); use cache='compact' for this model")
     B, H, q_len, D = query.shape
-    kv_len = key.shape[2]
+    kv_len = value.shape[2]
     layout, n_query_slots, unpadded = state.step(kv_len, q_len)
     layout = layout.to(query.device)  # a model split over devices (device_map) runs layers elsewhere
     q_src = layout.src[:, -n_query_slots:] - (kv_len - q_len)  # query slot -> row of `query`
     q_pos, q_valid = layout.pos[:, -n_query_slots:], layout.valid[:, -n_query_slots:]
 
     scale = scaling if scaling is not None else D ** -0.5
-    groups = H // key.shape[1]
+    groups = H // value.shape[1]
     k_src = layout.src
     cos, sin = state.rope(query)
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
     repeat = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)  # GQA, eager paths
-    if state.kernel == "exact":
+    prefill = n_query_slots == layout.src.shape[1]
+    if state.kernel == "exact" and not fast:
         if pair_ordered:
             query, key = natural_order(query), natural_order(key)
         v = repeat(gather_slots(value, k_src))
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
         q = gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
-        k = gather_rotated(key, k_src, cos, sin, pair_ordered)
-        v = gather_slots(value, k_src)
-        if state.kernel == "sdpa":
-            gqa = {"enable_gqa": True} if groups > 1 else {}
-            prefill, single = n_query_slots == layout.src.shape[1], n_query_slots == 1
-            if sliding_window is None and unpadded and (prefill or single):
-                # No padding: slots are in position order, so the mask is plain causal (prefill)
-                # or empty (one new token after every cached one) and SDPA's fast paths apply.
-                # Several new tokens after cached ones need the explicit mask: SDPA's is_causal
-                # aligns the diagonal top-left, not bottom-right.
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=prefill and not single, scale=scale, **gqa)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, sliding_window),
-                                                     scale=scale, **gqa)
+        k = key if fast else gather_rotated(key, k_src, cos, sin, pair_ordered)
+        if state.kernel == "sdpa" and (prefill or not fast):
+            out = _sdpa(state, q, k, gather_slots(value, k_src), layout, q_pos, q_valid, sliding_window, unpadded,
+                        n_query_slots, scale)
             return average_copies(out, q_src, q_valid, q_len, state.backend), None
-        k, v = repeat(k), repeat(v)
-        scores = q @ k.transpose(-1, -2) * scale
+        if fast:
+            scores = _grouped(q, k.transpose(-1, -2), groups) * scale
+        else:
+            v = repeat(gather_slots(value, k_src))
+            scores = q @ repeat(k).transpose(-1, -2) * scale
     scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid, sliding_window), torch.finfo(scores.dtype).min)
-    # "eager" follows HF's eager attention exactly (softmax in float32); "exact" is a math
-    # reference and keeps at least the input precision.
+    # "eager" follows HF's eager attention exactly (softmax in float32); "exact" (a math
+    # reference) and "sdpa" (decode-fast steps, which SDPA cannot do) keep at least the input
+    # precision, as SDPA does.
     soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
-    probs = scores.softmax(dim=-1, dtype=soft_dtype).to(v.dtype)
+    probs = scores.softmax(dim=-1, dtype=soft_dtype).to(value.dtype)
+    if fast:
+        state.routes["slot_probabilities"] += 1
+        compact = probs.new_zeros((B, H, n_query_slots, kv_len))
+        compact.scatter_add_(-1, k_src[:, None, None, :].expand_as(probs), probs)
+        return average_copies(_grouped(compact, value, groups), q_src, q_valid, q_len, state.backend), None
     return average_copies(probs @ v, q_src, q_valid, q_len, state.backend), None
 
 
 def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]], state: "VTUState") -> Callable[..., tuple[Tensor, Tensor]]:
     """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype; cos
-    carries the VTU state, for the modeling module's hooked apply_rotary_pos_emb (_rope_hook)."""
+    carries the VTU state, for the modeling module's hooked apply_rotary_pos_emb (_rope_hook).
+    It runs once per decoder forward, which is where the forward's new tokens meet the track."""
     def forward(x: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        state.begin_forward(position_ids.shape[-1])
         cos, sin = original(x, position_ids, *args, **kwargs)
         cos = torch.ones_like(cos)
         cos.dymu_vtu = state
@@ -360,14 +440,17 @@ def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]], state: "VTU
 def _rope_hook(apply: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
     """apply_rotary_pos_emb that, for VTU's identity cos, hands q and k back in pair order (one
     copy each at compact length, which the cache then keeps) instead of multiplying them by 1,
-    and tells the layer's attention call so; every other call is the original."""
+    and tells the layer's attention call so; with the decode-fast cache, k comes back expanded
+    to the new virtual slots and rotated there (what that cache keeps). Every other call is the
+    original."""
     @functools.wraps(apply)
     def hooked(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         state = getattr(cos, "dymu_vtu", None)
         if state is None:
             return apply(q, k, cos, sin, *args, **kwargs)
         state.pair_ordered = True
-        return pair_order(q).flatten(-2), pair_order(k).flatten(-2)
+        q, k = pair_order(q).flatten(-2), pair_order(k).flatten(-2)
+        return q, (state.new_slot_keys(k) if state.cache == "decode_fast" else k)
     hooked.dymu_original = apply
     return hooked
 
@@ -397,24 +480,28 @@ def find_decoder(model: nn.Module) -> nn.Module:
                      "VTU needs a rotary-position LLM such as Llama or Qwen2")
 
 
-def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native") -> VTUState:
+def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native", cache: str = "compact") -> VTUState:
     """Put VTU into the RoPE decoder inside model (per instance, reversible with unpatch_llm).
     kernel: "sdpa" (default), "eager" (HF eager semantics) or "exact" (Eq. 10 reference);
-    backend: how copies are averaged, "native" or "torch_scatter"."""
+    backend: how copies are averaged, "native" or "torch_scatter"; cache: what the KV cache
+    keeps (see ``cache_bytes_formula``): "compact" (un-rotated compact keys and values, the
+    least memory; each decode step re-expands and re-rotates the keys) or "decode_fast" (keys
+    expanded to the virtual slots and rotated once, compact values: decode steps as fast as the
+    unmerged model's or faster)."""
     from transformers import AttentionInterface
 
     decoder = find_decoder(model)
     existing = getattr(decoder, "dymu_vtu", None)
     if existing is not None:
-        checked = VTUState(existing.rotary, kernel, backend)  # validates the new settings
-        existing.kernel, existing.backend = checked.kernel, checked.backend
+        checked = VTUState(existing.rotary, kernel, backend, cache)  # validates the new settings
+        existing.kernel, existing.backend, existing.cache = checked.kernel, checked.backend, checked.cache
         return existing
     attentions = [m for m in decoder.layers.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
     if not attentions:
         raise ValueError(f"no attention layers with q_proj / k_proj found in {type(decoder).__name__}")
     AttentionInterface.register(ATTENTION_NAME, vtu_attention)
     rotary = decoder.rotary_emb
-    state = VTUState(rotary.forward, kernel, backend)
+    state = VTUState(rotary.forward, kernel, backend, cache)
     config = attentions[0].config
     state.saved_attn_implementation = config._attn_implementation
     rotary.forward = _identity_rotary(state.rotary, state)
@@ -449,6 +536,17 @@ def unpatch_llm(model: nn.Module) -> None:
     config._attn_implementation = state.saved_attn_implementation
     if state.saved_layer_types is not None:
         config.layer_types = state.saved_layer_types[0]
+
+
+def cache_bytes_formula(policy: str, layers: int, rows: int, kv_heads: int, head_dim: int, compact: int,
+                        virtual: int, element_size: int) -> int:
+    """Bytes of a VTU KV cache: "compact" keeps keys and values of the compact tokens,
+    2 * layers * rows * kv_heads * compact * head_dim * element_size; "decode_fast" keeps keys of
+    the virtual slots and values of the compact tokens, layers * rows * kv_heads * (virtual +
+    compact) * head_dim * element_size, i.e. (virtual + compact) / (2 virtual) of the unmerged
+    model's. compact / virtual: per row, padding included."""
+    per_row = {"compact": 2 * compact, "decode_fast": virtual + compact}[policy]
+    return layers * rows * kv_heads * per_row * head_dim * element_size
 
 
 def cache_bytes(cache: Any) -> int:

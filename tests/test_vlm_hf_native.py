@@ -88,6 +88,26 @@ def test_hf_generate_runs_dymu(family: str, decoding: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+def test_both_cache_policies_generate_the_same(family: str, decoding: str) -> None:
+    """The decode-fast cache (expanded rotated keys, compact values) and the compact one give the
+    same answers and step logits (fp64), with merging, greedy and beam search."""
+    model, processor = tiny_vlm(family, torch.float64)
+    inputs = batch(processor, model)
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if decoding == "beam":
+        kw.update(num_beams=2, num_return_sequences=2)
+    runs = {}
+    for cache in ("compact", "decode_fast"):
+        vlm.patch_vlm(model, thresholds=0.3, cache=cache)
+        runs[cache] = model.generate(**inputs, **kw)
+    assert torch.equal(runs["compact"].sequences, runs["decode_fast"].sequences)
+    assert_close_logits(runs["compact"].logits, runs["decode_fast"].logits, 1e-6)  # generate casts to float32
+    entries = runs["decode_fast"].past_key_values
+    assert entries.layers[0].keys.shape[2] > entries.layers[0].values.shape[2]  # keys per virtual slot
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_forward_logits_in_the_input_coordinates(family: str) -> None:
     """model(**inputs): logits of every input position, the unpatched model's with no merging."""
     model, processor = tiny_vlm(family)
@@ -106,11 +126,12 @@ def test_forward_logits_in_the_input_coordinates(family: str) -> None:
 
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_second_turn_with_the_cache_kept_equals_recomputation(kernel: str, padded: bool) -> None:
+@pytest.mark.parametrize("cache", ["compact", "decode_fast"])
+def test_second_turn_with_the_cache_kept_equals_recomputation(kernel: str, padded: bool, cache: str) -> None:
     model, processor = tiny_vlm("llava", torch.float64, attn="eager" if kernel == "eager" else "sdpa")
     n = 3 if padded else 1
     inputs = batch(processor, model, images_per_prompt=(1,) * n, questions=QUESTIONS[:n])
-    vlm.patch_vlm(model, thresholds=0.3, kernel=kernel)
+    vlm.patch_vlm(model, thresholds=0.3, kernel=kernel, cache=cache)
     first = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     turn = processor.tokenizer([" user : and the colors ? assistant :"] * n, add_special_tokens=False,
                                return_tensors="pt").input_ids

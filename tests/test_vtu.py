@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dymu_viz.vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm
+from dymu_viz.vtu import CACHE_POLICIES, VirtualLayout, cache_bytes, cache_bytes_formula, patch_llm, unpatch_llm
 
 VOCAB = 128
 
 
-def tiny_llama(dtype=torch.float64, attn="sdpa", seed=0):
+def tiny_llama(dtype=torch.float64, attn="sdpa", seed=0, kv_heads=2):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=kv_heads,
                       num_hidden_layers=2, vocab_size=VOCAB, attn_implementation=attn)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
@@ -164,6 +164,7 @@ def test_rope_hook_pair_orders_identity_rope_while_patched_and_is_restored_after
     first, second = tiny_llama(torch.float64), tiny_llama(torch.float64)
     state = patch_llm(first)
     patch_llm(second)
+    state.start(VirtualLayout.identity(torch.ones(1, 4, dtype=torch.long)), 4)  # the forward the rotary opens
     cos, sin = first.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(4)[None])
     q, k = torch.randn(1, 4, 4, 16, dtype=torch.float64), torch.randn(1, 2, 4, 16, dtype=torch.float64)
     hq, hk = llama.apply_rotary_pos_emb(q, k, cos, sin)  # no multiplications by 1: pair order for VTU
@@ -227,31 +228,98 @@ def test_batch_of_three_equals_each_alone():
         assert torch.allclose(batched[b, -len(i):], alone, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("make", ["llama", "sliding_qwen2"])
-def test_cached_greedy_decoding_equals_recomputation_and_cache_is_compact(make):
-    model = tiny_llama(torch.float64) if make == "llama" else tiny_sliding_qwen2(window=6)
-    patch_llm(model)
-    samples = [merged_sample(seed=s, n_compact=c) for s, c in [(0, 7), (1, 4)]]
+# (seed, compact image tokens, virtual image positions) per sample; different virtual lengths pad
+CASES = {"unpadded": ("llama", [(0, 7, 16)]), "left_padded": ("llama", [(0, 7, 16), (1, 4, 9)]),
+         "sliding_window": ("sliding_qwen2", [(0, 7, 16), (1, 4, 9)])}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+def test_cached_greedy_decoding_equals_recomputation_and_cache_bytes_follow_the_formula(policy, kernel, case):
+    make, specs = CASES[case]
+    model = tiny_llama(torch.float64, attn="eager" if kernel == "eager" else "sdpa") if make == "llama" else \
+        tiny_sliding_qwen2(attn="eager" if kernel == "eager" else "sdpa", window=6)
+    patch_llm(model, kernel, cache=policy)
+    samples = [merged_sample(seed=s, n_compact=c, n_virtual=v) for s, c, v in specs]
     ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         return_dict_in_generate=True, pad_token_id=0)
-    generated = out.sequences[:, ids.shape[1]:]
-    assert generated.shape[1] == 8
+    virtual = model.model.dymu_vtu.track.layout.src.shape[1]
+    assert model.model.dymu_vtu.track.unpadded == (case == "unpadded")
+    steps, P, B = 16, ids.shape[1], ids.shape[0]
+    # greedy decoding with the cache, fp64 logits kept (generate's are cast to float32)
+    out = model(input_ids=ids, attention_mask=mask)
+    cached, cache, step_mask = [out.logits[:, -1]], out.past_key_values, mask
+    for t in range(steps - 1):
+        step_mask = torch.cat([step_mask, torch.ones(B, 1, dtype=torch.long)], 1)
+        out = model(input_ids=cached[-1].argmax(-1)[:, None], attention_mask=step_mask, past_key_values=cache)
+        cached.append(out.logits[:, -1])
     # recompute every step without a cache: the whole compact prefix, layout extended by hand
-    seq, P = ids, ids.shape[1]
-    for t in range(8):
+    seq = ids
+    for t in range(steps):
         maps = [torch.cat([m + P - len(i), torch.arange(P, P + t)]) for i, m in samples]
         model.model.dymu_vtu.start(VirtualLayout.from_mappings(maps), P + t)
-        logits = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones(2, t, dtype=torch.long)], 1),
-                       use_cache=False).logits
-        nxt = logits[:, -1].argmax(-1)
-        assert torch.equal(nxt, generated[:, t])
-        seq = torch.cat([seq, nxt[:, None]], 1)
-    # every layer's cache (sliding ones too: nothing cropped) holds the compact length, prompt + 7
-    # of the 8 generated tokens, not the virtual one
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [P + 7] * 2
-    per_entry = 2 * 2 * 16 * 8 * 2  # K and V, 2 kv heads, head dim 16, float64, 2 layers
-    assert cache_bytes(out.past_key_values) == ids.shape[0] * (P + 7) * per_entry
+        logits = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones(B, t, dtype=torch.long)], 1),
+                       use_cache=False).logits[:, -1]
+        assert torch.allclose(logits, cached[t], atol=1e-10, rtol=0), (t, float((logits - cached[t]).abs().max()))
+        seq = torch.cat([seq, logits.argmax(-1)[:, None]], 1)
+    # every layer (sliding ones too: nothing cropped) holds the prompt and 15 of the 16 generated tokens
+    fed = steps - 1
+    assert [layer.values.shape[2] for layer in cache.layers] == [P + fed] * 2
+    assert [layer.keys.shape[2] for layer in cache.layers] == [P + fed if policy == "compact" else virtual + fed] * 2
+    expected = cache_bytes_formula(policy, layers=2, rows=B, kv_heads=2, head_dim=16, compact=P + fed,
+                                   virtual=virtual + fed, element_size=8)
+    assert cache_bytes(cache) == expected
+
+
+def routes_of(model, run) -> dict[str, int]:
+    """The SDPA routes VTU takes in ``run()``, and no call gives SDPA both a mask and GQA."""
+    import dymu_viz.vtu as vtu
+    state = model.model.dymu_vtu
+    state.routes.clear()
+    original = vtu.F.scaled_dot_product_attention
+
+    def checked(*args, **kwargs):
+        assert not (kwargs.get("attn_mask") is not None and kwargs.get("enable_gqa")), "mask + GQA: math kernel"
+        return original(*args, **kwargs)
+
+    vtu.F.scaled_dot_product_attention = checked
+    try:
+        run()
+    finally:
+        vtu.F.scaled_dot_product_attention = original
+    return dict(state.routes)
+
+
+def test_sdpa_route_per_case():
+    """Which SDPA path each case takes (2 layers each): no mask tensor where none is needed, and
+    repeated K / V instead of a mask with GQA (SDPA's math fallback materialises (B, H, V, V))."""
+    model = tiny_llama(torch.float64)  # GQA: 4 heads, 2 kv heads
+    state = patch_llm(model)
+    (i, m), = [merged_sample(seed=0)]
+    ids, mask = _prefill(model, [i], [m])
+    out = model(input_ids=ids, attention_mask=mask)
+    cache = out.past_key_values
+    assert routes_of(model, lambda: None) == {}
+    _prefill(model, [i], [m])
+    assert routes_of(model, lambda: model(input_ids=ids, attention_mask=mask)) == {"causal": 2}
+    _prefill(model, [i], [m])
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache.__class__())
+    step = torch.tensor([[3]])
+    assert routes_of(model, lambda: model(input_ids=step, past_key_values=cache)) == {"no_mask": 2}
+    chunk = torch.tensor([[3, 4, 5]])  # several new tokens after cached ones: an explicit causal mask
+    assert routes_of(model, lambda: model(input_ids=chunk, past_key_values=cache)) == {"mask_repeat_kv": 2}
+    samples = [merged_sample(seed=s, n_compact=c, n_virtual=v) for s, c, v in [(0, 7, 16), (1, 4, 9)]]  # padded
+    ids2, mask2 = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
+    assert routes_of(model, lambda: model(input_ids=ids2, attention_mask=mask2)) == {"mask_repeat_kv": 2}
+    mha = tiny_llama(torch.float64, kv_heads=4)
+    patch_llm(mha)
+    ids3, mask3 = _prefill(mha, [s[0] for s in samples], [s[1] for s in samples])
+    assert routes_of(mha, lambda: mha(input_ids=ids3, attention_mask=mask3)) == {"mask": 2}
+    patch_llm(model, cache="decode_fast")
+    ids, mask = _prefill(model, [i], [m])
+    fast = model(input_ids=ids, attention_mask=mask).past_key_values
+    assert routes_of(model, lambda: model(input_ids=step, past_key_values=fast)) == {"slot_probabilities": 2}
+    assert state.cache == "decode_fast"
 
 
 def test_errors():

@@ -48,11 +48,13 @@ class DyMUCache(DynamicCache):
     dymu: GenerationState
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return super().get_seq_length(layer_idx) + self.dymu.offset
+        return self.compact_length() + self.dymu.offset
 
     def compact_length(self) -> int:
-        """Compact entries per row (the physical length of every layer)."""
-        return super().get_seq_length(0)
+        """Compact tokens held per row (the values' length: with VTU's decode-fast policy the keys
+        are held per virtual slot)."""
+        layer = self.layers[0] if self.layers else None
+        return 0 if layer is None or not layer.is_initialized else layer.values.shape[-2]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

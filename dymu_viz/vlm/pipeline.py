@@ -84,16 +84,17 @@ def _state(model: nn.Module) -> VLMState:
 
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
-              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native") -> nn.Module:
+              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "compact") -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
-    (kernel and scatter backend as in ``dymu_viz.vtu.patch_llm``). Afterwards the model's own
-    ``forward`` / ``generate`` run DyMU. Patching a patched model changes its settings."""
+    (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
+    the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
+    settings."""
     _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
-        patch_llm(model.model.language_model, kernel, backend)
+        patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     model.dymu_vlm = VLMState(mode, kernel)
