@@ -21,9 +21,11 @@ ratios. Targets: VTU time / full time <= 1.1 x the FLOP ratio; KV bytes ratio = 
 VTU / FLOP-equivalent is VTU's own overhead; FLOP-equivalent / bound is what the hardware adds
 (matrix products over fewer rows run at a lower rate per row, notably on CPU).
 
-Then, per mode but FLOP-equivalent, ``--decode`` single-token steps on that cache (the
-unpatched modes' cache is full length or compact; VTU's is compact and re-expanded each step),
-timed per step.
+Then, per mode but FLOP-equivalent, ``--decode`` single-token steps on that cache, timed per step,
+at batch 1 and 8 (``--batch-sizes``): full (full-length cache), VTU with its two cache policies
+("compact": compact un-rotated keys re-expanded and re-rotated every step; "decode_fast": keys
+expanded and rotated once, compact values), and w/o VTU (compact cache). The end-to-end figure
+is prefill + all decode steps, the time a user waits for an answer of ``--decode`` tokens.
 
 Peak memory of one prefill: on GPU, torch's peak allocated bytes; on CPU (``--memory``), the
 growth of the resident set's peak during one prefill (Linux VmHWM, reset just before it), each
@@ -59,7 +61,7 @@ SHAPES = {
 }
 BEFORE, IMAGE, AFTER = 40, 576, 20
 LEVELS = (576, 394, 195, 89)
-MODES = ("full", "vtu", "compact", "flop_equivalent")
+MODES = ("full", "vtu", "vtu_fast", "compact", "flop_equivalent")
 FLOP_EQUIVALENT = "dymu_flop_equivalent"
 
 
@@ -106,8 +108,8 @@ def flop_equivalent_attention(module: torch.nn.Module, query: torch.Tensor, key:
 
 def use_mode(model: LlamaModel, mode: str) -> None:
     """Patch / unpatch model for mode (see MODES)."""
-    if mode == "vtu":
-        patch_llm(model)
+    if mode in ("vtu", "vtu_fast"):
+        patch_llm(model, cache="decode_fast" if mode == "vtu_fast" else "compact")
         return
     if getattr(model, "dymu_vtu", None) is not None:
         unpatch_llm(model)
@@ -116,10 +118,12 @@ def use_mode(model: LlamaModel, mode: str) -> None:
 
 
 def inputs_for(mode: str, n: int, full_embeds: torch.Tensor) -> tuple[torch.Tensor, VirtualLayout | None]:
-    """The prefill input of a mode at merge level n: embeddings and, for VTU, the layout."""
+    """The prefill input of a mode at merge level n (every row of the batch alike): embeddings
+    and, for VTU, the layout."""
     if mode == "full":
         return full_embeds, None
-    layout = VirtualLayout.from_mappings([mapping(n).to(full_embeds.device)]) if mode == "vtu" else None
+    rows = full_embeds.shape[0]
+    layout = VirtualLayout.from_mappings([mapping(n).to(full_embeds.device)] * rows) if mode.startswith("vtu") else None
     return full_embeds[:, :BEFORE + n + AFTER], layout
 
 
@@ -144,7 +148,7 @@ def child_memory(shape: str, mode: str, n: int) -> int:
     model, full_embeds = build(shape, "cpu", torch.float32)
     embeds, layout = inputs_for(mode, n, full_embeds)
     use_mode(model, mode)
-    if mode == "vtu":
+    if layout is not None:
         model.dymu_vtu.start(layout, embeds.shape[1])
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM
@@ -156,7 +160,7 @@ def child_memory(shape: str, mode: str, n: int) -> int:
 def cpu_memory(shape: str, n: int) -> dict[str, int]:
     """child_memory of every mode at level n, each in its own process."""
     peaks = {}
-    for mode in ("full", "vtu", "compact"):
+    for mode in ("full", "vtu", "compact"):  # prefill memory: both VTU policies expand alike
         out = subprocess.run([sys.executable, __file__, "--child-memory", shape, mode, str(n)], check=True,
                              capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         peaks[mode] = int(out.stdout.strip().splitlines()[-1])
@@ -167,7 +171,8 @@ def cpu_memory(shape: str, n: int) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, reps=5, dtype=True)
     p.add_argument("--shape", default="cpu", choices=list(SHAPES))
-    p.add_argument("--decode", type=int, default=8, help="decode steps timed after each prefill (0: none)")
+    p.add_argument("--decode", type=int, default=128, help="decode steps timed after each prefill (0: none)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes of the decode rows")
     p.add_argument("--memory", action="store_true", help="CPU: also measure peak RSS growth per prefill (child processes)")
     p.add_argument("--child-memory", nargs=3, metavar=("SHAPE", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -193,60 +198,96 @@ def main(argv: list[str] | None = None) -> int:
         prefill = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
         kv = cache_bytes(cache)
+        step_embeds = embeds[:, -1:]
         start = time.perf_counter()
         for _ in range(decode):
-            model(inputs_embeds=full_embeds[:, -1:], past_key_values=cache, use_cache=True)
+            model(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True)
         sync()
         return prefill, kv, peak, (time.perf_counter() - start) / max(decode, 1)
 
+    def paired(times: dict[str, list[float]], num: str, den: str = "full") -> float:
+        """Median of per-repetition ratios: each repetition runs the modes back to back, so a
+        per-repetition ratio cancels the machine's slow drifts."""
+        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
     rows = []
-    for n in LEVELS:
+    for n in LEVELS:  # prefill, batch 1
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
-        steps: dict[str, list[float]] = {mode: [] for mode in MODES}
         kv, peak = {}, {}
         for rep in range(args.warmup + args.reps):
             for mode in times:
                 use_mode(model, mode)
-                decode = args.decode if mode != "flop_equivalent" else 0  # it stands in for prefill only
-                t, kv[mode], peak[mode], step = run(*inputs_for(mode, n, full_embeds), decode)
+                t, kv[mode], peak[mode], _ = run(*inputs_for(mode, n, full_embeds), 0)
                 if rep >= args.warmup:
                     times[mode].append(t)
-                    steps[mode].append(step)
         if args.memory and args.device == "cpu":
             peak = cpu_memory(args.shape, n)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        # paired ratios: each repetition runs the three modes back to back, so a per-repetition
-        # ratio cancels the machine's slow drifts; the median of those is reported
-        paired = {k: statistics.median(a / f for a, f in zip(times[k], times["full"])) for k in MODES[1:]}
         bound = prefill_flops(BEFORE + n + AFTER, virtual, cfg) / prefill_flops(virtual, virtual, cfg)
-        row = {"image_tokens": n, "compact": BEFORE + n + AFTER, "virtual": virtual, "seconds": med,
-               "vtu_time_ratio": paired["vtu"], "vtu_flop_ratio": bound,
-               "vtu_over_bound": paired["vtu"] / bound,
-               "compact_time_ratio": paired["compact"], "flop_equivalent_time_ratio": paired["flop_equivalent"],
-               "vtu_over_flop_equivalent": statistics.median(
-                   a / e for a, e in zip(times["vtu"], times["flop_equivalent"])), "kv_bytes": kv,
-               "kv_ratio_vtu": kv["vtu"] / kv["full"], "expected_kv_ratio": (BEFORE + n + AFTER) / virtual,
-               "peak_bytes": peak, "decode_step_seconds": {k: statistics.median(v) for k, v in steps.items()},
-               "decode_step_ratio": {k: statistics.median(a / f for a, f in zip(steps[k], steps["full"]))
-                                     if args.decode else float("nan") for k in ("vtu", "compact")}}
+        row = {"image_tokens": n, "compact": BEFORE + n + AFTER, "virtual": virtual,
+               "seconds": {k: statistics.median(v) for k, v in times.items()},
+               "vtu_time_ratio": paired(times, "vtu"), "vtu_fast_time_ratio": paired(times, "vtu_fast"),
+               "vtu_flop_ratio": bound, "vtu_over_bound": paired(times, "vtu") / bound,
+               "compact_time_ratio": paired(times, "compact"),
+               "flop_equivalent_time_ratio": paired(times, "flop_equivalent"),
+               "vtu_over_flop_equivalent": paired(times, "vtu", "flop_equivalent"), "kv_bytes": kv,
+               "kv_ratio_vtu": kv["vtu"] / kv["full"], "kv_ratio_vtu_fast": kv["vtu_fast"] / kv["full"],
+               "expected_kv_ratio": (BEFORE + n + AFTER) / virtual,
+               "expected_kv_ratio_fast": (virtual + BEFORE + n + AFTER) / (2 * virtual), "peak_bytes": peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
+
+    decode_rows = []
+    decode_modes = ("full", "vtu", "vtu_fast", "compact")
+    for batch in args.batch_sizes if args.decode else []:
+        embeds_b = full_embeds.expand(batch, -1, -1).contiguous()
+        for n in LEVELS:
+            prefill_t = {m: [] for m in decode_modes}
+            step_t = {m: [] for m in decode_modes}
+            total_t = {m: [] for m in decode_modes}
+            for rep in range(args.warmup + args.reps):
+                for mode in decode_modes:
+                    use_mode(model, mode)
+                    t, _, _, step = run(*inputs_for(mode, n, embeds_b), args.decode)
+                    if rep >= args.warmup:
+                        prefill_t[mode].append(t)
+                        step_t[mode].append(step)
+                        total_t[mode].append(t + args.decode * step)
+            row = {"batch": batch, "image_tokens": n, "decode_steps": args.decode,
+                   "step_seconds": {m: statistics.median(v) for m, v in step_t.items()},
+                   "step_ratio": {m: paired(step_t, m) for m in decode_modes[1:]},
+                   "end_to_end_seconds": {m: statistics.median(v) for m, v in total_t.items()},
+                   "end_to_end_ratio": {m: paired(total_t, m) for m in decode_modes[1:]}}
+            decode_rows.append(row)
+            print(json.dumps(row), flush=True)
+
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     shape = SHAPES[args.shape]
     lines = [f"Decoder {shape['num_hidden_layers']} layers x {shape['hidden_size']} (MLP {shape['intermediate_size']}, "
              f"{shape['num_attention_heads']} heads), {device}/{args.dtype}, sequence {BEFORE}+{IMAGE}+{AFTER}.", "",
-             "| image tokens | compact / virtual | full prefill s | VTU / full time | FLOP ratio | VTU / bound "
-             "| FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full time | KV bytes VTU / full | expected "
-             "| peak MiB full / VTU / w/o VTU | decode step VTU / full | w/o VTU / full |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Prefill, batch 1:", "",
+             "| image tokens | compact / virtual | full prefill s | VTU / full time | decode-fast VTU / full | FLOP ratio "
+             "| VTU / bound | FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full time "
+             "| KV bytes VTU / full (expected) | decode-fast (expected) | peak MiB full / VTU / w/o VTU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {r['seconds']['full']:.3f} "
-                     f"| {r['vtu_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} | {r['vtu_over_bound']:.2f} "
-                     f"| {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} | {r['vtu_over_flop_equivalent']:.2f} "
-                     f"| {r['compact_time_ratio']:.3f} | {r['kv_ratio_vtu']:.3f} | {r['expected_kv_ratio']:.3f} "
-                     f"| {peaks(r['peak_bytes'])} | {r['decode_step_ratio']['vtu']:.2f} "
-                     f"| {r['decode_step_ratio']['compact']:.2f} |")
-    publish("vlm", args.device, {"device": device, "dtype": args.dtype, "shape": shape, "rows": rows}, "\n".join(lines))
+                     f"| {r['vtu_time_ratio']:.3f} | {r['vtu_fast_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} "
+                     f"| {r['vtu_over_bound']:.2f} | {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} "
+                     f"| {r['vtu_over_flop_equivalent']:.2f} | {r['compact_time_ratio']:.3f} "
+                     f"| {r['kv_ratio_vtu']:.3f} ({r['expected_kv_ratio']:.3f}) "
+                     f"| {r['kv_ratio_vtu_fast']:.3f} ({r['expected_kv_ratio_fast']:.3f}) | {peaks(r['peak_bytes'])} |")
+    if decode_rows:
+        lines += ["", f"Decode ({args.decode} steps after the prefill), time ratios to the full model:", "",
+                  "| batch | image tokens | full step ms | step: VTU compact cache | VTU decode-fast | w/o VTU "
+                  "| end to end: VTU compact cache | VTU decode-fast | w/o VTU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in decode_rows:
+            st, e2e = r["step_ratio"], r["end_to_end_ratio"]
+            lines.append(f"| {r['batch']} | {r['image_tokens']} | {1e3 * r['step_seconds']['full']:.2f} "
+                         f"| {st['vtu']:.2f} | {st['vtu_fast']:.2f} | {st['compact']:.2f} "
+                         f"| {e2e['vtu']:.2f} | {e2e['vtu_fast']:.2f} | {e2e['compact']:.2f} |")
+    publish("vlm", args.device, {"device": device, "dtype": args.dtype, "shape": shape, "rows": rows,
+                                 "decode_rows": decode_rows}, "\n".join(lines))
     return 0
 
 

@@ -410,7 +410,8 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         else:
             v = repeat(gather_slots(value, k_src))
             scores = q @ repeat(k).transpose(-1, -2) * scale
-    scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid, sliding_window), torch.finfo(scores.dtype).min)
+    if not (unpadded and sliding_window is None and n_query_slots == 1):  # one new token sees every slot
+        scores = scores.masked_fill(~_allowed(layout, q_pos, q_valid, sliding_window), torch.finfo(scores.dtype).min)
     # "eager" follows HF's eager attention exactly (softmax in float32); "exact" (a math
     # reference) and "sdpa" (decode-fast steps, which SDPA cannot do) keep at least the input
     # precision, as SDPA does.
