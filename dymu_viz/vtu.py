@@ -105,6 +105,7 @@ class VTUTrack:
         self.unfed = n_compact  # compact tokens appended but not fed to the decoder yet
         self.unpadded = bool(layout.valid.all())
         self.checked = False  # the newest slots were checked to point at the newest tokens
+        self.plain_tail = False  # the newest slots are plain tokens, one slot each, in order
         self.cos: Optional[Tensor] = None  # (B, slots so far, D)
         self.sin: Optional[Tensor] = None
 
@@ -115,7 +116,7 @@ class VTUTrack:
         self.unfed += n_new
         self.query_slots = block.src.shape[1]
         self.unpadded = self.unpadded and bool(block.valid.all())
-        self.checked = False
+        self.checked = self.plain_tail = False
 
     def append_plain(self, n_new: int) -> None:
         """Add n_new plain tokens to every row, each at the row's next virtual position: what a
@@ -127,7 +128,7 @@ class VTUTrack:
         src = (self.n_compact + steps).expand(B, n_new)
         unpadded = self.unpadded
         self.append(VirtualLayout(src, first[:, None] + steps, torch.ones_like(src, dtype=torch.bool)), n_new)
-        self.unpadded, self.checked = unpadded, True  # known valid: no check, no sync
+        self.unpadded, self.checked, self.plain_tail = unpadded, True, True  # known valid: no check, no sync
 
     def select_rows(self, index: Tensor) -> None:
         """Keep rows ``index`` (in that order), as the KV cache does under beam search."""
@@ -178,10 +179,11 @@ class VTUState:
             raise RuntimeError(f"the VTU layout holds {track.unfed} new tokens but the forward feeds {q_len}")
         track.unfed = 0
 
-    def step(self, kv_len: int, q_len: int) -> tuple[VirtualLayout, int, bool]:
+    def step(self, kv_len: int, q_len: int) -> tuple[VirtualLayout, int, bool, bool]:
         """For a forward whose q_len newest compact tokens attend over kv_len cached ones: the
-        layout, how many (trailing) slots hold the new tokens, and whether no row is padded. The
-        one host sync (checking a layout given from outside) happens once per forward."""
+        layout, how many (trailing) slots hold the new tokens, whether no row is padded, and
+        whether the new tokens are plain (one slot each, in order: decode steps). The one host
+        sync (checking a layout given from outside) happens once per forward."""
         track = self.track
         if kv_len != track.n_compact:
             raise RuntimeError(f"the KV cache holds {kv_len} compact tokens but the VTU layout {track.n_compact}; "
@@ -192,7 +194,7 @@ class VTUState:
             if not bool((((q_src >= 0) & (q_src < q_len)) | ~q_valid).all()):
                 raise RuntimeError("VTU expects new tokens to be appended after the cached ones")
             track.checked = True
-        return track.layout, track.query_slots, track.unpadded
+        return track.layout, track.query_slots, track.unpadded, track.plain_tail
 
     def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (B, V, D) of every slot of the track, in like's dtype and device; the slots
@@ -215,8 +217,10 @@ class VTUState:
         the newest virtual slots and rotated there: (B, Hkv, slots, D), what the cache appends."""
         track, q_len = self.track, k.shape[2]
         n = track.query_slots
-        src = (track.layout.src[:, -n:].to(k.device) - (track.n_compact - q_len)).clamp(0, q_len - 1)
         cos, sin = self.rope(k)
+        if track.plain_tail:  # one slot per new token, in order: rotate in place of a gather
+            return rotate_plain(k, cos[:, -n:], sin[:, -n:])
+        src = (track.layout.src[:, -n:].to(k.device) - (track.n_compact - q_len)).clamp(0, q_len - 1)
         return gather_rotated(k, src, cos[:, -n:], sin[:, -n:], pair_ordered=True)
 
 
@@ -276,6 +280,12 @@ def gather_rotated(x: Tensor, src: Tensor, cos: Tensor, sin: Tensor, pair_ordere
         x = pair_order(x).flatten(-2)
     slots = gather_slots(x, src).transpose(1, 2).view(B, -1, H, D // 2, 2)
     return rotate(slots, cos[:, :, None], sin[:, :, None]).view(B, -1, H, D).transpose(1, 2)
+
+
+def rotate_plain(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE'd plain tokens, one slot each: x (B, H, n, D) in pair order, cos / sin (B, n, D)."""
+    B, H, n, D = x.shape
+    return rotate(x.reshape(B, H, n, D // 2, 2), cos[:, None], sin[:, None]).view(B, H, n, D)
 
 
 def average_copies(out: Tensor, src: Tensor, valid: Tensor, n_rows: int, backend: str = "native") -> Tensor:
@@ -381,7 +391,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
                            "apply_rotary_pos_emb (it stores keys rotated there); use cache='compact' for this model")
     B, H, q_len, D = query.shape
     kv_len = value.shape[2]
-    layout, n_query_slots, unpadded = state.step(kv_len, q_len)
+    layout, n_query_slots, unpadded, plain = state.step(kv_len, q_len)
     layout = layout.to(query.device)  # a model split over devices (device_map) runs layers elsewhere
     q_src = layout.src[:, -n_query_slots:] - (kv_len - q_len)  # query slot -> row of `query`
     q_pos, q_valid = layout.pos[:, -n_query_slots:], layout.valid[:, -n_query_slots:]
@@ -399,12 +409,13 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         v = repeat(gather_slots(value, k_src))
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
-        q = gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
+        plain_q = plain and pair_ordered  # decode steps: the queries are the new tokens themselves
+        q = rotate_plain(query, cos_q, sin_q) if plain_q else gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
         k = key if fast else gather_rotated(key, k_src, cos, sin, pair_ordered)
         if state.kernel == "sdpa" and (prefill or not fast):
             out = _sdpa(state, q, k, gather_slots(value, k_src), layout, q_pos, q_valid, sliding_window, unpadded,
                         n_query_slots, scale)
-            return average_copies(out, q_src, q_valid, q_len, state.backend), None
+            return _merge_copies(out, q_src, q_valid, q_len, state.backend, plain_q), None
         if fast:
             scores = _grouped(q, k.transpose(-1, -2), groups) * scale
         else:
@@ -421,8 +432,14 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         state.routes["slot_probabilities"] += 1
         compact = probs.new_zeros((B, H, n_query_slots, kv_len))
         compact.scatter_add_(-1, k_src[:, None, None, :].expand_as(probs), probs)
-        return average_copies(_grouped(compact, value, groups), q_src, q_valid, q_len, state.backend), None
-    return average_copies(probs @ v, q_src, q_valid, q_len, state.backend), None
+        return _merge_copies(_grouped(compact, value, groups), q_src, q_valid, q_len, state.backend, plain_q), None
+    return _merge_copies(probs @ v, q_src, q_valid, q_len, state.backend, plain and pair_ordered), None
+
+
+def _merge_copies(out: Tensor, q_src: Tensor, q_valid: Tensor, q_len: int, backend: str, plain: bool) -> Tensor:
+    """(B, H, slots, D) -> (B, q_len, H, D): copies averaged, or, for plain tokens (one slot each,
+    in order), the slots themselves."""
+    return out.transpose(1, 2) if plain else average_copies(out, q_src, q_valid, q_len, backend)
 
 
 def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]], state: "VTUState") -> Callable[..., tuple[Tensor, Tensor]]:
