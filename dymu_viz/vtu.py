@@ -106,8 +106,11 @@ class VTUTrack:
         self.unpadded = bool(layout.valid.all())
         self.checked = False  # the newest slots were checked to point at the newest tokens
         self.plain_tail = False  # the newest slots are plain tokens, one slot each, in order
+        self.next_pos = layout.next_positions() if layout.src.shape[1] else \
+            torch.zeros(layout.src.shape[0], dtype=torch.long, device=layout.src.device)
         self.cos: Optional[Tensor] = None  # (B, slots so far, D)
         self.sin: Optional[Tensor] = None
+        self.per_forward: dict[Any, Any] = {}  # what every layer of the current forward shares
 
     def append(self, block: VirtualLayout, n_new: int) -> None:
         """Add ``n_new`` compact tokens whose virtual slots are ``block`` (the newest queries)."""
@@ -116,24 +119,31 @@ class VTUTrack:
         self.unfed += n_new
         self.query_slots = block.src.shape[1]
         self.unpadded = self.unpadded and bool(block.valid.all())
+        self.next_pos = torch.maximum(self.next_pos, block.next_positions())
         self.checked = self.plain_tail = False
+        self.per_forward = {}
 
     def append_plain(self, n_new: int) -> None:
         """Add n_new plain tokens to every row, each at the row's next virtual position: what a
         decode step adds."""
         B, device = self.layout.src.shape[0], self.layout.src.device
         steps = torch.arange(n_new, device=device)
-        first = self.layout.next_positions() if self.layout.src.shape[1] else torch.zeros(B, dtype=torch.long,
-                                                                                          device=device)
         src = (self.n_compact + steps).expand(B, n_new)
-        unpadded = self.unpadded
-        self.append(VirtualLayout(src, first[:, None] + steps, torch.ones_like(src, dtype=torch.bool)), n_new)
-        self.unpadded, self.checked, self.plain_tail = unpadded, True, True  # known valid: no check, no sync
+        self.layout = self.layout.append(VirtualLayout(src, self.next_pos[:, None] + steps,
+                                                       torch.ones_like(src, dtype=torch.bool)))
+        self.n_compact += n_new
+        self.unfed += n_new
+        self.query_slots = n_new
+        self.next_pos = self.next_pos + n_new
+        self.checked, self.plain_tail = True, True  # known valid: no check, no sync; padding unchanged
+        self.per_forward = {}
 
     def select_rows(self, index: Tensor) -> None:
         """Keep rows ``index`` (in that order), as the KV cache does under beam search."""
         index = index.to(self.layout.src.device)
         self.layout = self.layout.select_rows(index)
+        self.next_pos = self.next_pos[index]
+        self.per_forward = {}
         if self.cos is not None:
             self.cos, self.sin = self.cos[index.to(self.cos.device)], self.sin[index.to(self.sin.device)]
 
@@ -158,6 +168,7 @@ class VTUState:
         self.track: Optional[VTUTrack] = None
         self.pair_ordered = False  # the layer's q / k (and cached keys) come in pair order
         self.routes: collections.Counter[str] = collections.Counter()
+        self.rotate_half_checked = False
 
     def start(self, layout: VirtualLayout, n_compact: int) -> VTUTrack:
         """A new generation whose (prefill) forward holds n_compact tokens per row laid out as
@@ -205,21 +216,33 @@ class VTUState:
         if done < track.layout.pos.shape[1]:
             cos, sin = self.rotary(like, track.layout.pos[:, done:].to(like.device))
             half = cos.shape[-1] // 2
-            if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
-                raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both halves "
-                                 "of the head dim); this model's rotary embedding differs")
+            if not self.rotate_half_checked:  # a property of the model: checked once
+                if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+                    raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both "
+                                     "halves of the head dim); this model's rotary embedding differs")
+                self.rotate_half_checked = True
             track.cos = cos if track.cos is None else torch.cat([track.cos, cos.to(track.cos)], 1)
             track.sin = sin if track.sin is None else torch.cat([track.sin, sin.to(track.sin)], 1)
         return track.cos.to(like.device, like.dtype), track.sin.to(like.device, like.dtype)
+
+    def plain_rotation(self, like: Tensor, scale: float = 1.0) -> Any:
+        """The rotation of the newest (plain) slots, (B, 1, n, D/2), times ``scale`` (folded into
+        the queries' rotation), computed once per forward and shared by every layer."""
+        key = ("plain_rotation", like.dtype, like.device, scale)
+        if key not in self.track.per_forward:
+            cos, sin = self.rope(like)
+            n = self.track.query_slots
+            self.track.per_forward[key] = rotation(cos[:, None, -n:], sin[:, None, -n:], scale)
+        return self.track.per_forward[key]
 
     def new_slot_keys(self, k: Tensor) -> Tensor:
         """Decode-fast cache: the new compact keys k (B, Hkv, q_len, D), pair order, expanded to
         the newest virtual slots and rotated there: (B, Hkv, slots, D), what the cache appends."""
         track, q_len = self.track, k.shape[2]
         n = track.query_slots
-        cos, sin = self.rope(k)
         if track.plain_tail:  # one slot per new token, in order: rotate in place of a gather
-            return rotate_plain(k, cos[:, -n:], sin[:, -n:])
+            return rotate_plain(k, self.plain_rotation(k))
+        cos, sin = self.rope(k)
         src = (track.layout.src[:, -n:].to(k.device) - (track.n_compact - q_len)).clamp(0, q_len - 1)
         return gather_rotated(k, src, cos[:, -n:], sin[:, -n:], pair_ordered=True)
 
@@ -234,16 +257,30 @@ def natural_order(x: Tensor) -> Tensor:
     return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's RoPE, x * cos + rotate_half(x) * sin, with x in pair order: x (..., D/2, 2) -> the
-    same shape; cos, sin (..., D) broadcastable. float32 / float64: one complex multiply by
-    e^{i theta}; other dtypes (no complex half / bfloat16 product everywhere): the real form."""
+def rotation(cos: Tensor, sin: Tensor, scale: float = 1.0) -> Any:
+    """HF's RoPE as a factor for pair-ordered x: cos, sin (..., D) -> e^{i theta} (..., D/2),
+    complex for float32 / float64 (one multiply), else the (cos, sin) halves (the real form:
+    no complex half / bfloat16 product everywhere); times ``scale``."""
     half = cos.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]
-    if x.dtype in (torch.float32, torch.float64):
-        return torch.view_as_real(torch.view_as_complex(x) * torch.complex(c, s))
+    if scale != 1.0:
+        c, s = c * scale, s * scale
+    return torch.complex(c, s) if cos.dtype in (torch.float32, torch.float64) else (c, s)
+
+
+def apply_rotation(x: Tensor, factor: Any) -> Tensor:
+    """x (..., D/2, 2) in pair order, rotated by a ``rotation`` factor broadcastable to (..., D/2)."""
+    if isinstance(factor, Tensor):
+        return torch.view_as_real(torch.view_as_complex(x) * factor)
+    c, s = factor
     x1, x2 = x.unbind(-1)
     return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's RoPE, x * cos + rotate_half(x) * sin, with x in pair order: x (..., D/2, 2) -> the
+    same shape; cos, sin (..., D) broadcastable."""
+    return apply_rotation(x, rotation(cos, sin))
 
 
 def _flat_index(src: Tensor, n_rows: int) -> Tensor:
@@ -254,16 +291,17 @@ def _flat_index(src: Tensor, n_rows: int) -> Tensor:
 def gather_slots(x: Tensor, src: Tensor) -> Tensor:
     """(B, H, P, D) compact rows -> (B, H, V, D) virtual slots, src: (B, V); one pass.
 
-    The result is laid out (B, V, H, D), which SDPA takes as it is. HF's fresh q / k / v are
-    (B, P, H, D) tensors seen as (B, H, P, D): one row copy of H * D values per slot. A cache's
-    tensors are (B, H, P, D): one row copy of D values per slot and head."""
+    HF's fresh q / k / v are (B, P, H, D) tensors seen as (B, H, P, D): one row copy of H * D
+    values per slot, the result laid out (B, V, H, D), which SDPA takes as it is. A cache's
+    tensors are (B, H, P, D): one row copy of D values per head and slot, the result laid out
+    (B, H, V, D) like the cache, so that products with it need no further copy."""
     B, H, P, D = x.shape
     if x.transpose(1, 2).is_contiguous():
         rows, index = x.transpose(1, 2).reshape(B * P, H * D), _flat_index(src, P)
-    else:
-        heads = torch.arange(B * H, device=src.device).view(B, 1, H) * P
-        rows, index = x.reshape(B * H * P, D), (heads + src[:, :, None]).reshape(-1)  # (B, V, H) rows
-    return rows.index_select(0, index).view(B, -1, H, D).transpose(1, 2)
+        return rows.index_select(0, index).view(B, -1, H, D).transpose(1, 2)
+    heads = torch.arange(B * H, device=src.device).view(B, H, 1) * P
+    index = (heads + src[:, None, :]).reshape(-1)  # (B, H, V) rows
+    return x.reshape(B * H * P, D).index_select(0, index).view(B, H, -1, D)
 
 
 def gather_rotated(x: Tensor, src: Tensor, cos: Tensor, sin: Tensor, pair_ordered: bool = False) -> Tensor:
@@ -278,14 +316,18 @@ def gather_rotated(x: Tensor, src: Tensor, cos: Tensor, sin: Tensor, pair_ordere
     B, H, P, D = x.shape
     if not pair_ordered:
         x = pair_order(x).flatten(-2)
-    slots = gather_slots(x, src).transpose(1, 2).view(B, -1, H, D // 2, 2)
-    return rotate(slots, cos[:, :, None], sin[:, :, None]).view(B, -1, H, D).transpose(1, 2)
+    slots = gather_slots(x, src)  # (B, H, V, D), laid out (B, V, H, D) or (B, H, V, D)
+    V = slots.shape[2]
+    if slots.is_contiguous():  # a cache's rows: rotate in the (B, H, V, D) layout
+        return rotate(slots.view(B, H, V, D // 2, 2), cos[:, None], sin[:, None]).view(B, H, V, D)
+    pairs = slots.transpose(1, 2).view(B, V, H, D // 2, 2)
+    return rotate(pairs, cos[:, :, None], sin[:, :, None]).view(B, V, H, D).transpose(1, 2)
 
 
-def rotate_plain(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE'd plain tokens, one slot each: x (B, H, n, D) in pair order, cos / sin (B, n, D)."""
+def rotate_plain(x: Tensor, factor: Any) -> Tensor:
+    """RoPE'd plain tokens, one slot each: x (B, H, n, D) in pair order, factor (B, 1, n, D/2)."""
     B, H, n, D = x.shape
-    return rotate(x.reshape(B, H, n, D // 2, 2), cos[:, None], sin[:, None]).view(B, H, n, D)
+    return apply_rotation(x.reshape(B, H, n, D // 2, 2), factor).view(B, H, n, D)
 
 
 def average_copies(out: Tensor, src: Tensor, valid: Tensor, n_rows: int, backend: str = "native") -> Tensor:
@@ -392,25 +434,33 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     B, H, q_len, D = query.shape
     kv_len = value.shape[2]
     layout, n_query_slots, unpadded, plain = state.step(kv_len, q_len)
+    scale = scaling if scaling is not None else D ** -0.5
+    groups = H // value.shape[1]
+    soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(query.dtype, torch.float32)
+    if plain and q_len == 1 and sliding_window is None:  # a decode step
+        if not fast:  # the compact cache's keys, expanded and rotated for this step
+            cos, sin = state.rope(query)
+            key = gather_rotated(key, layout.src.to(query.device), cos, sin, pair_ordered)
+            query = query if pair_ordered else pair_order(query).flatten(-2)
+        return _decode_step(state, query, key, value, scale, groups, soft_dtype), None
+
     layout = layout.to(query.device)  # a model split over devices (device_map) runs layers elsewhere
     q_src = layout.src[:, -n_query_slots:] - (kv_len - q_len)  # query slot -> row of `query`
     q_pos, q_valid = layout.pos[:, -n_query_slots:], layout.valid[:, -n_query_slots:]
-
-    scale = scaling if scaling is not None else D ** -0.5
-    groups = H // value.shape[1]
     k_src = layout.src
     cos, sin = state.rope(query)
     cos_q, sin_q = cos[:, -n_query_slots:], sin[:, -n_query_slots:]
     repeat = (lambda t: t.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda t: t)  # GQA, eager paths
     prefill = n_query_slots == layout.src.shape[1]
+    plain_q = plain and pair_ordered  # decode steps: the queries are the new tokens themselves
     if state.kernel == "exact" and not fast:
         if pair_ordered:
             query, key = natural_order(query), natural_order(key)
         v = repeat(gather_slots(value, k_src))
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
-        plain_q = plain and pair_ordered  # decode steps: the queries are the new tokens themselves
-        q = rotate_plain(query, cos_q, sin_q) if plain_q else gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
+        q = rotate_plain(query, state.plain_rotation(query)) if plain_q else \
+            gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
         k = key if fast else gather_rotated(key, k_src, cos, sin, pair_ordered)
         if state.kernel == "sdpa" and (prefill or not fast):
             out = _sdpa(state, q, k, gather_slots(value, k_src), layout, q_pos, q_valid, sliding_window, unpadded,
@@ -426,14 +476,38 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     # "eager" follows HF's eager attention exactly (softmax in float32); "exact" (a math
     # reference) and "sdpa" (decode-fast steps, which SDPA cannot do) keep at least the input
     # precision, as SDPA does.
-    soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(scores.dtype, torch.float32)
     probs = scores.softmax(dim=-1, dtype=soft_dtype).to(value.dtype)
     if fast:
         state.routes["slot_probabilities"] += 1
         compact = probs.new_zeros((B, H, n_query_slots, kv_len))
         compact.scatter_add_(-1, k_src[:, None, None, :].expand_as(probs), probs)
         return _merge_copies(_grouped(compact, value, groups), q_src, q_valid, q_len, state.backend, plain_q), None
-    return _merge_copies(probs @ v, q_src, q_valid, q_len, state.backend, plain and pair_ordered), None
+    return _merge_copies(probs @ v, q_src, q_valid, q_len, state.backend, plain_q), None
+
+
+def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, scale: float, groups: int,
+                 soft_dtype: torch.dtype) -> Tensor:
+    """One new plain token per row, with few operations: the query rotated by its slot's factor
+    (scale folded in), scores against the rotated keys of every virtual slot, padding slots
+    masked, probabilities summed into the compact rows, times the compact values (no value is
+    expanded). query (B, H, 1, D) pair order; key (B, Hkv, V, D) rotated, pair order (the
+    decode-fast cache's, or the compact cache's expanded for this step); value (B, Hkv, P, D).
+    Returns (B, 1, H, D)."""
+    track = state.track
+    B, H, _, D = query.shape
+    shared = track.per_forward
+    if "slot_index" not in shared:  # once per forward, for every layer
+        src = track.layout.src.to(query.device)
+        shared["slot_index"] = src[:, None, None, :].expand(B, H, 1, src.shape[1])
+        shared["padding"] = None if track.unpadded else ~track.layout.valid.to(query.device)[:, None, None, :]
+    q = rotate_plain(query, state.plain_rotation(query, scale))
+    scores = _grouped(q, key.transpose(-1, -2), groups)  # (B, H, 1, V)
+    if shared["padding"] is not None:
+        scores = scores.masked_fill(shared["padding"], torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1, dtype=soft_dtype).to(value.dtype)
+    compact = probs.new_zeros((B, H, 1, value.shape[2])).scatter_add_(-1, shared["slot_index"], probs)
+    state.routes["slot_probabilities"] += 1
+    return _grouped(compact, value, groups).transpose(1, 2)
 
 
 def _merge_copies(out: Tensor, q_src: Tensor, q_valid: Tensor, q_len: int, backend: str, plain: bool) -> Tensor:

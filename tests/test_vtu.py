@@ -291,8 +291,9 @@ def routes_of(model, run) -> dict[str, int]:
 
 
 def test_sdpa_route_per_case():
-    """Which SDPA path each case takes (2 layers each): no mask tensor where none is needed, and
-    repeated K / V instead of a mask with GQA (SDPA's math fallback materialises (B, H, V, V))."""
+    """Which path each case takes (2 layers each): no mask tensor where none is needed, repeated
+    K / V instead of a mask with GQA (SDPA's math fallback materialises (B, H, V, V)), and decode
+    steps as slot probabilities summed onto the compact values (either cache policy)."""
     model = tiny_llama(torch.float64)  # GQA: 4 heads, 2 kv heads
     state = patch_llm(model)
     (i, m), = [merged_sample(seed=0)]
@@ -304,8 +305,8 @@ def test_sdpa_route_per_case():
     assert routes_of(model, lambda: model(input_ids=ids, attention_mask=mask)) == {"causal": 2}
     _prefill(model, [i], [m])
     model(input_ids=ids, attention_mask=mask, past_key_values=cache.__class__())
-    step = torch.tensor([[3]])
-    assert routes_of(model, lambda: model(input_ids=step, past_key_values=cache)) == {"no_mask": 2}
+    step = torch.tensor([[3]])  # a decode step: no SDPA at all, slot probabilities onto compact values
+    assert routes_of(model, lambda: model(input_ids=step, past_key_values=cache)) == {"slot_probabilities": 2}
     chunk = torch.tensor([[3, 4, 5]])  # several new tokens after cached ones: an explicit causal mask
     assert routes_of(model, lambda: model(input_ids=chunk, past_key_values=cache)) == {"mask_repeat_kv": 2}
     samples = [merged_sample(seed=s, n_compact=c, n_virtual=v) for s, c, v in [(0, 7, 16), (1, 4, 9)]]  # padded
