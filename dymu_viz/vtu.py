@@ -3,15 +3,24 @@ modeling code.
 
 The LLM runs on the *compact* sequence (each merged visual token once). Position-wise layers
 (norms, projections, MLP) therefore see only the unique tokens. RoPE is made the identity in the
-model (the rotary module returns cos = 1, sin = 0), so the KV cache holds compact, un-rotated keys
-and values; while a decoder is patched, its modeling module's apply_rotary_pos_emb hands such q /
-k over in RoPE pair order instead of multiplying them by 1 (a head-dim permutation shared by q and
-k, so scores are unchanged). A registered attention function then, in every layer:
+model (the rotary module returns cos = 1, sin = 0); while a decoder is patched, its modeling
+module's apply_rotary_pos_emb hands q / k over in RoPE pair order instead of multiplying them by
+1 (a head-dim permutation shared by q and k, so scores are unchanged). A registered attention
+function then, in every layer:
 
     expands q / k / v to the virtual (full-length) sequence through the mapping,
     rotates them with their *virtual* positions,
     attends causally over the virtual positions (SDPA, eager, or the exact Eq. 10 kernel),
     averages the copies of each compact token back into one output row.
+
+A decode step (one new token per row) skips the value expansion: its attention probabilities
+over the virtual slots are summed into the compact tokens the slots copy and multiplied with
+the compact values. What the KV cache keeps is a policy (``cache_bytes_formula``):
+
+* "decode_fast" (default): keys of every virtual slot, rotated once when their token arrives
+  (by the RoPE hook), and compact values: decode steps cost no more than the unmerged model's;
+* "compact": compact, un-rotated keys and values, the least memory; every decode step expands
+  and rotates the keys again.
 
 Sliding-window layers (Qwen2 with use_sliding_window) keep their window, measured in virtual
 positions; their cache keeps every compact token.
@@ -154,7 +163,7 @@ class VTUState:
     ``routes`` counts the attention paths taken (see ``vtu_attention``), for inspection."""
 
     def __init__(self, rotary: Callable[..., tuple[Tensor, Tensor]], kernel: str = "sdpa", backend: str = "native",
-                 cache: str = "compact"):
+                 cache: str = "decode_fast"):
         if kernel not in KERNELS:
             raise ValueError(f"unknown VTU kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         if backend not in BACKENDS:
@@ -572,14 +581,15 @@ def find_decoder(model: nn.Module) -> nn.Module:
                      "VTU needs a rotary-position LLM such as Llama or Qwen2")
 
 
-def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native", cache: str = "compact") -> VTUState:
+def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast") -> VTUState:
     """Put VTU into the RoPE decoder inside model (per instance, reversible with unpatch_llm).
     kernel: "sdpa" (default), "eager" (HF eager semantics) or "exact" (Eq. 10 reference);
     backend: how copies are averaged, "native" or "torch_scatter"; cache: what the KV cache
-    keeps (see ``cache_bytes_formula``): "compact" (un-rotated compact keys and values, the
-    least memory; each decode step re-expands and re-rotates the keys) or "decode_fast" (keys
-    expanded to the virtual slots and rotated once, compact values: decode steps as fast as the
-    unmerged model's or faster)."""
+    keeps (see ``cache_bytes_formula``): "decode_fast" (default: keys expanded to the virtual
+    slots and rotated once, compact values; decode steps as fast as the unmerged model's) or
+    "compact" (un-rotated compact keys and values, the least memory; each decode step expands
+    and rotates the keys again). A model whose attention does not call its modeling module's
+    apply_rotary_pos_emb needs "compact"."""
     from transformers import AttentionInterface
 
     decoder = find_decoder(model)

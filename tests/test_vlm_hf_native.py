@@ -107,6 +107,28 @@ def test_both_cache_policies_generate_the_same(family: str, decoding: str) -> No
     assert entries.layers[0].keys.shape[2] > entries.layers[0].values.shape[2]  # keys per virtual slot
 
 
+@pytest.mark.parametrize("cache", ["compact", "decode_fast"])
+def test_generate_accounting_reports_the_cache(cache: str) -> None:
+    """Per returned sequence: the policy, compact entries (values), key entries (one per virtual
+    slot with decode-fast) and bytes that match the documented formula."""
+    from dymu_viz.vtu import cache_bytes_formula
+    model, processor = tiny_vlm("llava")
+    inputs = batch(processor, model)
+    vlm.patch_vlm(model, thresholds=0.3, cache=cache)
+    out = vlm.generate(model, **inputs, max_new_tokens=5, do_sample=False)
+    for acc in out.accounting:
+        assert acc["kv_cache_policy"] == cache
+        assert acc["kv_cache_entries"] == acc["llm_compact_length"] + 4  # the last token is not fed
+        assert acc["kv_key_entries"] == (acc["llm_virtual_length"] if cache == "decode_fast"
+                                         else acc["llm_compact_length"]) + 4
+    text = model.config.get_text_config()
+    compact = max(acc["kv_cache_entries"] for acc in out.accounting)  # the batch is padded to its longest row
+    virtual = max(acc["kv_key_entries"] for acc in out.accounting) if cache == "decode_fast" else compact
+    per_row = cache_bytes_formula(cache, text.num_hidden_layers, 1, text.num_key_value_heads,
+                                  text.hidden_size // text.num_attention_heads, compact, virtual, 4)
+    assert out.accounting[0]["kv_cache_bytes_per_sample_padded"] == per_row
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_logits_in_the_input_coordinates(family: str) -> None:
     """model(**inputs): logits of every input position, the unpatched model's with no merging."""

@@ -58,6 +58,7 @@ class VLMState:
 
     mode: str
     kernel: str
+    cache: str = "decode_fast"
     last: list[dict[str, Any]] = field(default_factory=list)
     prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
@@ -84,7 +85,7 @@ def _state(model: nn.Module) -> VLMState:
 
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
-              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "compact") -> nn.Module:
+              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast") -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
     (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
     the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
@@ -97,7 +98,7 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
-    model.dymu_vlm = VLMState(mode, kernel)
+    model.dymu_vlm = VLMState(mode, kernel, cache if mode == "vtu" else "plain")
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
@@ -371,8 +372,9 @@ def logits(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor] =
 def generate(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor] = None,
              attention_mask: Optional[Tensor] = None, **generate_kwargs: Any) -> GenerateOutput:
     """``model.generate`` on a patched model, returning only the new tokens and the accounting
-    of each returned sequence, with its KV-cache entries and bytes (image_sizes and every other
-    generate argument pass through)."""
+    of each returned sequence, with its KV cache: policy, entries (compact tokens, the values'
+    rows), key entries (per virtual slot with the decode-fast policy) and bytes (image_sizes and
+    every other generate argument pass through)."""
     state = _state(model)
     out = model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          return_dict_in_generate=True, **generate_kwargs)
@@ -385,7 +387,9 @@ def generate(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor]
     accounting = []
     for j in range(new.shape[0]):
         acc = dict(state.last[(j // per_prompt_sequences) * per_prompt_rows])
-        acc.update(generated_tokens=int(new.shape[1]), kv_cache_entries=acc["llm_compact_length"] + appended,
+        keys = acc["llm_virtual_length"] if state.cache == "decode_fast" else acc["llm_compact_length"]
+        acc.update(generated_tokens=int(new.shape[1]), kv_cache_policy=state.cache,
+                   kv_cache_entries=acc["llm_compact_length"] + appended, kv_key_entries=keys + appended,
                    kv_cache_bytes_per_sample_padded=per_row_bytes)
         accounting.append(acc)
     return GenerateOutput(new, accounting)
