@@ -367,11 +367,16 @@ def vlm_rows(accounting: Union[Accounting, Mapping[str, Accounting]],
 
 
 def vlm_text(acc: Mapping[str, int]) -> str:
-    """"img physical/virtual · LLM compact/virtual[ · KV entries, MiB]" for one sample."""
+    """"img physical/virtual · LLM compact/virtual[ · KV entries, MiB]" for one sample; the
+    decode-fast cache's key entries (one per virtual slot) are named when they differ from its
+    value entries."""
     text = (f"img {acc['image_tokens']}/{acc['image_positions']} · "
             f"LLM {acc['llm_compact_length']}/{acc['llm_virtual_length']}")
     if "kv_cache_entries" in acc:
         text += f" · KV {acc['kv_cache_entries']}"
+        keys = acc.get("kv_key_entries", acc["kv_cache_entries"])
+        if keys != acc["kv_cache_entries"]:
+            text += f" values + {keys} keys"
         if "kv_cache_bytes_per_sample_padded" in acc:
             text += f", {acc['kv_cache_bytes_per_sample_padded'] / 2 ** 20:.2f} MiB"
     return text

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import functools
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -176,8 +177,22 @@ class VTUState:
         self.cache = cache
         self.track: Optional[VTUTrack] = None
         self.pair_ordered = False  # the layer's q / k (and cached keys) come in pair order
+        self.hook_seen = False  # the model's attention has called the hooked apply_rotary_pos_emb
         self.routes: collections.Counter[str] = collections.Counter()
         self.rotate_half_checked = False
+
+    def without_rope_hook(self) -> None:
+        """The decode-fast cache keeps keys the RoPE hook expanded and rotated. A model whose
+        attention never calls its modeling module's apply_rotary_pos_emb shows it at its first
+        attention call, before any key was cached that way: switch to the compact cache then, and
+        say so. Later (the hook worked before), a missing hook is an error."""
+        if self.hook_seen:
+            raise RuntimeError("the decode-fast VTU cache needs every attention call to go through the modeling "
+                               "module's apply_rotary_pos_emb (it stores keys rotated there); this one did not")
+        warnings.warn("this model's attention does not call its modeling module's apply_rotary_pos_emb, which the "
+                      "decode-fast VTU cache needs; using cache='compact' (the same outputs, slower decode steps)",
+                      stacklevel=3)
+        self.cache = "compact"
 
     def start(self, layout: VirtualLayout, n_compact: int) -> VTUTrack:
         """A new generation whose (prefill) forward holds n_compact tokens per row laid out as
@@ -436,10 +451,9 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     sum_p softmax_p v_src(p) = sum_c (sum_{p in c} softmax_p) v_c, so no value is expanded."""
     state: VTUState = module.dymu_vtu
     pair_ordered, state.pair_ordered = state.pair_ordered, False  # set by the RoPE hook, for this call
+    if state.cache == "decode_fast" and not pair_ordered:
+        state.without_rope_hook()
     fast = state.cache == "decode_fast"
-    if fast and not pair_ordered:
-        raise RuntimeError("the decode-fast VTU cache needs the model's attention to call its modeling module's "
-                           "apply_rotary_pos_emb (it stores keys rotated there); use cache='compact' for this model")
     B, H, q_len, D = query.shape
     kv_len = value.shape[2]
     layout, n_query_slots, unpadded, plain = state.step(kv_len, q_len)
@@ -549,7 +563,7 @@ def _rope_hook(apply: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tup
         state = getattr(cos, "dymu_vtu", None)
         if state is None:
             return apply(q, k, cos, sin, *args, **kwargs)
-        state.pair_ordered = True
+        state.pair_ordered = state.hook_seen = True
         q, k = pair_order(q).flatten(-2), pair_order(k).flatten(-2)
         return q, (state.new_slot_keys(k) if state.cache == "decode_fast" else k)
     hooked.dymu_original = apply
@@ -589,7 +603,7 @@ def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native", c
     slots and rotated once, compact values; decode steps as fast as the unmerged model's) or
     "compact" (un-rotated compact keys and values, the least memory; each decode step expands
     and rotates the keys again). A model whose attention does not call its modeling module's
-    apply_rotary_pos_emb needs "compact"."""
+    apply_rotary_pos_emb gets "compact", with a warning, at its first forward."""
     from transformers import AttentionInterface
 
     decoder = find_decoder(model)

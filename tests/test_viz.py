@@ -258,6 +258,12 @@ def test_vlm_accounting_bars_are_the_per_sample_numbers() -> None:
     assert sorted(legend) == sorted([label for _, label, _ in viz.VLM_BARS] + ["KV-cache entries"])
 
 
+def test_vlm_text_names_the_decode_fast_key_entries() -> None:
+    compact, fast = dict(VLM_ACCOUNTING[0], kv_key_entries=142), dict(VLM_ACCOUNTING[0], kv_key_entries=598)
+    assert viz.vlm_text(compact) == "img 120/576 · LLM 135/591 · KV 142, 3.00 MiB"
+    assert viz.vlm_text(fast) == "img 120/576 · LLM 135/591 · KV 142 values + 598 keys, 3.00 MiB"
+
+
 def test_vlm_accounting_without_generation_has_no_kv_ticks() -> None:
     prepared = [{k: v for k, v in acc.items() if k.startswith(("image", "llm"))} for acc in VLM_ACCOUNTING]
     ax = viz.plot_vlm_accounting(prepared)

@@ -2,6 +2,8 @@
 equals scatter-mean of vanilla attention on the expanded sequence, the exact Eq. 10 kernel
 equals the expansion, cached decoding equals recomputation, batch invariance, errors."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -86,7 +88,7 @@ def test_attention_layer_equals_scatter_mean_of_vanilla_on_the_expansion(kernel,
     expected = torch.zeros(1, len(ids), h.shape[-1], dtype=h.dtype).index_add_(1, mapping, vanilla)
     expected /= torch.bincount(mapping, minlength=len(ids)).to(h.dtype)[None, :, None]
 
-    state = patch_llm(model, kernel)
+    state = patch_llm(model, kernel, cache="compact")  # the layer alone, plain identity RoPE: no RoPE hook
     state.start(VirtualLayout.from_mappings([mapping]), len(ids))
     ones, zeros = torch.ones_like(cos[:, : len(ids)]), torch.zeros_like(sin[:, : len(ids)])
     out, _ = attn(h, position_embeddings=(ones, zeros), attention_mask=None)
@@ -162,7 +164,7 @@ def test_rope_hook_pair_orders_identity_rope_while_patched_and_is_restored_after
     original = getattr(llama.apply_rotary_pos_emb, "dymu_original", llama.apply_rotary_pos_emb)
     assert not _HOOKED.get(llama.__name__)
     first, second = tiny_llama(torch.float64), tiny_llama(torch.float64)
-    state = patch_llm(first)
+    state = patch_llm(first, cache="compact")  # keys come back at compact length
     patch_llm(second)
     state.start(VirtualLayout.identity(torch.ones(1, 4, dtype=torch.long)), 4)  # the forward the rotary opens
     cos, sin = first.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(4)[None])
@@ -179,28 +181,52 @@ def test_rope_hook_pair_orders_identity_rope_while_patched_and_is_restored_after
     assert llama.apply_rotary_pos_emb is original
 
 
+@pytest.mark.parametrize("cache", ["compact", "decode_fast"])
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
-def test_without_the_rope_hook_vtu_gives_the_same_logits_and_tokens(kernel, monkeypatch):
+def test_without_the_rope_hook_vtu_gives_the_same_logits_and_tokens(kernel, cache, monkeypatch):
     """A model whose attention does not call its module's apply_rotary_pos_emb runs the real
-    identity RoPE and natural-order q / k: same results."""
+    identity RoPE and natural-order q / k: same results. The decode-fast cache needs the hook,
+    so such a model falls back to the compact cache at its first forward, with a warning."""
     import transformers.models.llama.modeling_llama as llama
 
     runs = []
     for hooked in (True, False):
         model = tiny_llama(torch.float64)
-        state = patch_llm(model, kernel)
+        state = patch_llm(model, kernel, cache=cache)
         if not hooked:
             monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
         ids, mapping = merged_sample(seed=2)
         state.start(VirtualLayout.from_mappings([mapping]), len(ids))
-        out = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=6,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model.generate(ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        fell_back = [w for w in caught if "using cache='compact'" in str(w.message)]
+        assert len(fell_back) == (1 if cache == "decode_fast" and not hooked else 0)
+        assert state.cache == ("compact" if not hooked else cache)
+        assert state.hook_seen == hooked
         runs.append(out)
         monkeypatch.undo()
         unpatch_llm(model)
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for a, b in zip(runs[0].logits, runs[1].logits):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_losing_the_rope_hook_after_using_it_is_an_error(monkeypatch):
+    """Keys already cached rotated cannot be continued without the hook: a clear error, not a
+    silent mix of policies."""
+    import transformers.models.llama.modeling_llama as llama
+
+    model = tiny_llama(torch.float64)
+    state = patch_llm(model)
+    ids, mapping = merged_sample(seed=2)
+    state.start(VirtualLayout.from_mappings([mapping]), len(ids))
+    cache = model(input_ids=ids[None]).past_key_values
+    assert state.hook_seen and state.cache == "decode_fast"
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
+    with pytest.raises(RuntimeError, match="needs every attention call to go through"):
+        model(input_ids=torch.tensor([[3]]), past_key_values=cache)
 
 
 def _prefill(model, ids_list, mappings):
@@ -295,7 +321,7 @@ def test_sdpa_route_per_case():
     K / V instead of a mask with GQA (SDPA's math fallback materialises (B, H, V, V)), and decode
     steps as slot probabilities summed onto the compact values (either cache policy)."""
     model = tiny_llama(torch.float64)  # GQA: 4 heads, 2 kv heads
-    state = patch_llm(model)
+    state = patch_llm(model, cache="compact")
     (i, m), = [merged_sample(seed=0)]
     ids, mask = _prefill(model, [i], [m])
     out = model(input_ids=ids, attention_mask=mask)
