@@ -16,7 +16,9 @@ Conventions shared by every path (fixed r, threshold, calibration; one image or 
   rows untouched. The order depends only on the image itself, never on the batch, and it
   matters: the next layer's even / odd split is taken on it.
 * Provenance is a group id per original token: ``groups[b, p]`` is the row that original
-  token ``p`` lives in now. The dense 0/1 membership matrix is built only on demand.
+  token ``p`` lives in now. Images of different original sizes in one batch (Qwen's dynamic
+  resolution) pad their originals too: a padded original's group is N, one past the last row,
+  and stays one past it. The dense 0/1 membership matrix is built only on demand.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tens
 
     x: (B, N, C); size: (B, N); groups: (B, N0); src, best, dst: (B, Na) from the selection and
     bipartite_scores. Returns x: (B, N', C), size: (B, N'), groups: (B, N0) with
-    N' = the largest surviving count. Features are averaged in at least float32.
+    N' = the largest surviving count (padded originals: N in, N' out). Features are averaged
+    in at least float32.
     """
     B, N, C = x.shape
     pos = survivor_rows(src, best, size, protected)  # (B, N), -1 = not a survivor
@@ -143,6 +146,7 @@ def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tens
     gained = torch.zeros_like(base).scatter_add_(1, index, delta)
     new_size = size.new_zeros((B, n_new + 1)).scatter_add_(1, target, size)
     new_x = base[:, :n_new] + gained[:, :n_new] / new_size[:, :n_new, None].clamp_min(1).to(wdtype)
+    target = torch.cat([target, target.new_full((B, 1), dump)], 1)  # padded originals (group N) -> N'
     return new_x.to(x.dtype), new_size[:, :n_new], target.gather(1, groups)
 
 

@@ -53,12 +53,16 @@ CACHE_POLICIES = ("compact", "decode_fast")
 
 @dataclass
 class VirtualLayout:
-    """src, pos: (B, V) long; valid: (B, V) bool. Invalid slots are left padding. Positions
-    increase along each row (the constructors guarantee it), so slot order is causal order."""
+    """src, pos: (B, V) long; valid: (B, V) bool. Invalid slots are left padding. ``pos`` is the
+    slot order, which decides causality and sliding windows; it increases along each row (the
+    constructors guarantee it). rope_pos: (3, B, V) long, the multimodal RoPE position (t, h, w)
+    of every slot for M-RoPE models (Qwen2-VL, Qwen2.5-VL), which need not be monotone; None
+    when the RoPE position is ``pos`` itself."""
 
     src: Tensor
     pos: Tensor
     valid: Tensor
+    rope_pos: Optional[Tensor] = None
 
     @classmethod
     def from_mappings(cls, mappings: Sequence[Tensor]) -> "VirtualLayout":
@@ -85,22 +89,37 @@ class VirtualLayout:
         """(B,) virtual length per sample."""
         return self.valid.sum(-1)
 
+    def rope_positions(self) -> Tensor:
+        """(3, B, V): the RoPE position rows of every slot (``pos`` three times for 1-D RoPE)."""
+        return self.rope_pos if self.rope_pos is not None else self.pos.expand(3, -1, -1)
+
     def to(self, device: torch.device) -> "VirtualLayout":
-        return self if self.src.device == device else VirtualLayout(self.src.to(device), self.pos.to(device),
-                                                                    self.valid.to(device))
+        if self.src.device == device:
+            return self
+        return VirtualLayout(self.src.to(device), self.pos.to(device), self.valid.to(device),
+                             None if self.rope_pos is None else self.rope_pos.to(device))
 
     def select_rows(self, index: Tensor) -> "VirtualLayout":
         """The layout of rows ``index`` (beam reordering, batch expansion)."""
-        return VirtualLayout(self.src[index], self.pos[index], self.valid[index])
+        return VirtualLayout(self.src[index], self.pos[index], self.valid[index],
+                             None if self.rope_pos is None else self.rope_pos[:, index])
 
     def append(self, block: "VirtualLayout") -> "VirtualLayout":
         """This layout followed by ``block`` (whose positions and compact indices are global)."""
+        rope = None if self.rope_pos is None and block.rope_pos is None else \
+            torch.cat([self.rope_positions(), block.rope_positions()], 2)
         return VirtualLayout(torch.cat([self.src, block.src], 1), torch.cat([self.pos, block.pos], 1),
-                             torch.cat([self.valid, block.valid], 1))
+                             torch.cat([self.valid, block.valid], 1), rope)
 
     def next_positions(self) -> Tensor:
-        """(B,) the virtual position after each row's last slot."""
+        """(B,) the slot order position after each row's last slot."""
         return torch.where(self.valid, self.pos, -1).amax(-1) + 1
+
+    def next_rope_positions(self) -> Tensor:
+        """(B,) the RoPE position a token appended to each row takes (in all three rows for
+        M-RoPE): one past the largest position of the row's slots, HF's rule for text after an
+        image."""
+        return torch.where(self.valid, self.rope_positions(), -1).amax(dim=(0, 2)) + 1
 
 
 class VTUTrack:
@@ -116,8 +135,9 @@ class VTUTrack:
         self.unpadded = bool(layout.valid.all())
         self.checked = False  # the newest slots were checked to point at the newest tokens
         self.plain_tail = False  # the newest slots are plain tokens, one slot each, in order
-        self.next_pos = layout.next_positions() if layout.src.shape[1] else \
-            torch.zeros(layout.src.shape[0], dtype=torch.long, device=layout.src.device)
+        empty = torch.zeros(layout.src.shape[0], dtype=torch.long, device=layout.src.device)
+        self.next_pos = layout.next_positions() if layout.src.shape[1] else empty  # slot order
+        self.next_rope = layout.next_rope_positions() if layout.src.shape[1] else empty  # RoPE position
         self.cos: Optional[Tensor] = None  # (B, slots so far, D)
         self.sin: Optional[Tensor] = None
         self.per_forward: dict[Any, Any] = {}  # what every layer of the current forward shares
@@ -130,6 +150,7 @@ class VTUTrack:
         self.query_slots = block.src.shape[1]
         self.unpadded = self.unpadded and bool(block.valid.all())
         self.next_pos = torch.maximum(self.next_pos, block.next_positions())
+        self.next_rope = torch.maximum(self.next_rope, block.next_rope_positions())
         self.checked = self.plain_tail = False
         self.per_forward = {}
 
@@ -139,12 +160,13 @@ class VTUTrack:
         B, device = self.layout.src.shape[0], self.layout.src.device
         steps = torch.arange(n_new, device=device)
         src = (self.n_compact + steps).expand(B, n_new)
+        rope = None if self.layout.rope_pos is None else (self.next_rope[:, None] + steps).expand(3, B, n_new)
         self.layout = self.layout.append(VirtualLayout(src, self.next_pos[:, None] + steps,
-                                                       torch.ones_like(src, dtype=torch.bool)))
+                                                       torch.ones_like(src, dtype=torch.bool), rope))
         self.n_compact += n_new
         self.unfed += n_new
         self.query_slots = n_new
-        self.next_pos = self.next_pos + n_new
+        self.next_pos, self.next_rope = self.next_pos + n_new, self.next_rope + n_new
         self.checked, self.plain_tail = True, True  # known valid: no check, no sync; padding unchanged
         self.per_forward = {}
 
@@ -152,7 +174,7 @@ class VTUTrack:
         """Keep rows ``index`` (in that order), as the KV cache does under beam search."""
         index = index.to(self.layout.src.device)
         self.layout = self.layout.select_rows(index)
-        self.next_pos = self.next_pos[index]
+        self.next_pos, self.next_rope = self.next_pos[index], self.next_rope[index]
         self.per_forward = {}
         if self.cos is not None:
             self.cos, self.sin = self.cos[index.to(self.cos.device)], self.sin[index.to(self.sin.device)]
@@ -238,7 +260,9 @@ class VTUState:
         track = self.track
         done = 0 if track.cos is None else track.cos.shape[1]
         if done < track.layout.pos.shape[1]:
-            cos, sin = self.rotary(like, track.layout.pos[:, done:].to(like.device))
+            layout = track.layout
+            positions = layout.pos[:, done:] if layout.rope_pos is None else layout.rope_pos[:, :, done:]
+            cos, sin = self.rotary(like, positions.to(like.device))
             half = cos.shape[-1] // 2
             if not self.rotate_half_checked:  # a property of the model: checked once
                 if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):

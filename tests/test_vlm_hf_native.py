@@ -199,6 +199,11 @@ def test_two_images_in_one_prompt_equal_vanilla_with_no_merging(family: str) -> 
     crops = [len(acc["crop_tokens"]) for acc in model.dymu_vlm.last]
     if family == "onevision":
         assert crops[0] == 2 and crops[1] > 1  # one crop per image of the two-image sample; AnyRes for the other
+    beams = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2)
+    vlm.unpatch_vlm(model)
+    reference_beams = model.generate(**inputs, **beams)
+    vlm.patch_vlm(model, thresholds=float("inf"))  # beams expand each sample's images together
+    assert torch.equal(model.generate(**inputs, **beams), reference_beams)
     vlm.patch_vlm(model, thresholds=0.3)
     tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert tokens.shape == reference_tokens.shape

@@ -190,3 +190,38 @@ def tiny_vlm(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
     model.config.vision_config._attn_implementation = "sdpa"
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, processor
+
+
+# Tiny Qwen2-VL / Qwen2.5-VL (design study shapes): a 4-block ViT (Qwen2.5: full attention in
+# blocks 1 and 3, 112 px windows), 14 px patches in 2 x 2 units, a 2-layer GQA decoder with
+# M-RoPE sections [2, 3, 3] of its 16-dim heads, and the real processor classes.
+def tiny_qwen(version: str = "2.5", dtype: torch.dtype = torch.float32, attn: str = "sdpa",
+              seed: int = 0, text_layers: int = 2) -> tuple[nn.Module, Any]:
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+    from dymu_viz.vlm.standin import qwen_standin_processor
+
+    processor = qwen_standin_processor(version, min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    tok = processor.tokenizer
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(TINY_VLM_TEXT, num_hidden_layers=text_layers, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3]})
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    _seeded(seed)
+    if version == "2.5":
+        vision.update(out_hidden_size=TINY_VLM_TEXT["hidden_size"], fullatt_block_indexes=[1, 3], window_size=112)
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids))
+    else:
+        vision = dict(vision, embed_dim=vision.pop("hidden_size"), hidden_size=TINY_VLM_TEXT["hidden_size"],
+                      mlp_ratio=2)
+        vision.pop("intermediate_size")
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=text, **ids))
+    model = model.to(dtype).eval()
+    model.config.get_text_config()._attn_implementation = attn
+    model.config.vision_config._attn_implementation = "sdpa"
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, processor

@@ -3,7 +3,8 @@
 from .cache import DyMUCache
 from .common import ImageTokens
 from .models import LoadedVLM, load_vlm
-from .pipeline import GenerateOutput, VLMState, chat, generate, logits, patch_vlm, unpatch_vlm
+from . import pipeline, qwen
+from .pipeline import MODES, GenerateOutput, VLMState, chat, generate, logits, patch_vlm, unpatch_vlm
 
-__all__ = ["DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMState", "chat", "generate", "load_vlm",
+__all__ = ["MODES", "DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMState", "chat", "generate", "load_vlm",
            "logits", "patch_vlm", "unpatch_vlm"]

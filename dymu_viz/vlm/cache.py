@@ -26,11 +26,13 @@ from ..vtu import VTUTrack
 @dataclass
 class GenerationState:
     """compact_mask: (B, P) 1 for the compact tokens in the cache, 0 for padding; offset: input
-    tokens consumed minus compact entries held; track: the virtual sequence (VTU mode only)."""
+    tokens consumed minus compact entries held; track: the virtual sequence (VTU mode only);
+    next_rope: (B,) the M-RoPE position the next token of each row takes (Qwen2-VL only)."""
 
     compact_mask: Tensor
     offset: int = 0
     track: Optional[VTUTrack] = None
+    next_rope: Optional[Tensor] = None
 
     @property
     def n_compact(self) -> int:
@@ -38,6 +40,8 @@ class GenerationState:
 
     def select_rows(self, index: Tensor) -> None:
         self.compact_mask = self.compact_mask[index.to(self.compact_mask.device)]
+        if self.next_rope is not None:
+            self.next_rope = self.next_rope[index.to(self.next_rope.device)]
         if self.track is not None:
             self.track.select_rows(index)
 

@@ -26,7 +26,7 @@ import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +38,13 @@ from ..vtu import VirtualLayout, VTUTrack, cache_bytes, find_decoder, patch_llm,
 from .cache import DyMUCache, GenerationState, adopt
 from .common import ImageTokens, llava_images
 from .onevision import onevision_images
+from .qwen import QWEN_FAMILIES, qwen_images, rope_positions
 
 MODES = ("vtu", "compact", "full")
 FAMILIES: dict[str, Callable[..., list[ImageTokens]]] = {
     "LlavaForConditionalGeneration": llava_images,
     "LlavaOnevisionForConditionalGeneration": onevision_images,
+    **{name: qwen_images for name in QWEN_FAMILIES},
 }
 
 
@@ -54,11 +56,13 @@ class VLMState:
     the LLM: for OneVision the crop tokens its layout uses plus newline and blend tokens) and
     image_positions (virtual image length); text_tokens; llm_compact_length and
     llm_virtual_length (positions the LLM attends over, cache included; the compact length in
-    "compact" and "full" modes)."""
+    "compact" and "full" modes). unit_thresholds: Qwen2-VL's DToMe rounds after the PatchMerger
+    (one threshold per round; None: no merging)."""
 
     mode: str
     kernel: str
     cache: str = "decode_fast"
+    unit_thresholds: Optional[list[float]] = None
     last: list[dict[str, Any]] = field(default_factory=list)
     prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
@@ -89,19 +93,42 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
     (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
     the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
-    settings."""
+    settings. Qwen2-VL / Qwen2.5-VL: the tower stays vanilla and thresholds are the DToMe rounds
+    on its output units (see ``dymu_viz.vlm.qwen``), one per round."""
     _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
+    rounds = None
+    if is_qwen(model):
+        rounds = None if mode == "full" else unit_round_thresholds(thresholds)
+    else:
+        patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
-    model.dymu_vlm = VLMState(mode, kernel, cache if mode == "vtu" else "plain")
+    model.dymu_vlm = VLMState(mode, kernel, cache if mode == "vtu" else "plain", rounds)
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
+
+
+def is_qwen(model: nn.Module) -> bool:
+    return classswap.base_class(model).__name__ in QWEN_FAMILIES
+
+
+def unit_round_thresholds(thresholds: Union[Thresholds, Sequence[float], float, None]) -> Optional[list[float]]:
+    """Qwen's DToMe rounds: a ``Thresholds`` (one value per round), a sequence of floats, or
+    None (no merging). A single float is refused: the number of rounds must be explicit."""
+    if thresholds is None:
+        return None
+    if isinstance(thresholds, (int, float)):
+        raise ValueError("Qwen2-VL models take one threshold per DToMe round after the PatchMerger, e.g. "
+                         "[0.9] * 6 for six rounds; a single number does not say how many rounds")
+    values = [float(v) for v in (thresholds.values if isinstance(thresholds, Thresholds) else thresholds)]
+    if any(v != v for v in values):
+        raise ValueError("a round threshold is NaN")
+    return values
 
 
 def onevision_tower_thresholds(model: nn.Module, thresholds: Any) -> Any:
@@ -125,7 +152,8 @@ def unpatch_vlm(model: nn.Module) -> nn.Module:
     """Undo patch_vlm: the model's own class, tower and LLM again."""
     if model.__dict__.pop("dymu_vlm", None) is None:
         raise ValueError(f"{type(model).__name__} is not patched by dymu_viz.vlm")
-    unpatch(model.model.vision_tower)
+    if not is_qwen(model):
+        unpatch(model.model.vision_tower)
     if getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     classswap.swap_out(model)
@@ -232,9 +260,11 @@ def _row_accounting(text_tokens: int = 0) -> dict[str, Any]:
     return {"encoder_tokens": 0, "crop_tokens": [], "image_tokens": 0, "image_positions": 0, "text_tokens": text_tokens}
 
 
-def virtual_block(chunk: Chunk, track: VTUTrack, first_row: int) -> VirtualLayout:
+def virtual_block(chunk: Chunk, track: VTUTrack, first_row: int,
+                  slot_rope: Optional[list[Tensor]] = None) -> VirtualLayout:
     """The chunk's virtual slots as a layout block: global compact rows (first_row + row),
-    positions continuing each row's sequence, left padding with invalid slots."""
+    slot order continuing each row's sequence, left padding with invalid slots; slot_rope: per
+    row, the (3, slots) M-RoPE positions of its slots (Qwen2-VL), else RoPE follows slot order."""
     B, device = len(chunk.slots), chunk.mask.device
     S = max(len(s) for s in chunk.slots)
     start = track.layout.next_positions() if track.layout.src.shape[1] else torch.zeros(B, dtype=torch.long,
@@ -242,18 +272,57 @@ def virtual_block(chunk: Chunk, track: VTUTrack, first_row: int) -> VirtualLayou
     src = torch.full((B, S), first_row, dtype=torch.long, device=device)
     pos = torch.zeros_like(src)
     valid = torch.zeros_like(src, dtype=torch.bool)
+    rope = None if slot_rope is None else torch.zeros((3, B, S), dtype=torch.long, device=device)
     for b, slots in enumerate(chunk.slots):
         n = len(slots)
         src[b, S - n:] = first_row + slots
         pos[b, S - n:] = start[b] + torch.arange(n, device=device)
         valid[b, S - n:] = True
-    return VirtualLayout(src, pos, valid)
+        if rope is not None:
+            rope[:, b, S - n:] = slot_rope[b]
+    return VirtualLayout(src, pos, valid, rope)
+
+
+def chunk_rope(model: nn.Module, gen: GenerationState, chunk: Chunk, input_ids: Tensor, mask: Tensor,
+               image_grid_thw: Optional[Tensor], plain: bool) -> list[Tensor]:
+    """Qwen2-VL: per row, the (3, slots) M-RoPE positions of the chunk's virtual slots (its valid
+    input positions, numbered by HF's ``get_rope_index``, continuing where the row left off);
+    advances ``gen.next_rope`` to one past each row's largest position."""
+    B, L = input_ids.shape
+    start = gen.next_rope if gen.next_rope is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    if plain:
+        rope = (start[:, None] + torch.arange(L, device=input_ids.device))[None].expand(3, B, L)
+    else:
+        rope = rope_positions(model, input_ids, mask, image_grid_thw, start)
+    per_row = [rope[:, b, mask[b].bool()] for b in range(B)]
+    for b, (r, slots) in enumerate(zip(per_row, chunk.slots)):
+        if r.shape[1] != len(slots):
+            raise ValueError(f"row {b}: {len(slots)} virtual slots but {r.shape[1]} input tokens; Qwen2-VL needs "
+                             "every image's full run of placeholders (use the model's own processor)")
+    gen.next_rope = torch.stack([r.amax() + 1 if r.numel() else s for r, s in zip(per_row, start)])
+    return per_row
+
+
+def compact_rope(chunk: Chunk, slot_rope: list[Tensor]) -> Tensor:
+    """(3, B, P) M-RoPE position of every compact row of the chunk without VTU ("compact" and
+    "full" modes): the position of its first virtual slot (with no merging, its own position:
+    vanilla). Padding rows get 0."""
+    B, P = chunk.mask.shape
+    out = torch.zeros((3, B, P), dtype=torch.long, device=chunk.mask.device)
+    for b, (slots, rope) in enumerate(zip(chunk.slots, slot_rope)):
+        n = len(slots)
+        first = torch.full((P,), n, dtype=torch.long, device=slots.device)
+        first = first.scatter_reduce(0, slots, torch.arange(n, device=slots.device), reduce="amin")
+        used = first < n
+        out[:, b, used] = rope[:, first[used]].to(out.device)
+    return out
 
 
 def _output_class(model: nn.Module) -> type:
     base = classswap.base_class(model)
-    return getattr(sys.modules[base.__module__], base.__name__.replace("ForConditionalGeneration",
-                                                                       "CausalLMOutputWithPast"))
+    module = sys.modules[base.__module__]
+    name = base.__name__.replace("ForConditionalGeneration", "CausalLMOutputWithPast")
+    return getattr(module, name, None) or module.CausalLMOutputWithPast  # Qwen2-VL uses the plain class
 
 
 def _gather_positions(x: Tensor, rows: Tensor) -> Tensor:
@@ -261,8 +330,9 @@ def _gather_positions(x: Tensor, rows: Tensor) -> Tensor:
     return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
 
-UNSUPPORTED = {"pixel_values_videos": "video inputs (pixel_values_videos): OneVision's frames are pooled 2 x 2 "
-                                      "before the LLM, which DyMU does not reproduce exactly yet",
+UNSUPPORTED = {"pixel_values_videos": "video inputs (pixel_values_videos) yet: OneVision pools its frames 2 x 2 "
+                                      "before the LLM, and Qwen2-VL video needs merging across time steps; "
+                                      "neither is implemented",
                "mm_encoder_outputs": "precomputed mm_encoder_outputs: DyMU must run the vision tower itself",
                "inputs_embeds": "inputs_embeds: DyMU finds the image placeholders in input_ids"}
 
@@ -303,20 +373,26 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     mask = torch.ones_like(input_ids) if full_mask is None else full_mask[:, -L:].to(device)
     pixel_values = a.get("pixel_values")
     images = [] if pixel_values is None else _images_of(self)(
-        self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"))
+        self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"),
+        image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds)
     plain = pixel_values is None and bool(mask.all()) and not bool((input_ids == self.config.image_token_id).any())
     chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images)
 
     first_row, P = gen.n_compact, chunk.mask.shape[1]
     gen.compact_mask = torch.cat([gen.compact_mask, chunk.mask], 1)
     gen.offset += L - P
+    slot_rope = chunk_rope(self, gen, chunk, input_ids, mask, a.get("image_grid_thw"), plain) \
+        if is_qwen(self) else None
     if state.mode == "vtu":
         if gen.track is None:
             empty = torch.zeros((B, 0), dtype=torch.long, device=device)
             gen.track = VTUTrack(VirtualLayout(empty, empty, empty.bool()), 0)
-        gen.track.append(virtual_block(chunk, gen.track, first_row), P)
+        gen.track.append(virtual_block(chunk, gen.track, first_row, slot_rope), P)
         find_decoder(self.model.language_model).dymu_vtu.track = gen.track
-    position_ids = (gen.compact_mask.cumsum(-1) - 1).clamp_min(0)[:, -P:]  # consecutive (VTU ignores them)
+    if slot_rope is not None and state.mode != "vtu":
+        position_ids = compact_rope(chunk, slot_rope)  # (3, B, P) M-RoPE positions
+    else:
+        position_ids = (gen.compact_mask.cumsum(-1) - 1).clamp_min(0)[:, -P:]  # consecutive (VTU ignores them)
 
     out = self.model.language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask,
                                     position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
@@ -343,7 +419,56 @@ def _runs_its_own_vision(self: nn.Module) -> bool:
     return False
 
 
-classswap.register("vlm", vlm_forward, _supports_mm_encoder_outputs=_runs_its_own_vision)
+def _images_per_sample(model: nn.Module, input_ids: Tensor, kwargs: dict[str, Any], per_image: dict[str, Any]) -> list[int]:
+    """How many images each prompt row holds: OneVision's batch_num_images, else the images, in
+    order, whose placeholders fill the row (Qwen2-VL: t * h * w / merge^2 each; LLaVA-1.5: all
+    images alike, so adjacent images' placeholder runs need not be told apart)."""
+    if kwargs.get("batch_num_images") is not None:
+        return [int(n) for n in kwargs["batch_num_images"]]
+    per_row = (input_ids == model.config.image_token_id).sum(-1).tolist()
+    grids = per_image.get("image_grid_thw")
+    if grids is not None:
+        sizes = (grids.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+    else:
+        n_images = len(per_image["pixel_values"])
+        sizes = [sum(per_row) // max(n_images, 1)] * n_images
+    counts, taken = [], 0
+    for need in per_row:
+        first = taken
+        while need > 0 and taken < len(sizes):
+            need, taken = need - sizes[taken], taken + 1
+        counts.append(taken - first)
+    return counts
+
+
+def _expand_per_sample(self: nn.Module, expand_size: int = 1, is_encoder_decoder: bool = False,
+                       input_ids: Optional[Tensor] = None, **model_kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
+    """generate's batch expansion (beam search, num_return_sequences) repeats every tensor row by
+    row. Image tensors are per image (Qwen2-VL's pixel_values: per patch), not per sample, so
+    they are repeated here per sample, each sample's images together, as the expanded prompts
+    need them; the rest expands as usual."""
+    base = classswap.base_class(self)._expand_inputs_for_generation
+    per_image = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_sizes", "image_grid_thw")
+                 if model_kwargs.get(k) is not None}
+    counts = _images_per_sample(self, input_ids, model_kwargs, per_image) \
+        if "pixel_values" in per_image and input_ids is not None else []
+    input_ids_out, model_kwargs = base(self, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                       input_ids=input_ids, **model_kwargs)
+    if counts and expand_size > 1:
+        first = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
+        order = [i for f, n in zip(first, counts) for _ in range(expand_size) for i in range(f, f + n)]
+        grids = per_image.get("image_grid_thw")
+        for key, value in per_image.items():
+            if key == "pixel_values" and grids is not None:  # Qwen2-VL: patches, grid t * h * w per image
+                chunks = value.split(grids.prod(-1).tolist())
+                per_image[key] = torch.cat([chunks[i] for i in order])
+            else:
+                per_image[key] = value[torch.tensor(order, device=value.device)]
+    return input_ids_out, {**model_kwargs, **per_image}
+
+
+classswap.register("vlm", vlm_forward, _supports_mm_encoder_outputs=_runs_its_own_vision,
+                   _expand_inputs_for_generation=_expand_per_sample)
 
 
 def _account(state: VLMState, gen: GenerationState, chunk: Chunk) -> None:

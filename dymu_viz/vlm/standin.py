@@ -45,6 +45,11 @@ def build_tokenizer(family: str) -> Any:
         specials = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
         extra = {"image_token": "<image>"}
         chat = ["user", "assistant"]
+    elif family == "qwen":
+        specials = dict(pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>")
+        extra = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "im_start": "<|im_start|>",
+                 "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
+        chat = ["user", "assistant", "system"]
     else:
         specials = dict(pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>")
         extra = {"image_token": "<image>", "video_token": "<video>", "im_start": "<|im_start|>"}
@@ -73,6 +78,11 @@ LLAVA_CHAT_TEMPLATE = (
     "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
     "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+QWEN_VL_TEMPLATE = (  # Qwen2-VL's: every image as <|vision_start|><|image_pad|><|vision_end|>
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
     "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
@@ -84,7 +94,8 @@ def standin_processor(family: str, size: int, patch: int, select_strategy: str,
                       pinpoints: Optional[list[list[int]]] = None, aspect_ratio: Optional[str] = None) -> Any:
     """The family's real HF processor class ("llava": ``LlavaProcessor``, "onevision":
     ``LlavaOnevisionProcessor``) with HF's own image processor at ``size`` px (``patch`` px
-    patches) and the stand-in tokenizer of ``build_tokenizer``, chat template included."""
+    patches) and the stand-in tokenizer of ``build_tokenizer``, chat template included. For
+    "qwen" see ``qwen_standin_processor``."""
     from transformers import (CLIPImageProcessor, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
                               LlavaOnevisionVideoProcessor, LlavaProcessor)
 
@@ -102,3 +113,18 @@ def standin_processor(family: str, size: int, patch: int, select_strategy: str,
                                    num_image_tokens=(size // patch) ** 2,
                                    vision_feature_select_strategy=select_strategy, vision_aspect_ratio=aspect_ratio,
                                    chat_template=CHATML_TEMPLATE)
+
+
+def qwen_standin_processor(version: str, patch: int = 14, min_pixels: int = 56 * 56,
+                           max_pixels: int = 28 * 28 * 1280) -> Any:
+    """Qwen2-VL / Qwen2.5-VL (version "2" or "2.5"): the real processor class with HF's own
+    Qwen2-VL image processor (2 x 2 patch units, dynamic resolution between min_pixels and
+    max_pixels) and the stand-in tokenizer with Qwen's vision tokens."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = build_tokenizer("qwen")
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    images = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    videos = Qwen2VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    cls = {"2": Qwen2VLProcessor, "2.5": Qwen2_5_VLProcessor}[version]
+    return cls(image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=QWEN_VL_TEMPLATE)

@@ -1,0 +1,123 @@
+"""Qwen2-VL and Qwen2.5-VL: DToMe on the visual tokens after the PatchMerger, and the 3-row
+M-RoPE positions VTU needs.
+
+The vision tower runs as HF runs it (window attention, cu_seqlens, FlashAttention, 2-D RoPE
+all untouched). Its output is one token per 2 x 2 patch *unit*, in raster order per image.
+DToMe then merges units in threshold *rounds*: each round is one bipartite matching of the
+existing ``merge.py`` (every edge above the round's threshold, at most half the tokens), on a
+padded batch of images of any sizes. The similarity metric is the pre-RoPE keys of the last
+full-attention ViT block, averaged over heads and concatenated over the unit's four patches;
+merged tokens carry the size-weighted mean of both features and metric into the next round.
+
+The virtual sequence is the one vanilla HF builds: every unit at its own (t, h, w) position
+from the model's ``get_rope_index``; text after an image continues at max + 1 (HF's rule).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..merge import bipartite_scores, merge_tokens, select_threshold
+from .common import ImageTokens
+
+QWEN_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def metric_block(visual: nn.Module) -> int:
+    """The ViT block whose keys are the metric: the last full-attention block (Qwen2.5-VL's
+    ``fullatt_block_indexes``; every Qwen2-VL block attends fully)."""
+    full = getattr(visual, "fullatt_block_indexes", None)
+    return max(full) if full else len(visual.blocks) - 1
+
+
+@contextmanager
+def _metric_in_pooler_output(visual: nn.Module) -> Iterator[None]:
+    """While open, the tower's merger returns [unit feature | unit metric] (U, D + 4 * head_dim):
+    the model itself then puts both in raster order (Qwen2.5-VL's window order is undone after
+    the merger) and splits them per image."""
+    keys: list[Tensor] = []
+    heads = visual.config.num_heads
+
+    def keep_keys(module: nn.Module, args: Any, qkv: Tensor) -> None:
+        keys.append(qkv.view(qkv.shape[0], 3, heads, -1)[:, 1].mean(1))  # (patches, head_dim), pre-RoPE
+
+    def append_metric(module: nn.Module, args: Any, units: Tensor) -> Tensor:
+        k = keys.pop()  # a unit's 4 patches are consecutive rows, as the merger groups them
+        return torch.cat([units, k.reshape(units.shape[0], -1).to(units.dtype)], -1)
+
+    hooks = [visual.blocks[metric_block(visual)].attn.qkv.register_forward_hook(keep_keys),
+             visual.merger.register_forward_hook(append_metric)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per image: (unit features (U, D) exactly as vanilla's ``get_image_features`` gives them,
+    unit metric (U, 4 * head_dim)), units in raster order."""
+    D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
+    with _metric_in_pooler_output(model.model.visual):
+        per_image = model.model.get_image_features(pixel_values, grid_thw).pooler_output
+    return [(u[:, :D], u[:, D:]) for u in per_image]
+
+
+def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """DToMe rounds on a padded batch of unit rows: x (B, U, D), metric (B, U, M), size (B, U)
+    1 for a unit, 0 for padding. Round k merges every edge scoring above thresholds[k] (at most
+    half the tokens). Returns x (B, N, D), size (B, N) and groups (B, U): the row each unit ends
+    in (N for padding units)."""
+    B, U, D = x.shape
+    slots = torch.arange(U, device=x.device).expand(B, U)
+    groups = torch.where(size > 0, slots, U)
+    both = torch.cat([x, metric.to(x.dtype)], -1)  # merged together: metric is averaged by size too
+    for tau in thresholds:
+        if both.shape[1] < 2:  # every image is down to one token
+            break
+        best, dst = bipartite_scores(both[..., D:], size)
+        src = select_threshold(best, size, float(tau), protected=0)
+        if bool(src.any()):
+            both, size, groups = merge_tokens(both, size, groups, src, dst, best, protected=0)
+    return both[..., :D], size, groups
+
+
+def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
+                thresholds: Optional[Sequence[float]] = None, **kwargs: Any) -> list[ImageTokens]:
+    """Per image: its compact unit features and the mapping from each of its U units (raster
+    order, the placeholders' order) to its compact row. thresholds: one per round (None or
+    empty: no merging, vanilla features)."""
+    if image_grid_thw is None:
+        raise ValueError("Qwen2-VL models need image_grid_thw with pixel_values (the processor returns both)")
+    units = tower_units(model, pixel_values, image_grid_thw)
+    counts = [len(f) for f, _ in units]
+    if not thresholds:
+        return [ImageTokens(f, torch.arange(n, device=f.device), [n]) for (f, _), n in zip(units, counts)]
+    x = nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
+    metric = nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
+    size = (torch.arange(x.shape[1], device=x.device) < torch.tensor(counts, device=x.device)[:, None]).long()
+    x, size, groups = unit_rounds(x, metric, size, thresholds)
+    kept = (size > 0).sum(-1).tolist()
+    return [ImageTokens(x[b, :kept[b]], groups[b, :n], [n]).in_slot_order() for b, n in enumerate(counts)]
+
+
+def token_types(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """HF's mm_token_type_ids from the ids: 1 image placeholder, 2 video placeholder, 0 text."""
+    cfg = model.config
+    return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+
+
+def rope_positions(model: nn.Module, input_ids: Tensor, mask: Tensor, image_grid_thw: Optional[Tensor],
+                   start: Tensor) -> Tensor:
+    """(3, B, L) M-RoPE positions of a forward's tokens, exactly as vanilla HF numbers them
+    (``get_rope_index``), each row continuing at ``start`` (B,); 0 at padding."""
+    types = token_types(model, input_ids)
+    if bool(types.any()):
+        pos, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_grid_thw, attention_mask=mask)
+    else:  # text only: consecutive positions over the valid tokens
+        pos = ((mask.cumsum(-1) - 1).clamp_min(0) * mask)[None].expand(3, -1, -1)
+    return (pos + start[None, :, None].to(pos.device)) * mask[None].to(pos.device)

@@ -1,0 +1,317 @@
+"""DyMU on Qwen2-VL and Qwen2.5-VL (tiny random models of the exact classes, real processor
+classes): DToMe rounds on the units after the PatchMerger, VTU with HF's 3-row M-RoPE
+positions, through the model's own ``generate``.
+
+With no merging every mode must be vanilla HF (called with the processor's mm_token_type_ids):
+fp32 1e-5. With merging, VTU's defining property is checked where it is exact (a one-layer LLM:
+attention = scatter-mean of vanilla attention over the expansion; text rows = vanilla fed the
+duplicated features), cached decoding equals recomputation, and 1-D positions are shown wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dymu_viz import vlm
+from dymu_viz.data import sample_photos, shapes_image
+from dymu_viz.merge import merge_tokens
+from dymu_viz.vlm.qwen import tower_units, unit_rounds
+from dymu_viz.vtu import VirtualLayout
+from tiny_models import tiny_qwen
+
+VERSIONS = ["2", "2.5"]
+QUESTIONS = ["what is in the picture ?", "describe the colors of this photo please", "is there a cat ?"]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def photos(n: int) -> list:
+    """A flat image (merges a lot) and real photos of three different sizes and aspects."""
+    real = sample_photos(["rocket", "grace_hopper", "hubble_deep_field"])
+    return [shapes_image(0, size=120), real["rocket"], real["grace_hopper"].crop((0, 0, 300, 600)),
+            real["hubble_deep_field"]][:n]
+
+
+def batch(processor, images_per_prompt=(1, 1, 1), questions=QUESTIONS) -> dict:
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": q}]}],
+        add_generation_prompt=True) for n, q in zip(images_per_prompt, questions)]
+    pics = photos(sum(images_per_prompt))
+    return dict(processor(images=pics or None, text=prompts, return_tensors="pt", padding=True))
+
+
+def vanilla(model, inputs, **kwargs):
+    assert "mm_token_type_ids" in inputs  # without it HF 5.23 silently uses 1-D positions
+    return model(**inputs, **kwargs)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", [(1,), (1, 1, 1), (2, 1)], ids=["one", "three_sizes", "two_per_prompt"])
+def test_no_merging_is_vanilla_in_every_mode(version: str, attn: str, layout: tuple) -> None:
+    model, processor = tiny_qwen(version, attn=attn)
+    inputs = batch(processor, layout, QUESTIONS[:len(layout)])
+    assert len(set(map(tuple, inputs["image_grid_thw"].tolist()))) == min(sum(layout), 4)  # sizes differ
+    ref = vanilla(model, inputs).logits
+    valid = inputs["attention_mask"].bool()
+    for mode in vlm.MODES:
+        vlm.patch_vlm(model, None, mode=mode)
+        out = model(**inputs).logits
+        assert (out - ref)[valid].abs().max() <= 1e-5, mode
+        vlm.unpatch_vlm(model)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+@pytest.mark.parametrize("cache", ["compact", "decode_fast"])
+def test_vtu_without_merging_generates_vanilla_tokens_and_logits(version: str, kernel: str, cache: str) -> None:
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor)
+    ref = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    vlm.patch_vlm(model, None, kernel=kernel, cache=cache)
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert (a - b).abs().max() <= 1e-5
+    values = out.past_key_values.layers[0].values.shape[-2]
+    assert values == inputs["input_ids"].shape[1] + 7  # compact entries: with no merging, every token once
+
+
+def merged(version: str, text_layers: int = 2, dtype=torch.float32, **kwargs):
+    model, processor = tiny_qwen(version, dtype=dtype, text_layers=text_layers, **kwargs)
+    inputs = batch(processor)
+    vlm.patch_vlm(model, [0.0] * 3)  # random weights: low thresholds to merge a lot
+    return model, processor, inputs
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_merging_reduces_tokens_per_image_with_the_virtual_length_kept(version: str) -> None:
+    model, _, inputs = merged(version)
+    model(**inputs)
+    acc = model.dymu_vlm.last
+    units = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    assert [a["image_positions"] for a in acc] == units
+    assert [a["crop_tokens"] for a in acc] == [[u] for u in units]
+    assert all(a["image_tokens"] < a["image_positions"] for a in acc)
+    assert acc[0]["image_tokens"] <= 2  # the flat image
+    valid = inputs["attention_mask"].sum(-1).tolist()
+    assert [a["llm_virtual_length"] for a in acc] == valid
+    assert [a["llm_compact_length"] for a in acc] == [v - a["image_positions"] + a["image_tokens"]
+                                                      for v, a in zip(valid, acc)]
+
+
+def _expanded_inputs(model, inputs):
+    """Vanilla's view of the merged images: every unit's placeholder embedding replaced by its
+    compact feature (so copies are identical), with HF's own 3-D positions."""
+    state = model.dymu_vlm
+    images = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], state.unit_thresholds)
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    embeds[is_image] = torch.cat([im.features[im.mapping] for im in images])
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                        attention_mask=inputs["attention_mask"])
+    return embeds, pos, images
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
+def test_one_layer_vtu_attention_is_the_scatter_mean_of_vanilla_and_text_rows_are_exact(version, kernel) -> None:
+    # eager: HF's eager softmax runs in float32, so vanilla runs eager too
+    model, processor, inputs = merged(version, text_layers=1, dtype=torch.float64,
+                                      attn="eager" if kernel == "eager" else "sdpa")
+    vlm.patch_vlm(model, [0.0] * 3, kernel=kernel)
+    embeds, pos, images = _expanded_inputs(model, inputs)
+    attn = model.model.language_model.layers[0].self_attn
+    seen = []
+    hook = attn.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    vlm.unpatch_vlm(model)
+    mask = inputs["attention_mask"]
+    ref_h = model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).last_hidden_state
+    vlm.patch_vlm(model, [0.0] * 3, kernel=kernel)
+    out = model(**inputs)
+    hook.remove()
+    vanilla_attn, vtu_attn = seen
+    # the compact row standing at every input position: scatter-mean of vanilla's copies
+    rows = _compact_rows(model, inputs, images)
+    for b in range(mask.shape[0]):
+        valid = mask[b].bool()
+        r = rows[b][valid]
+        mean = torch.zeros(vtu_attn.shape[1], vtu_attn.shape[2], dtype=torch.float64).index_add_(0, r, vanilla_attn[b][valid])
+        mean /= torch.bincount(r, minlength=vtu_attn.shape[1]).clamp_min(1)[:, None].to(mean)
+        used = torch.unique(r)
+        assert torch.allclose(vtu_attn[b][used], mean[used], atol=1e-10, rtol=0), float((vtu_attn[b][used] - mean[used]).abs().max())
+    text = mask.bool() & (inputs["input_ids"] != model.config.image_token_id)
+    ref_logits = model.lm_head(ref_h)
+    assert torch.allclose(out.logits[text], ref_logits[text], atol=1e-10, rtol=0)
+
+
+def _compact_rows(model, inputs, images):
+    """(B, L) compact row of every input position, as the pipeline lays the chunk out."""
+    chunk = vlm.pipeline.compact_chunk(model, inputs["input_ids"], inputs["attention_mask"], images)
+    return chunk.rows
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_one_dimensional_virtual_positions_are_wrong_for_qwen(version: str, monkeypatch) -> None:
+    """Negative control: the same merged model with 1-D virtual positions (slot order, as for
+    LLaVA) gives text rows different from vanilla on the duplicated features."""
+    model, processor, inputs = merged(version, text_layers=1, dtype=torch.float64)
+    embeds, pos, _ = _expanded_inputs(model, inputs)
+    vlm.unpatch_vlm(model)
+    mask = inputs["attention_mask"]
+    ref = model.lm_head(model.model.language_model(inputs_embeds=embeds, position_ids=pos,
+                                                   attention_mask=mask).last_hidden_state)
+    vlm.patch_vlm(model, [0.0] * 3)
+    text = mask.bool() & (inputs["input_ids"] != model.config.image_token_id)
+    assert torch.allclose(model(**inputs).logits[text], ref[text], atol=1e-10, rtol=0)
+    monkeypatch.setattr(vlm.pipeline, "chunk_rope", lambda *a, **k: None)  # falls back to slot order
+    wrong = model(**inputs).logits[text]
+    assert (wrong - ref[text]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("cache", ["compact", "decode_fast"])
+def test_cached_decode_equals_recomputation_and_continues_at_max_plus_one(version: str, cache: str) -> None:
+    from transformers import DynamicCache
+
+    model, _, inputs = merged(version, dtype=torch.float64)
+    vlm.patch_vlm(model, [0.0] * 3, cache=cache)
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    track = out.past_key_values.dymu.track
+    valid = track.layout.valid[:, :-5]  # the last 5 generated tokens were fed as decode steps
+    top = torch.where(valid, track.layout.rope_pos[:, :, :-5], -1).amax(dim=(0, 2))
+    for step in range(5):  # HF's rule: text after the prompt continues at max + 1
+        assert torch.equal(track.layout.rope_pos[:, :, -5 + step], (top + 1 + step)[None].expand(3, -1))
+    L = inputs["input_ids"].shape[1]
+    new = out.sequences[:, L:]
+    cache = DynamicCache(config=model.config.get_text_config())
+    step_logits = [model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for i in range(5):
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(new[:, :i + 1])], 1)
+        step_logits.append(model(input_ids=new[:, i:i + 1], attention_mask=mask, past_key_values=cache).logits[:, -1])
+    assert torch.equal(torch.stack(step_logits[:-1], 1).argmax(-1), new[:, :5])  # generate's greedy tokens
+    again = model(**{**inputs, "input_ids": out.sequences, "attention_mask": torch.cat(
+        [inputs["attention_mask"], torch.ones_like(new)], 1), "mm_token_type_ids": torch.cat(
+        [inputs["mm_token_type_ids"], torch.zeros_like(new)], 1)}).logits
+    for i, logits in enumerate(step_logits):  # cached decoding = recomputation from scratch
+        assert torch.allclose(logits, again[:, L - 1 + i], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compact_mode_puts_each_merged_token_at_its_first_unit(version: str) -> None:
+    model, _, inputs = merged(version)
+    vlm.patch_vlm(model, [0.0] * 3, mode="compact")
+    seen = {}
+    rotary = model.model.language_model.rotary_emb
+    hook = rotary.register_forward_hook(lambda m, args, out: seen.update(pos=args[1]))
+    model(**inputs)
+    hook.remove()
+    pos = seen["pos"]
+    assert pos.shape[0] == 3  # M-RoPE rows handed to the model's own rotary
+    acc = model.dymu_vlm.last
+    assert pos.shape[2] == max(a["llm_compact_length"] for a in acc)
+    full, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                         attention_mask=inputs["attention_mask"])
+    for b, a in enumerate(acc):  # the row's text after the image continues where vanilla's does
+        assert torch.equal(pos[:, b, -1], full[:, b, -1])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rounds_infinite_threshold_merges_nothing_and_groups_stay_in_their_image(version: str) -> None:
+    """Also batch invariance (float64): every unit gets the same feature alone as in the batch.
+    The flat image's units are exactly equal, so all its edges tie and which equal units pair up
+    follows BLAS rounding of the padded shape; its counts and per-unit features cannot differ,
+    and for the photos the groups themselves are identical."""
+    model, processor = tiny_qwen(version, dtype=torch.float64)
+    inputs = batch(processor)
+    units = tower_units(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    x = torch.nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
+    metric = torch.nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
+    counts = torch.tensor([len(f) for f, _ in units])
+    size = (torch.arange(x.shape[1]) < counts[:, None]).long()
+    same, same_size, groups = unit_rounds(x, metric, size, [float("inf")] * 4)
+    assert torch.equal(same, x) and torch.equal(same_size, size)
+    assert torch.equal(groups, torch.where(size > 0, torch.arange(x.shape[1]), x.shape[1]))
+    x2, size2, groups2 = unit_rounds(x, metric, size, [-1.0] * 3)
+    for b, n in enumerate(counts.tolist()):
+        kept = int((size2[b] > 0).sum())
+        assert groups2[b, :n].max() < kept and groups2[b, :n].min() >= 0  # every unit in one of its own rows
+        assert torch.equal(torch.bincount(groups2[b, :n], minlength=kept), size2[b, :kept])
+        assert (groups2[b, n:] == x2.shape[1]).all()  # padded units: one past the last row
+        alone, alone_size, alone_groups = unit_rounds(x[b:b + 1, :n], metric[b:b + 1, :n], size[b:b + 1, :n], [-1.0] * 3)
+        assert int((alone_size > 0).sum()) == kept
+        assert torch.allclose(alone[0][alone_groups[0]], x2[b][groups2[b, :n]], atol=1e-12, rtol=0)
+        if b > 0:  # the photos: no exact ties
+            assert torch.equal(alone_groups[0], groups2[b, :n])
+
+
+def test_merge_tokens_keeps_padded_originals_out_of_every_row() -> None:
+    x = torch.randn(2, 6, 4)
+    size = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    groups = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 6, 6, 6]])  # image 1 has 3 original tokens
+    src = torch.tensor([[True, False, False], [True, False, False]])
+    dst, best = torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1.0, 0.5, 0.2], [1.0, 0.3, -torch.inf]])
+    x1, size1, groups1 = merge_tokens(x, size, groups, src, dst, best, protected=0)
+    assert x1.shape[1] == 5 and (groups1[1, 3:] == 5).all() and groups1[1, :3].max() < 2
+    x2, size2, groups2 = merge_tokens(x1, size1, groups1, torch.tensor([[True, False, False], [False, False, False]]),
+                                      torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1.0, 0.0, 0.0], [0.1, 0.0, 0.0]]),
+                                      protected=0)
+    assert (groups2[1, 3:] == x2.shape[1]).all()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_hooked_metric_equals_the_keys_recomputed_by_hand(version: str) -> None:
+    """The metric is the pre-RoPE keys of the last full-attention block, head-averaged, the
+    unit's four patches concatenated, in raster order."""
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor, (1,), QUESTIONS[:1])
+    visual = model.model.visual
+    block = vlm.qwen.metric_block(visual)
+    assert block == (3 if version == "2.5" else len(visual.blocks) - 1)
+    seen = {}
+    hook = visual.blocks[block].register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
+    (feats, metric), = tower_units(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    hook.remove()
+    attn = visual.blocks[block].attn
+    k = attn.qkv(visual.blocks[block].norm1(seen["h"])).view(len(seen["h"]), 3, attn.num_heads, -1)[:, 1].mean(1)
+    units = k.reshape(-1, 4 * k.shape[-1])  # window order (Qwen2.5) = raster order for one window
+    vanilla = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+    assert torch.equal(feats, vanilla)
+    if version == "2" or len(units) <= 16:  # tiny images fit one 4 x 4-unit window
+        assert torch.allclose(metric, units, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_beam_search_with_several_images_per_prompt_equals_vanilla_with_no_merging(version: str) -> None:
+    """generate expands each sample's images (patch rows of different sizes) with its beams."""
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor, (2, 1), QUESTIONS[:2])
+    beams = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2)
+    reference = model.generate(**inputs, **beams)
+    vlm.patch_vlm(model, None)
+    assert torch.equal(model.generate(**inputs, **beams), reference)
+    vlm.patch_vlm(model, [0.0] * 3)
+    out = vlm.generate(model, **inputs, **beams)
+    assert out.sequences.shape == (4, 5)
+    units = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    assert [a["image_positions"] for a in out.accounting] == [units[0] + units[1]] * 2 + [units[2]] * 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_clear_errors(version: str) -> None:
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor, (1,), QUESTIONS[:1])
+    with pytest.raises(ValueError, match="one threshold per DToMe round"):
+        vlm.patch_vlm(model, 0.9)
+    vlm.patch_vlm(model, [0.5])
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
+    with pytest.raises(NotImplementedError, match="pixel_values_videos"):
+        model(**inputs, pixel_values_videos=torch.zeros(4, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
+    with pytest.raises(TypeError, match="expected one of"):
+        vlm.patch_vlm(model.model.language_model, [0.5])
