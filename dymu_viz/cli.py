@@ -1,13 +1,15 @@
-"""Command line: ``python -m dymu_viz demo | calibrate``.
+"""Command line: ``python -m dymu_viz demo | calibrate | calibrate-rounds``.
 
-demo       DToMe on the bundled photos: a token-count table and merge-map PNGs.
-calibrate  threshold finding on an image set (JSON list or folder); also under torchrun.
+demo              DToMe on the bundled photos: a token-count table and merge-map PNGs.
+calibrate         threshold finding on an image set (JSON list or folder); also under torchrun.
+calibrate-rounds  the same for Qwen2-VL / Qwen2.5-VL's DToMe rounds after the PatchMerger.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,14 +83,12 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_calibrate(args: argparse.Namespace) -> int:
-    import os
-
+def _start_processes(args: argparse.Namespace) -> tuple[str, int, torch.dtype]:
+    """(device, rank, dtype) of this process; under torchrun the process group is started (NCCL
+    on GPUs, gloo on CPUs) and each rank gets its own GPU."""
     import torch.distributed as dist
 
-    from .calibrate import (CalibrationJob, encoder_state, n_patches_of, rank_device, remove_checkpoints, resolve_r,
-                            run_calibration, token_report)
-    from .dataset import list_images
+    from .calibrate import rank_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and args.device in (None, "cuda")
@@ -96,7 +96,23 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    return device, rank, DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+
+
+def _end_processes() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import (CalibrationJob, encoder_state, n_patches_of, remove_checkpoints, resolve_r,
+                            run_calibration, token_report)
+    from .dataset import list_images
+
+    device, rank, dtype = _start_processes(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         if args.out.exists() and not (args.overwrite or args.resume):
@@ -143,9 +159,62 @@ def run_calibrate(args: argparse.Namespace) -> int:
             say(f"wrote {args.out} and {report_path}" + (f" and {args.export_pth}" if args.export_pth else ""))
         return 0
     finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        _end_processes()
+
+
+def _calibrate_rounds_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate-rounds", help="find the thresholds of Qwen2-VL / Qwen2.5-VL's DToMe rounds after "
+                                                "the PatchMerger on an image set (works under torchrun)")
+    p.add_argument("--model", required=True, help="a known Qwen id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a local folder")
+    p.add_argument("--pretrained", default="auto", help="'auto', 'random', 'pretrained' or a local folder")
+    p.add_argument("--download", action="store_true", help="allow downloading the weights")
+    p.add_argument("--vision-layers", type=int, help="random init only: ViT blocks to build (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random init: the same weights in every process")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--json", type=Path, help='reference-format list: [{"image": "relative/path.jpg"}, ...]')
+    data.add_argument("--folder", type=Path, help="a folder of images (searched recursively)")
+    p.add_argument("--image-root", type=Path, help="folder the JSON paths are relative to (default: the JSON's folder)")
+    p.add_argument("--keep", type=float, required=True, help="share of the units that survives, e.g. 0.3")
+    p.add_argument("--rounds", type=int, default=4, help="DToMe rounds (each can at most halve the tokens)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch and process")
+    p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_calibrate_rounds(args: argparse.Namespace) -> int:
+    from .dataset import list_images
+    from .vlm import load_vlm
+    from .vlm.qwen import QWEN_FAMILIES, calibrate_rounds
+
+    device, rank, dtype = _start_processes(args)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        paths, skipped = list_images(args.json or args.folder, args.image_root)
+        torch.manual_seed(args.seed)
+        loaded = load_vlm(args.model, args.pretrained, device, dtype, args.download, vision_layers=args.vision_layers)
+        if type(loaded.model).__name__ not in QWEN_FAMILIES:
+            raise ValueError(f"{args.model} is a {type(loaded.model).__name__}; calibrate-rounds is for "
+                             f"{', '.join(QWEN_FAMILIES)} (use calibrate for encoder towers)")
+        say(f"model     : {loaded.name}\nweights   : {loaded.weights}\ndata      : {len(paths)} images "
+            f"({skipped} JSON entries without an image skipped)")
+        thresholds = calibrate_rounds(loaded.model, loaded.processor, paths, args.keep, args.rounds, args.batch_size,
+                                      progress=not args.quiet)
+        if rank == 0:
+            thresholds.model = loaded.name
+            thresholds.save(args.out)
+            say(f"thresholds: {', '.join(f'{v:.4f}' for v in thresholds.values)} "
+                f"(mean merges per image and round: {thresholds.r})")
+            for i, err in thresholds.metadata["failures"]:
+                say(f"skipped {paths[i]}: {err}")
+            say(f"wrote {args.out}")
+        return 0
+    finally:
+        _end_processes()
 
 
 def demo_images(names: Optional[Sequence[str]] = None) -> dict:
@@ -206,13 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _calibrate_parser(sub)
+    _calibrate_rounds_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": run_demo, "calibrate": run_calibrate}[args.command](args)
+        return {"demo": run_demo, "calibrate": run_calibrate, "calibrate-rounds": run_calibrate_rounds}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -75,8 +75,10 @@ def select_threshold(best: Tensor, size: Tensor, tau: float, protected: int) -> 
     return (best > tau) & (edge_ranks(best) < cap[:, None])
 
 
-def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int) -> tuple[Tensor, float | None]:
-    """Calibration: the B*r best edges of the whole batch (spec section 3.2).
+def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int,
+                     total: int | None = None) -> tuple[Tensor, float | None]:
+    """Calibration: the B*r best edges of the whole batch (spec section 3.2), or the ``total``
+    best when given (images of different sizes: a share of all their tokens).
 
     r is first capped by the longest image's merge cap, as in the reference. Padded and
     protected slots (score -inf) are never picked. Returns src: (B, Na) bool and the batch
@@ -86,7 +88,7 @@ def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int) -> tupl
     r = min(r, int(merge_cap(size, protected).max()))
     flat = best.flatten()
     n_edges = int(torch.isfinite(flat).sum())
-    k = min(best.shape[0] * max(r, 0), n_edges)
+    k = min(best.shape[0] * max(r, 0) if total is None else max(total, 0), n_edges)
     order = flat.argsort(descending=True, stable=True)
     src = torch.zeros_like(flat, dtype=torch.bool)
     src[order[:k]] = True

@@ -172,6 +172,28 @@ def plot_merge_maps(images: Sequence[np.ndarray], result: EncoderResult, titles:
     return fig
 
 
+def plot_unit_merge_maps(images: Sequence[Any], mappings: Sequence[torch.Tensor], grids: torch.Tensor,
+                         titles: Optional[Sequence[str]] = None, unit: int = 28, style: str = "mean") -> Figure:
+    """Qwen2-VL merge maps on the unit grid: one row per image, the image at the resolution the
+    processor chose, then its units (``unit`` px squares, 2 x 2 patches) filled per merged token.
+    mappings: per image (U,) unit -> merged token (``ImageTokens.mapping``, raster order);
+    grids: (images, 3) ``image_grid_thw`` in patches."""
+    n = len(images)
+    fig = Figure(figsize=(5.2, 2.6 * n), layout="constrained")
+    axes = np.asarray(fig.subplots(n, 2, squeeze=False))
+    for i, (image, mapping, (_, gh, gw)) in enumerate(zip(images, mappings, grids.tolist())):
+        h, w = gh // 2, gw // 2
+        shown = np.asarray(image.convert("RGB").resize((w * unit, h * unit)))
+        groups = mapping.cpu().numpy().reshape(h, w)
+        axes[i, 0].imshow(shown)
+        axes[i, 0].set_title(f"{titles[i] if titles else f'image {i}'}: {h} x {w} units", fontsize=9)
+        axes[i, 1].imshow(render_map(shown, groups, style))
+        axes[i, 1].set_title(f"{len(np.unique(groups))} tokens of {h * w}", fontsize=9)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    return fig
+
+
 def image_names(names: Optional[Sequence[str]], n: int) -> list[str]:
     """The given names, or "image 0", "image 1", ... for n images."""
     if names is not None and len(names) != n:

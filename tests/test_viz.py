@@ -281,3 +281,15 @@ def test_vlm_accounting_compares_runs_sample_by_sample() -> None:
         viz.plot_vlm_accounting({"vtu": VLM_ACCOUNTING, "one": VLM_ACCOUNTING[:1]})
     with pytest.raises(ValueError, match="one name per image"):
         viz.plot_vlm_accounting(VLM_ACCOUNTING, ["cat"])
+
+
+def test_unit_merge_maps_fill_each_merged_token_of_the_unit_grid() -> None:
+    from PIL import Image
+
+    image = Image.fromarray(np.tile(np.arange(84, dtype=np.uint8)[None, :, None], (56, 1, 3)))  # 2 x 3 units
+    mapping = torch.tensor([0, 0, 1, 0, 0, 1])  # the left 2 x 2 units are one token
+    fig = viz.plot_unit_merge_maps([image], [mapping], torch.tensor([[1, 4, 6]]), ["ramp"])
+    shown, merged = (ax.images[0].get_array() for ax in fig.axes)
+    assert shown.shape == merged.shape == (56, 84, 3)
+    assert np.all(merged[5, 5] == np.round(shown[:, :56].reshape(-1, 3).mean(0)))  # the group's mean colour
+    assert [ax.get_title() for ax in fig.axes] == ["ramp: 2 x 3 units", "2 tokens of 6"]

@@ -315,3 +315,88 @@ def test_clear_errors(version: str) -> None:
         model(**inputs, pixel_values_videos=torch.zeros(4, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
     with pytest.raises(TypeError, match="expected one of"):
         vlm.patch_vlm(model.model.language_model, [0.5])
+
+
+@pytest.mark.parametrize("model_id", ["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"])
+def test_load_vlm_builds_the_real_width_tower_offline_and_chat_runs(model_id: str) -> None:
+    loaded = vlm.load_vlm(model_id, "random", vision_layers=2, text_width=128)
+    assert not loaded.pretrained and loaded.weights.startswith("RANDOM init (asked for)")
+    visual = loaded.model.model.visual
+    assert len(visual.blocks) == 2 and visual.blocks[0].attn.qkv.in_features == 1280
+    if "2.5" in model_id:
+        assert visual.fullatt_block_indexes == [1]  # none of the real [7, 15, 23, 31] survive the cut: the last block
+    rope = loaded.model.config.get_text_config().rope_parameters["mrope_section"]
+    assert sum(rope) == 128 // 2 // 2  # half of the scaled LLM's head dim (2 heads of 64)
+    vlm.patch_vlm(loaded.model, [0.8] * 4)
+    out = vlm.chat(loaded.model, loaded.processor, [photos(2)[1]], ["what is this ?"], max_new_tokens=3)
+    acc = out.accounting[0]
+    assert len(out.texts) == 1 and acc["image_tokens"] <= acc["image_positions"]
+    assert acc["image_positions"] == acc["crop_tokens"][0]
+
+
+@pytest.mark.parametrize("batch_size", [4, 2])
+def test_calibrated_rounds_keep_the_asked_share_of_units(batch_size: int) -> None:
+    """Calibration asks each round to merge a share of the current tokens (Qwen's unit counts
+    follow the resolution); inference with the batch-averaged thresholds on the same images keeps
+    about that share, fewest on the flat image."""
+    from dymu_viz.vlm.qwen import calibrate_rounds, padded_units
+
+    model, processor = tiny_qwen("2.5")
+    images = photos(4)
+    thresholds = calibrate_rounds(model, processor, images, keep=0.25, rounds=3, batch_size=batch_size, progress=False)
+    assert thresholds.layers == 3 and thresholds.metadata["n_batches"] == 4 // batch_size
+    assert thresholds.values == sorted(thresholds.values, reverse=True)  # later rounds: less similar pairs left
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    x, metric, size = padded_units(tower_units(model, pixels["pixel_values"], pixels["image_grid_thw"]))
+    _, kept, _ = unit_rounds(x, metric, size, thresholds.values)
+    per_image = (kept > 0).sum(-1)
+    share = float(per_image.sum() / size.sum())
+    assert abs(share - 0.25) < (0.01 if batch_size == 4 else 0.05), share  # one batch: the batch rule itself
+    assert int(per_image.argmin()) == 0  # the flat image
+    vlm.patch_vlm(model, thresholds)
+    with pytest.raises(ValueError, match="keep must be between"):
+        calibrate_rounds(model, processor, images, keep=0.1, rounds=3)
+
+
+def test_calibrate_rounds_cli_two_processes_equal_one_and_skip_broken_images(tmp_path) -> None:
+    """`python -m dymu_viz calibrate-rounds` on a folder, alone and under torchrun with 2
+    processes: the same thresholds exactly (batches averaged in batch order); a broken file is
+    skipped and named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dymu_viz
+
+    root = Path(__file__).resolve().parents[1]
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, photo in enumerate(photos(4)):
+        photo.convert("RGB").resize((112 + 28 * k, 84 + 14 * k)).save(images / f"{k}.jpg")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    args = ["calibrate-rounds", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--pretrained", "random",
+            "--vision-layers", "1", "--folder", str(images), "--keep", "0.4", "--rounds", "2", "--batch-size", "2",
+            "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "skipped" in one.stdout and "broken.jpg" in one.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                "-m", "dymu_viz", *args, "--out", str(tmp_path / "two.json")]
+    two = subprocess.run(torchrun, capture_output=True, text=True, cwd=root, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (dymu_viz.Thresholds.load(tmp_path / f"{n}.json") for n in ("one", "two"))
+    assert a.values == b.values and a.r == b.r and a.layers == 2
+    assert a.metadata["n_images"] == b.metadata["n_images"] == 4
+    assert len(b.metadata["failures"]) == 1
+    wrong = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
+                           capture_output=True, text=True, cwd=root, timeout=300)
+    assert wrong.returncode == 2 and "exists" in wrong.stderr
+
+
+def test_encoder_thresholds_are_refused_for_qwen_rounds() -> None:
+    from dymu_viz import Thresholds
+
+    model, _ = tiny_qwen("2.5")
+    with pytest.raises(ValueError, match="calibrated for the layers of a ViT"):
+        vlm.patch_vlm(model, Thresholds([0.9] * 24, [8] * 24, model="ViT-L-14-336"))

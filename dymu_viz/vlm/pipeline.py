@@ -38,7 +38,7 @@ from ..vtu import VirtualLayout, VTUTrack, cache_bytes, find_decoder, patch_llm,
 from .cache import DyMUCache, GenerationState, adopt
 from .common import ImageTokens, llava_images
 from .onevision import onevision_images
-from .qwen import QWEN_FAMILIES, qwen_images, rope_positions
+from .qwen import QWEN_FAMILIES, ROUNDS_KIND, qwen_images, rope_positions
 
 MODES = ("vtu", "compact", "full")
 FAMILIES: dict[str, Callable[..., list[ImageTokens]]] = {
@@ -122,6 +122,10 @@ def unit_round_thresholds(thresholds: Union[Thresholds, Sequence[float], float, 
     None (no merging). A single float is refused: the number of rounds must be explicit."""
     if thresholds is None:
         return None
+    if isinstance(thresholds, Thresholds) and thresholds.metadata.get("kind") != ROUNDS_KIND:
+        raise ValueError(f"these thresholds ({thresholds.model or 'an encoder'}, {thresholds.layers} layers) were "
+                         "calibrated for the layers of a ViT, not for DToMe rounds after Qwen's PatchMerger; calibrate "
+                         "rounds with dymu_viz.vlm.qwen.calibrate_rounds (or pass a plain list, one value per round)")
     if isinstance(thresholds, (int, float)):
         raise ValueError("Qwen2-VL models take one threshold per DToMe round after the PatchMerger, e.g. "
                          "[0.9] * 6 for six rounds; a single number does not say how many rounds")

@@ -21,10 +21,13 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..merge import bipartite_scores, merge_tokens, select_threshold
+from ..calibrate import mean_thresholds
+from ..merge import bipartite_scores, merge_tokens, select_batch_top, select_threshold
+from ..thresholds import Thresholds
 from .common import ImageTokens
 
 QWEN_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+ROUNDS_KIND = "qwen_unit_rounds"  # Thresholds.metadata["kind"] of calibrated rounds
 
 
 def metric_block(visual: nn.Module) -> int:
@@ -86,6 +89,91 @@ def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[fl
     return both[..., :D], size, groups
 
 
+def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (features, metric) -> padded x (B, U, D), metric (B, U, M), size (B, U)."""
+    x = nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
+    metric = nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
+    counts = torch.tensor([len(f) for f, _ in units], device=x.device)
+    return x, metric, (torch.arange(x.shape[1], device=x.device) < counts[:, None]).long()
+
+
+def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
+                       rounds: int) -> tuple[list[Optional[float]], list[int]]:
+    """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
+    current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
+    Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
+    edge left, clamped >= 0; None when none was left) and the merges made."""
+    D = x.shape[-1]
+    B, U = size.shape
+    groups = torch.where(size > 0, torch.arange(U, device=x.device).expand(B, U), U)
+    both = torch.cat([x, metric.to(x.dtype)], -1)
+    values, merges = [], []
+    for _ in range(rounds):
+        if both.shape[1] < 2:
+            values.append(None)
+            merges.append(0)
+            continue
+        best, dst = bipartite_scores(both[..., D:], size)
+        total = int(fraction * int((size > 0).sum()))
+        src, tau = select_batch_top(best, size, 0, protected=0, total=total)
+        values.append(tau)
+        merges.append(int(src.sum()))
+        both, size, groups = merge_tokens(both, size, groups, src, dst, best, protected=0)
+    return values, merges
+
+
+@torch.no_grad()
+def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
+                     batch_size: int = 4, progress: bool = True) -> Thresholds:
+    """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL tower, found on
+    ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
+    every round merges 1 - keep^(1 / rounds) of the current tokens (at most half, so keep >=
+    2^-rounds). Batch thresholds are averaged over batches as for the encoders. Under torchrun
+    each process takes every world-th batch; the result does not depend on the process count.
+    Unreadable images are skipped and named in ``metadata["failures"]``."""
+    from tqdm.auto import tqdm
+
+    from ..calibrate import dist_info, gather_objects
+    from ..dataset import load_rgb
+
+    if not 2.0 ** -rounds <= keep <= 1.0:
+        raise ValueError(f"keep must be between 2^-{rounds} = {2.0 ** -rounds:g} (every round halves) and 1, got {keep}")
+    if not images:
+        raise ValueError("calibration got no images")
+    rank, world = dist_info()
+    fraction = 1.0 - keep ** (1.0 / rounds)
+    per_batch, merged, failures, used = {}, [0] * rounds, [], 0
+    device = next(model.parameters()).device
+    starts = list(range(0, len(images), batch_size))
+    mine = [j for j in range(len(starts)) if j % world == rank]
+    for j in tqdm(mine, desc="calibrating rounds", disable=not progress or rank != 0):
+        batch = []
+        for i in range(starts[j], min(starts[j] + batch_size, len(images))):
+            try:
+                batch.append(images[i] if hasattr(images[i], "convert") else load_rgb(images[i]))
+            except Exception as err:  # a broken file must not stop a long run: report it
+                failures.append((i, f"{type(err).__name__}: {err}"))
+        if not batch:
+            continue
+        pixels = processor.image_processor(images=batch, return_tensors="pt")
+        units = tower_units(model, pixels["pixel_values"].to(device), pixels["image_grid_thw"].to(device))
+        per_batch[j], merges = calibration_rounds(*padded_units(units), fraction, rounds)
+        merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
+    gathered = gather_objects((per_batch, merged, failures, used))
+    per_batch = {j: v for part, _, _, _ in gathered for j, v in part.items()}
+    merged = [sum(part[1][k] for part in gathered) for k in range(rounds)]
+    failures = sorted(f for part in gathered for f in part[2])
+    used = sum(part[3] for part in gathered)
+    if used == 0:
+        raise ValueError("calibration could read none of the images")
+    values, counts = mean_thresholds(per_batch, rounds)
+    r = [round(m / used) for m in merged]  # mean merges per image and round, on these images
+    return Thresholds(values, r, model=type(model).__name__, schedule="constant",
+                      metadata={"kind": ROUNDS_KIND, "keep": keep, "merge_fraction": fraction, "n_images": used,
+                                "n_batches": len(per_batch), "batches_per_round": counts,
+                                "failures": [[i, e] for i, e in failures]})
+
+
 def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
                 thresholds: Optional[Sequence[float]] = None, **kwargs: Any) -> list[ImageTokens]:
     """Per image: its compact unit features and the mapping from each of its U units (raster
@@ -97,10 +185,7 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
     counts = [len(f) for f, _ in units]
     if not thresholds:
         return [ImageTokens(f, torch.arange(n, device=f.device), [n]) for (f, _), n in zip(units, counts)]
-    x = nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
-    metric = nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
-    size = (torch.arange(x.shape[1], device=x.device) < torch.tensor(counts, device=x.device)[:, None]).long()
-    x, size, groups = unit_rounds(x, metric, size, thresholds)
+    x, size, groups = unit_rounds(*padded_units(units), thresholds)
     kept = (size > 0).sum(-1).tolist()
     return [ImageTokens(x[b, :kept[b]], groups[b, :n], [n]).in_slot_order() for b, n in enumerate(counts)]
 
