@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -20,3 +21,10 @@ def make_model() -> Callable[..., nn.Module]:
     def make(family: str, **kwargs: Any) -> nn.Module:
         return FACTORIES[family](**kwargs)
     return make
+
+
+@pytest.fixture
+def no_grad():
+    """Run the test under torch.no_grad() (inference-only model calls)."""
+    with torch.no_grad():
+        yield

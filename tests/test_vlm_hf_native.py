@@ -16,16 +16,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
-from tiny_models import tiny_vlm
+from tiny_models import VLM_QUESTIONS, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
-QUESTIONS = ["what is in the picture ?", "describe the colors of this photo please", "is there a cat ?"]
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+QUESTIONS = VLM_QUESTIONS
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def photos(n: int) -> list:

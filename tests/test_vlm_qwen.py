@@ -16,18 +16,12 @@ import torch
 from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.merge import merge_tokens
-from dymu_viz.vlm.qwen import tower_units, unit_rounds
-from dymu_viz.vtu import VirtualLayout
-from tiny_models import tiny_qwen
+from dymu_viz.vlm.qwen import padded_units, tower_units, unit_rounds
+from tiny_models import VLM_QUESTIONS, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
-QUESTIONS = ["what is in the picture ?", "describe the colors of this photo please", "is there a cat ?"]
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+QUESTIONS = VLM_QUESTIONS
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def photos(n: int) -> list:
@@ -229,11 +223,8 @@ def test_rounds_infinite_threshold_merges_nothing_and_groups_stay_in_their_image
     and for the photos the groups themselves are identical."""
     model, processor = tiny_qwen(version, dtype=torch.float64)
     inputs = batch(processor)
-    units = tower_units(model, inputs["pixel_values"], inputs["image_grid_thw"])
-    x = torch.nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
-    metric = torch.nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
-    counts = torch.tensor([len(f) for f, _ in units])
-    size = (torch.arange(x.shape[1]) < counts[:, None]).long()
+    x, metric, size = padded_units(tower_units(model, inputs["pixel_values"], inputs["image_grid_thw"]))
+    counts = size.sum(-1)
     same, same_size, groups = unit_rounds(x, metric, size, [float("inf")] * 4)
     assert torch.equal(same, x) and torch.equal(same_size, size)
     assert torch.equal(groups, torch.where(size > 0, torch.arange(x.shape[1]), x.shape[1]))
@@ -339,7 +330,7 @@ def test_calibrated_rounds_keep_the_asked_share_of_units(batch_size: int) -> Non
     """Calibration asks each round to merge a share of the current tokens (Qwen's unit counts
     follow the resolution); inference with the batch-averaged thresholds on the same images keeps
     about that share, fewest on the flat image."""
-    from dymu_viz.vlm.qwen import calibrate_rounds, padded_units
+    from dymu_viz.vlm.qwen import calibrate_rounds
 
     model, processor = tiny_qwen("2.5")
     images = photos(4)

@@ -155,6 +155,7 @@ def flatten_outputs(outputs: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 # Tiny LLaVA-1.5 / OneVision with a real HF processor (stand-in tokenizer): what users call.
+VLM_QUESTIONS = ["what is in the picture ?", "describe the colors of this photo please", "is there a cat ?"]
 TINY_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 
 
