@@ -1,0 +1,117 @@
+"""Qwen2.5-VL prefill with DyMU rounds after the PatchMerger: counts, FLOP ratio, time ratio.
+
+    python benchmarks/qwen.py                  # CPU: real-width ViT (2 of 32 blocks), LLM 4 x 1024, 672 px
+
+Random weights (offline): Qwen2.5-VL-7B's classes, its ViT at the real width with
+``--vision-layers`` blocks, and the LLM scaled to 4 layers x 1024 (16 heads of 64, GQA 8). The
+rounds are calibrated on the nine bundled photos at each ``--keep`` share, then each photo of
+``--images`` (resized to ``--side`` px) is prefilled alone (batch 1), interleaving:
+
+* vanilla: the unpatched model;
+* full: patched, no merging (the patch's own overhead);
+* vtu / compact at each keep: merged units, with VTU, or without it (each merged token at its
+  first unit's position).
+
+Per mode: the whole forward (tower + rounds + LLM, what a user waits for at prefill) and the LLM
+alone (timed by hooks on the language model), medians of per-repetition ratios to vanilla; and
+the LLM's prefill FLOP ratio (projections and MLP on compact rows, attention on the virtual
+length). The tower runs in full in every mode (DyMU on Qwen merges after it), so the whole
+forward gains less than the LLM.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parser, publish  # noqa: E402
+from vlm import prefill_flops  # noqa: E402
+
+import dymu_viz  # noqa: E402
+from dymu_viz import vlm  # noqa: E402
+
+
+def resized(image, side: int):
+    scale = side / max(image.size)
+    return image.resize((round(image.width * scale), round(image.height * scale)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, reps=5, warmup=1)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--side", type=int, default=672, help="longest side of each photo, px")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--images", nargs="+", default=["chelsea", "rocket", "grace_hopper"])
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    loaded = vlm.load_vlm("Qwen/Qwen2.5-VL-7B-Instruct", "random", args.device, torch.float32,
+                          vision_layers=args.vision_layers, text_layers=4, text_width=1024)
+    model, processor = loaded.model, loaded.processor
+    photos = {name: resized(image, args.side) for name, image in dymu_viz.sample_photos().items()}
+    thresholds = {keep: vlm.qwen.calibrate_rounds(model, processor, list(photos.values()), keep, args.rounds,
+                                                  progress=False) for keep in args.keep}
+    modes = [("vanilla", None, None), ("full", "full", None)] + \
+        [(f"{mode}@{keep}", mode, keep) for keep in args.keep for mode in ("vtu", "compact")]
+    llm_time: list[float] = []
+    language_model = model.model.language_model
+    language_model.register_forward_pre_hook(lambda m, a, k: llm_time.append(-time.perf_counter()), with_kwargs=True)
+    language_model.register_forward_hook(lambda m, a, k, o: llm_time.append(llm_time.pop() + time.perf_counter()),
+                                         with_kwargs=True)
+    cfg = model.config.get_text_config()
+    rows = []
+    for name in args.images:
+        prompt = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "describe the image"}]}], add_generation_prompt=True)
+        inputs = dict(processor(images=[photos[name]], text=[prompt], return_tensors="pt"))
+        inputs = {k: v.to(args.device) for k, v in inputs.items()}
+        times: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in modes}
+        accounting: dict[str, dict] = {}
+        for rep in range(args.warmup + args.reps):
+            for label, mode, keep in modes:
+                if mode is None:
+                    if "dymu_vlm" in model.__dict__:
+                        vlm.unpatch_vlm(model)
+                else:
+                    vlm.patch_vlm(model, thresholds.get(keep), mode=mode)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    model(**inputs, use_cache=False)
+                total = time.perf_counter() - start
+                if rep >= args.warmup:
+                    times[label].append((total, llm_time[-1]))
+                if mode is not None:
+                    accounting[label] = model.dymu_vlm.last[0]
+        row = {"image": name, "units": accounting["full"]["image_positions"]}
+        for label, mode, keep in modes[1:]:
+            acc = accounting[label]
+            ratio = lambda i: statistics.median(t[i] / v[i] for t, v in zip(times[label], times["vanilla"]))  # noqa: E731
+            attended = acc["llm_compact_length"] if mode == "compact" else acc["llm_virtual_length"]
+            flops = prefill_flops(acc["llm_compact_length"], attended, cfg)
+            vanilla_length = accounting["full"]["llm_virtual_length"]
+            row[label] = {"tokens": acc["image_tokens"], "forward": ratio(0), "llm": ratio(1),
+                          "llm_flops": flops / prefill_flops(vanilla_length, vanilla_length, cfg)}
+        row["vanilla_seconds"] = {"forward": statistics.median(t[0] for t in times["vanilla"]),
+                                  "llm": statistics.median(t[1] for t in times["vanilla"])}
+        rows.append(row)
+    labels = [label for label, _, _ in modes[1:]]
+    lines = [f"Qwen2.5-VL-7B classes, random weights: ViT {args.vision_layers} of 32 blocks x 1280, LLM 4 x 1024; "
+             f"photos at {args.side} px, batch 1, {args.reps} reps (medians of ratios to vanilla); rounds "
+             f"{args.rounds}, thresholds calibrated on the 9 bundled photos per keep share", "",
+             "| image | units | " + " | ".join(f"{label}: tokens, LLM FLOPs, LLM time, forward time" for label in labels) + " |",
+             "|---|---|" + "---|" * len(labels)]
+    for row in rows:
+        cells = [f"{row[label]['tokens']}, {row[label]['llm_flops']:.2f}, {row[label]['llm']:.2f}, "
+                 f"{row[label]['forward']:.2f}" for label in labels]
+        lines.append(f"| {row['image']} | {row['units']} | " + " | ".join(cells) + " |")
+    publish("qwen", args.device, {"rows": rows, "weights": loaded.weights, "args": vars(args)}, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
