@@ -391,3 +391,15 @@ def test_encoder_thresholds_are_refused_for_qwen_rounds() -> None:
     model, _ = tiny_qwen("2.5")
     with pytest.raises(ValueError, match="calibrated for the layers of a ViT"):
         vlm.patch_vlm(model, Thresholds([0.9] * 24, [8] * 24, model="ViT-L-14-336"))
+
+
+def test_stale_rope_deltas_never_leak_into_a_patched_call() -> None:
+    """HF keeps model.model.rope_deltas from the last vanilla generate (batch 3 here); a patched
+    call with another batch computes its own positions and equals a fresh model's vanilla run."""
+    model, processor = tiny_qwen("2.5")
+    three, two = batch(processor), batch(processor, (1, 1), QUESTIONS[:2])
+    fresh = model.generate(**two, max_new_tokens=4, do_sample=False)
+    model.generate(**three, max_new_tokens=2, do_sample=False)
+    assert model.model.rope_deltas.shape[0] == 3  # stale for any other batch
+    vlm.patch_vlm(model, None)
+    assert torch.equal(model.generate(**two, max_new_tokens=4, do_sample=False), fresh)
