@@ -302,8 +302,8 @@ def test_clear_errors(version: str) -> None:
     vlm.patch_vlm(model, [0.5])
     with pytest.raises(ValueError, match="image_grid_thw"):
         model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
-    with pytest.raises(NotImplementedError, match="pixel_values_videos"):
-        model(**inputs, pixel_values_videos=torch.zeros(4, 1176), video_grid_thw=torch.tensor([[2, 2, 2]]))
+    with pytest.raises(ValueError, match="video_grid_thw"):
+        model(**inputs, pixel_values_videos=torch.zeros(16, 1176))
     with pytest.raises(TypeError, match="expected one of"):
         vlm.patch_vlm(model.model.language_model, [0.5])
 
@@ -403,3 +403,60 @@ def test_stale_rope_deltas_never_leak_into_a_patched_call() -> None:
     assert model.model.rope_deltas.shape[0] == 3  # stale for any other batch
     vlm.patch_vlm(model, None)
     assert torch.equal(model.generate(**two, max_new_tokens=4, do_sample=False), fresh)
+
+
+def video_batch(processor) -> dict:
+    """Two prompts: a moving video (random frames); an image, then a still video (one frame
+    repeated: 3 identical time steps), in one prompt."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    moving = rng.integers(0, 255, (4, 56, 84, 3), dtype=np.uint8)
+    still = np.repeat(rng.integers(0, 255, (1, 84, 112, 3), dtype=np.uint8), 6, 0)
+    video, image = {"type": "video"}, {"type": "image"}
+    prompts = [processor.apply_chat_template([{"role": "user", "content": content + [{"type": "text", "text": q}]}],
+                                             add_generation_prompt=True)
+               for content, q in [([video], QUESTIONS[0]), ([image, video], QUESTIONS[1])]]
+    return dict(processor(videos=[moving, still], images=photos(2)[1:], text=prompts, return_tensors="pt",
+                          padding=True))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_video_with_no_merging_is_vanilla_in_every_mode_and_with_beams(version: str) -> None:
+    model, processor = tiny_qwen(version)
+    inputs = video_batch(processor)
+    assert inputs["video_grid_thw"][:, 0].tolist() == [2, 3]  # time steps
+    ref = vanilla(model, inputs).logits
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    ref_beams = model.generate(**inputs, **beams)
+    valid = inputs["attention_mask"].bool()
+    for mode in vlm.MODES:
+        vlm.patch_vlm(model, None, mode=mode)
+        assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5, mode
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens), mode
+    assert torch.equal(model.generate(**inputs, **beams), ref_beams)  # each sample's video and image together
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_video_time_steps_merge_on_their_own(version: str) -> None:
+    """Merging is within each time step (none across time yet): a still video's identical steps
+    merge alike, and no merged token spans two steps."""
+    model, processor = tiny_qwen(version)
+    inputs = video_batch(processor)
+    moving, still = vlm.qwen.qwen_images(model, inputs["pixel_values_videos"], inputs["video_grid_thw"], [0.0] * 3,
+                                         video=True)
+    for tokens, (t, h, w) in zip((moving, still), inputs["video_grid_thw"].tolist()):
+        per_step = tokens.mapping.view(t, -1)  # units of each time step, raster order
+        rows = [set(step.tolist()) for step in per_step]
+        assert all(not (rows[i] & rows[j]) for i in range(t) for j in range(i))  # no token spans two steps
+        assert len(tokens.features) < t * h * w // 4
+    counts = [len(set(step.tolist())) for step in still.mapping.view(3, -1)]
+    assert counts[0] == counts[1] == counts[2]
+    vlm.patch_vlm(model, [0.0] * 3)
+    model(**inputs)
+    acc = model.dymu_vlm.last
+    units = lambda grids: (grids.prod(-1) // 4).tolist()  # noqa: E731
+    (moving_units, still_units), (image_units,) = units(inputs["video_grid_thw"]), units(inputs["image_grid_thw"])
+    assert [a["image_positions"] for a in acc] == [moving_units, image_units + still_units]
+    assert acc[1]["crop_tokens"] == [image_units, still_units]  # in prompt order: the image, then the video

@@ -187,25 +187,32 @@ def _runs(flags: Tensor) -> list[tuple[int, int]]:
     return list(zip(edges.eq(1).nonzero().squeeze(1).tolist(), edges.eq(-1).nonzero().squeeze(1).tolist()))
 
 
-def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: list[ImageTokens]) -> Chunk:
-    """Replace the image placeholders of input_ids (B, L) by the images' compact tokens, in order.
+def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: list[ImageTokens],
+                  videos: Sequence[ImageTokens] = ()) -> Chunk:
+    """Replace the image (and video) placeholders of input_ids (B, L) by the compact tokens of
+    ``images`` (``videos``), in order.
 
     Images are assigned to placeholders as HF does (row by row, left to right); each takes as
     many placeholders as it has virtual positions (the processor's expansion), or a single
-    placeholder standing for all of them. Positions with mask 0 are dropped (padding)."""
+    placeholder standing for all of them. Videos likewise, to the video placeholders. Positions
+    with mask 0 are dropped (padding)."""
     B, L = input_ids.shape
     device = input_ids.device
     text = model.get_input_embeddings()(input_ids)  # (B, L, D); placeholder rows are replaced
-    image_id = model.config.image_token_id
-    feed = iter(enumerate(images))
+    media = {model.config.image_token_id: ("image", images)}
+    if videos:
+        media[model.config.video_token_id] = ("video", videos)
+    feeds = {token: iter(enumerate(items)) for token, (_, items) in media.items()}
     rows_feats, rows_slots, accounting = [], [], []
     rows = torch.zeros((B, L), dtype=torch.long, device=device)
     for b in range(B):
         valid = mask[b].bool()
-        is_image = (input_ids[b] == image_id) & valid
+        placeholders = {token: (input_ids[b] == token) & valid for token in media}
+        is_image = torch.stack(list(placeholders.values())).any(0)
+        runs = sorted((begin, end, token) for token, flags in placeholders.items() for begin, end in _runs(flags))
         feats, slots, n, cursor = [], [], 0, 0
         acc = _row_accounting()
-        for begin, end in _runs(is_image) + [(L, L)]:
+        for begin, end, token in runs + [(L, L, None)]:
             between = (valid[cursor:begin] & ~is_image[cursor:begin]).nonzero().squeeze(1) + cursor
             k = len(between)
             feats.append(text[b, between])
@@ -214,14 +221,15 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: lis
             n, acc["text_tokens"] = n + k, acc["text_tokens"] + k
             p = begin
             while p < end:
-                i, image = next(feed, (None, None))
+                kind, items = media[token]
+                i, image = next(feeds[token], (None, None))
                 if image is None:
-                    raise ValueError(f"{len(images)} images given but the prompts hold more image placeholders; "
-                                     "give one image per <image> in the prompts")
+                    raise ValueError(f"{len(items)} {kind}s given but the prompts hold more {kind} placeholders; "
+                                     f"give one {kind} per <{kind}> in the prompts")
                 V = len(image.mapping)
                 take = 1 if (end - p == 1 and V != 1) else V
                 if end - p < take:
-                    raise ValueError(f"image {i} has {V} positions but only {end - p} image placeholders are left "
+                    raise ValueError(f"{kind} {i} has {V} positions but only {end - p} {kind} placeholders are left "
                                      "where it goes; expand prompts with the model's own processor")
                 mapping = image.mapping.to(device)
                 feats.append(image.features.to(text.device, text.dtype))
@@ -237,10 +245,11 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: lis
         rows_feats.append(torch.cat(feats))
         rows_slots.append(torch.cat(slots))
         accounting.append(acc)
-    left = sum(1 for _ in feed)
-    if left:
-        raise ValueError(f"{len(images)} images given but the prompts hold image placeholders for "
-                         f"{len(images) - left}; give one image per <image> in the prompts")
+    for token, (kind, items) in media.items():
+        left = sum(1 for _ in feeds[token])
+        if left:
+            raise ValueError(f"{len(items)} {kind}s given but the prompts hold {kind} placeholders for "
+                             f"{len(items) - left}; give one {kind} per <{kind}> in the prompts")
     P = max(len(f) for f in rows_feats)
     embeds = text.new_zeros((B, P, text.shape[-1]))
     compact_mask = torch.zeros((B, P), dtype=torch.long, device=device)
@@ -288,7 +297,7 @@ def virtual_block(chunk: Chunk, track: VTUTrack, first_row: int,
 
 
 def chunk_rope(model: nn.Module, gen: GenerationState, chunk: Chunk, input_ids: Tensor, mask: Tensor,
-               image_grid_thw: Optional[Tensor], plain: bool) -> list[Tensor]:
+               grids: dict[str, Optional[Tensor]], plain: bool) -> list[Tensor]:
     """Qwen2-VL: per row, the (3, slots) M-RoPE positions of the chunk's virtual slots (its valid
     input positions, numbered by HF's ``get_rope_index``, continuing where the row left off);
     advances ``gen.next_rope`` to one past each row's largest position."""
@@ -297,7 +306,7 @@ def chunk_rope(model: nn.Module, gen: GenerationState, chunk: Chunk, input_ids: 
     if plain:
         rope = (start[:, None] + torch.arange(L, device=input_ids.device))[None].expand(3, B, L)
     else:
-        rope = rope_positions(model, input_ids, mask, image_grid_thw, start)
+        rope = rope_positions(model, input_ids, mask, start, **grids)
     per_row = [rope[:, b, mask[b].bool()] for b in range(B)]
     for b, (r, slots) in enumerate(zip(per_row, chunk.slots)):
         if r.shape[1] != len(slots):
@@ -334,10 +343,7 @@ def _gather_positions(x: Tensor, rows: Tensor) -> Tensor:
     return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
 
-UNSUPPORTED = {"pixel_values_videos": "video inputs (pixel_values_videos) yet: OneVision pools its frames 2 x 2 "
-                                      "before the LLM, and Qwen2-VL video needs merging across time steps; "
-                                      "neither is implemented",
-               "mm_encoder_outputs": "precomputed mm_encoder_outputs: DyMU must run the vision tower itself",
+UNSUPPORTED = {"mm_encoder_outputs": "precomputed mm_encoder_outputs: DyMU must run the vision tower itself",
                "inputs_embeds": "inputs_embeds: DyMU finds the image placeholders in input_ids"}
 
 
@@ -349,6 +355,10 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     for name, why in UNSUPPORTED.items():
         if a.get(name) is not None:
             raise NotImplementedError(f"DyMU does not support {why}")
+    videos_in = a.get("pixel_values_videos")
+    if videos_in is not None and not is_qwen(self):
+        raise NotImplementedError("DyMU does not support OneVision video inputs (pixel_values_videos) yet: OneVision "
+                                  "pools its frames 2 x 2 before the LLM, which is not reproduced exactly")
     if a.get("output_attentions"):
         raise NotImplementedError("DyMU does not return attention weights (VTU attends over virtual copies)")
     for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
@@ -379,13 +389,17 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     images = [] if pixel_values is None else _images_of(self)(
         self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"),
         image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds)
-    plain = pixel_values is None and bool(mask.all()) and not bool((input_ids == self.config.image_token_id).any())
-    chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images)
+    videos = [] if videos_in is None else qwen_images(self, videos_in, a.get("video_grid_thw"),
+                                                      state.unit_thresholds, video=True)
+    plain = pixel_values is None and videos_in is None and bool(mask.all()) and \
+        not bool((input_ids == self.config.image_token_id).any())
+    chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images, videos)
 
     first_row, P = gen.n_compact, chunk.mask.shape[1]
     gen.compact_mask = torch.cat([gen.compact_mask, chunk.mask], 1)
     gen.offset += L - P
-    slot_rope = chunk_rope(self, gen, chunk, input_ids, mask, a.get("image_grid_thw"), plain) \
+    grids = {k: a.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+    slot_rope = chunk_rope(self, gen, chunk, input_ids, mask, grids, plain) \
         if is_qwen(self) else None
     if state.mode == "vtu":
         if gen.track is None:
@@ -423,19 +437,22 @@ def _runs_its_own_vision(self: nn.Module) -> bool:
     return False
 
 
-def _images_per_sample(model: nn.Module, input_ids: Tensor, kwargs: dict[str, Any], per_image: dict[str, Any]) -> list[int]:
-    """How many images each prompt row holds: OneVision's batch_num_images, else the images, in
-    order, whose placeholders fill the row (Qwen2-VL: t * h * w / merge^2 each; LLaVA-1.5: all
-    images alike, so adjacent images' placeholder runs need not be told apart)."""
-    if kwargs.get("batch_num_images") is not None:
-        return [int(n) for n in kwargs["batch_num_images"]]
-    per_row = (input_ids == model.config.image_token_id).sum(-1).tolist()
-    grids = per_image.get("image_grid_thw")
+# Per-item inputs generate must expand per sample: (placeholder token attribute, pixel key, grid
+# key, other per-item keys). Qwen2-VL's pixel values are patches: t * h * w rows per item.
+PER_ITEM = (("image_token_id", "pixel_values", "image_grid_thw", ("image_sizes",)),
+            ("video_token_id", "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",)))
+
+
+def _items_per_sample(model: nn.Module, input_ids: Tensor, token: int, pixels: Tensor,
+                      grids: Optional[Tensor]) -> list[int]:
+    """How many items (images or videos) each prompt row holds: the items, in order, whose
+    placeholders fill the row (Qwen2-VL: t * h * w / merge^2 each; LLaVA-1.5: all images alike,
+    so adjacent images' placeholder runs need not be told apart)."""
+    per_row = (input_ids == token).sum(-1).tolist()
     if grids is not None:
         sizes = (grids.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
     else:
-        n_images = len(per_image["pixel_values"])
-        sizes = [sum(per_row) // max(n_images, 1)] * n_images
+        sizes = [sum(per_row) // max(len(pixels), 1)] * len(pixels)
     counts, taken = [], 0
     for need in per_row:
         first = taken
@@ -448,27 +465,31 @@ def _images_per_sample(model: nn.Module, input_ids: Tensor, kwargs: dict[str, An
 def _expand_per_sample(self: nn.Module, expand_size: int = 1, is_encoder_decoder: bool = False,
                        input_ids: Optional[Tensor] = None, **model_kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
     """generate's batch expansion (beam search, num_return_sequences) repeats every tensor row by
-    row. Image tensors are per image (Qwen2-VL's pixel_values: per patch), not per sample, so
-    they are repeated here per sample, each sample's images together, as the expanded prompts
-    need them; the rest expands as usual."""
+    row. Image and video tensors are per item (Qwen2-VL's: per patch), not per sample, so they
+    are repeated here per sample, each sample's items together, as the expanded prompts need
+    them; the rest expands as usual. OneVision says its images per sample (batch_num_images)."""
     base = classswap.base_class(self)._expand_inputs_for_generation
-    per_image = {k: model_kwargs.pop(k) for k in ("pixel_values", "image_sizes", "image_grid_thw")
-                 if model_kwargs.get(k) is not None}
-    counts = _images_per_sample(self, input_ids, model_kwargs, per_image) \
-        if "pixel_values" in per_image and input_ids is not None else []
-    input_ids_out, model_kwargs = base(self, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
-                                       input_ids=input_ids, **model_kwargs)
-    if counts and expand_size > 1:
+    expanded: dict[str, Any] = {}
+    for token_name, pixel_key, grid_key, extra_keys in PER_ITEM:
+        items = {k: model_kwargs.pop(k) for k in (pixel_key, grid_key, *extra_keys) if model_kwargs.get(k) is not None}
+        if pixel_key not in items or input_ids is None or expand_size == 1:
+            expanded.update(items)
+            continue
+        grids = items.get(grid_key)
+        counts = [int(n) for n in model_kwargs["batch_num_images"]] if pixel_key == "pixel_values" and \
+            model_kwargs.get("batch_num_images") is not None else \
+            _items_per_sample(self, input_ids, getattr(self.config, token_name), items[pixel_key], grids)
         first = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
         order = [i for f, n in zip(first, counts) for _ in range(expand_size) for i in range(f, f + n)]
-        grids = per_image.get("image_grid_thw")
-        for key, value in per_image.items():
-            if key == "pixel_values" and grids is not None:  # Qwen2-VL: patches, grid t * h * w per image
+        for key, value in items.items():
+            if key == pixel_key and grids is not None:  # Qwen2-VL: patch rows, t * h * w per item
                 chunks = value.split(grids.prod(-1).tolist())
-                per_image[key] = torch.cat([chunks[i] for i in order])
+                expanded[key] = torch.cat([chunks[i] for i in order])
             else:
-                per_image[key] = value[torch.tensor(order, device=value.device)]
-    return input_ids_out, {**model_kwargs, **per_image}
+                expanded[key] = value[torch.tensor(order, device=value.device)]
+    input_ids, model_kwargs = base(self, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                   input_ids=input_ids, **model_kwargs)
+    return input_ids, {**model_kwargs, **expanded}
 
 
 classswap.register("vlm", vlm_forward, _supports_mm_encoder_outputs=_runs_its_own_vision,

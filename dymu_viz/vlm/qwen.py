@@ -61,13 +61,16 @@ def _metric_in_pooler_output(visual: nn.Module) -> Iterator[None]:
             hook.remove()
 
 
-def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per image: (unit features (U, D) exactly as vanilla's ``get_image_features`` gives them,
-    unit metric (U, 4 * head_dim)), units in raster order."""
+def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor,
+                video: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """Per image (or video): (unit features (U, D) exactly as vanilla's ``get_image_features``
+    (``get_video_features``) gives them, unit metric (U, 4 * head_dim)), units in raster order
+    (a video's time steps one after the other)."""
     D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
+    features = model.model.get_video_features if video else model.model.get_image_features
     with _metric_in_pooler_output(model.model.visual):
-        per_image = model.model.get_image_features(pixel_values, grid_thw).pooler_output
-    return [(u[:, :D], u[:, D:]) for u in per_image]
+        per_item = features(pixel_values, grid_thw).pooler_output
+    return [(u[:, :D], u[:, D:]) for u in per_item]
 
 
 def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,19 +178,34 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
 
 
 def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
-                thresholds: Optional[Sequence[float]] = None, **kwargs: Any) -> list[ImageTokens]:
+                thresholds: Optional[Sequence[float]] = None, video: bool = False, **kwargs: Any) -> list[ImageTokens]:
     """Per image: its compact unit features and the mapping from each of its U units (raster
     order, the placeholders' order) to its compact row. thresholds: one per round (None or
-    empty: no merging, vanilla features)."""
+    empty: no merging, vanilla features). video: pixel_values and image_grid_thw are
+    ``pixel_values_videos`` and ``video_grid_thw``; each time step is merged on its own (no
+    merging across time yet), so a video's tokens are its steps' tokens in time order."""
     if image_grid_thw is None:
-        raise ValueError("Qwen2-VL models need image_grid_thw with pixel_values (the processor returns both)")
-    units = tower_units(model, pixel_values, image_grid_thw)
-    counts = [len(f) for f, _ in units]
-    if not thresholds:
-        return [ImageTokens(f, torch.arange(n, device=f.device), [n]) for (f, _), n in zip(units, counts)]
-    x, size, groups = unit_rounds(*padded_units(units), thresholds)
-    kept = (size > 0).sum(-1).tolist()
-    return [ImageTokens(x[b, :kept[b]], groups[b, :n], [n]).in_slot_order() for b, n in enumerate(counts)]
+        raise ValueError(f"Qwen2-VL models need {'video' if video else 'image'}_grid_thw with their pixel values "
+                         "(the processor returns both)")
+    units = tower_units(model, pixel_values, image_grid_thw, video)
+    steps = [int(t) for t in image_grid_thw[:, 0]] if video else [1] * len(units)
+    segments = [(f[k * len(f) // t:(k + 1) * len(f) // t], m[k * len(f) // t:(k + 1) * len(f) // t])
+                for (f, m), t in zip(units, steps) for k in range(t)]  # one row per image / time step
+    counts = [len(f) for f, _ in segments]
+    if thresholds:
+        x, size, groups = unit_rounds(*padded_units(segments), thresholds)
+        kept = (size > 0).sum(-1).tolist()
+        rows = [(x[b, :kept[b]], groups[b, :n]) for b, n in enumerate(counts)]
+    else:
+        rows = [(f, torch.arange(n, device=f.device)) for (f, _), n in zip(segments, counts)]
+    out, first = [], 0
+    for (f, _), t in zip(units, steps):
+        parts = rows[first:first + t]
+        offsets = torch.tensor([0] + [len(feats) for feats, _ in parts[:-1]], device=f.device).cumsum(0).tolist()
+        mapping = torch.cat([groups + o for (_, groups), o in zip(parts, offsets)])
+        out.append(ImageTokens(torch.cat([feats for feats, _ in parts]), mapping, [len(f)]).in_slot_order())
+        first += t
+    return out
 
 
 def token_types(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -196,13 +214,13 @@ def token_types(model: nn.Module, input_ids: Tensor) -> Tensor:
     return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
 
 
-def rope_positions(model: nn.Module, input_ids: Tensor, mask: Tensor, image_grid_thw: Optional[Tensor],
-                   start: Tensor) -> Tensor:
+def rope_positions(model: nn.Module, input_ids: Tensor, mask: Tensor, start: Tensor, **grids: Any) -> Tensor:
     """(3, B, L) M-RoPE positions of a forward's tokens, exactly as vanilla HF numbers them
-    (``get_rope_index``), each row continuing at ``start`` (B,); 0 at padding."""
+    (``get_rope_index`` with ``grids``: image_grid_thw, video_grid_thw, second_per_grid_ts),
+    each row continuing at ``start`` (B,); 0 at padding."""
     types = token_types(model, input_ids)
     if bool(types.any()):
-        pos, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_grid_thw, attention_mask=mask)
+        pos, _ = model.model.get_rope_index(input_ids, types, attention_mask=mask, **grids)
     else:  # text only: consecutive positions over the valid tokens
         pos = ((mask.cumsum(-1) - 1).clamp_min(0) * mask)[None].expand(3, -1, -1)
     return (pos + start[None, :, None].to(pos.device)) * mask[None].to(pos.device)

@@ -78,9 +78,10 @@ LLAVA_CHAT_TEMPLATE = (
     "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
     "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-QWEN_VL_TEMPLATE = (  # Qwen2-VL's: every image as <|vision_start|><|image_pad|><|vision_end|>
+QWEN_VL_TEMPLATE = (  # Qwen2-VL's: every image (video) as <|vision_start|><|image_pad|> (<|video_pad|>) <|vision_end|>
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CHATML_TEMPLATE = (
