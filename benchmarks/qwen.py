@@ -17,6 +17,12 @@ alone (timed by hooks on the language model), medians of per-repetition ratios t
 the LLM's prefill FLOP ratio (projections and MLP on compact rows, attention on the virtual
 length). The tower runs in full in every mode (DyMU on Qwen merges after it), so the whole
 forward gains less than the LLM.
+
+``--metrics`` instead compares the rounds' similarity metrics (``vlm.qwen.METRICS``), each
+calibrated to the first ``--keep`` share: per photo, the tokens kept, the relative error of the
+unit features the LLM gets back (each unit's merged feature against its own vanilla feature,
+Frobenius norm over the image), and the time of tower + rounds. With random weights this says
+how well each metric groups *similar features*, not which answers better.
 """
 
 from __future__ import annotations
@@ -48,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--images", nargs="+", default=["chelsea", "rocket", "grace_hopper"])
+    p.add_argument("--metrics", action="store_true", help="compare the rounds' similarity metrics instead")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     loaded = vlm.load_vlm("Qwen/Qwen2.5-VL-7B-Instruct", "random", args.device, torch.float32,
                           vision_layers=args.vision_layers, text_layers=4, text_width=1024)
     model, processor = loaded.model, loaded.processor
     photos = {name: resized(image, args.side) for name, image in dymu_viz.sample_photos().items()}
+    if args.metrics:
+        return compare_metrics(model, processor, photos, args, loaded.weights)
     thresholds = {keep: vlm.qwen.calibrate_rounds(model, processor, list(photos.values()), keep, args.rounds,
                                                   progress=False) for keep in args.keep}
     modes = [("vanilla", None, None), ("full", "full", None)] + \
@@ -110,6 +119,35 @@ def main(argv: list[str] | None = None) -> int:
                  f"{row[label]['forward']:.2f}" for label in labels]
         lines.append(f"| {row['image']} | {row['units']} | " + " | ".join(cells) + " |")
     publish("qwen", args.device, {"rows": rows, "weights": loaded.weights, "args": vars(args)}, "\n".join(lines))
+    return 0
+
+
+def compare_metrics(model, processor, photos: dict, args, weights: str) -> int:
+    keep = args.keep[0]
+    rows = []
+    for metric in vlm.qwen.METRICS:
+        thresholds = vlm.qwen.calibrate_rounds(model, processor, list(photos.values()), keep, args.rounds,
+                                               progress=False, metric=metric)
+        for name in args.images:
+            pixels = processor.image_processor(images=[photos[name]], return_tensors="pt")
+            pv, grid = pixels["pixel_values"].to(args.device), pixels["image_grid_thw"].to(args.device)
+            with torch.no_grad():
+                (vanilla,) = model.model.get_image_features(pv, grid).pooler_output
+                times = []
+                for rep in range(args.warmup + args.reps):
+                    start = time.perf_counter()
+                    (tokens,) = vlm.qwen.qwen_images(model, pv, grid, thresholds.values, metric=metric)
+                    times.append(time.perf_counter() - start)
+            error = float((tokens.features[tokens.mapping] - vanilla).norm() / vanilla.norm())
+            rows.append({"metric": metric, "image": name, "units": len(vanilla), "tokens": len(tokens.features),
+                         "feature_error": error, "seconds": statistics.median(times[args.warmup:])})
+    lines = [f"Rounds' similarity metrics, each calibrated to keep {keep} ({args.rounds} rounds) on the 9 bundled photos "
+             f"at {args.side} px; Qwen2.5-VL-7B classes, random weights, ViT {args.vision_layers} of 32 blocks; "
+             f"medians of {args.reps} reps", "",
+             "| metric | image | units | tokens | feature error | tower + rounds, s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['image']} | {r['units']} | {r['tokens']} | {r['feature_error']:.3f} | "
+              f"{r['seconds']:.2f} |" for r in rows]
+    publish("qwen_metric", args.device, {"rows": rows, "weights": weights, "args": vars(args)}, "\n".join(lines))
     return 0
 
 

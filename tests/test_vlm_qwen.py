@@ -460,3 +460,35 @@ def test_video_time_steps_merge_on_their_own(version: str) -> None:
     (moving_units, still_units), (image_units,) = units(inputs["video_grid_thw"]), units(inputs["image_grid_thw"])
     assert [a["image_positions"] for a in acc] == [moving_units, image_units + still_units]
     assert acc[1]["crop_tokens"] == [image_units, still_units]  # in prompt order: the image, then the video
+
+
+def test_the_rounds_metric_follows_the_calibration_and_is_checked() -> None:
+    from dymu_viz.vlm.qwen import calibrate_rounds
+
+    model, processor = tiny_qwen("2.5")
+    inputs = batch(processor)
+    ref = vanilla(model, inputs).logits
+    valid = inputs["attention_mask"].bool()
+    for metric in vlm.qwen.METRICS:  # no merging: the metric is never used, vanilla either way
+        vlm.patch_vlm(model, None, metric=metric)
+        assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
+    features = calibrate_rounds(model, processor, photos(4), keep=0.3, rounds=3, progress=False, metric="features")
+    assert features.metadata["metric"] == "features"
+    vlm.patch_vlm(model, features)
+    assert model.dymu_vlm.unit_metric == "features"
+    model(**inputs)
+    by_features = [a["image_tokens"] for a in model.dymu_vlm.last]
+    vlm.patch_vlm(model, features.values)  # plain values: the default metric, other groups
+    assert model.dymu_vlm.unit_metric == "keys"
+    units = tower_units(model, inputs["pixel_values"], inputs["image_grid_thw"], metric="features")
+    assert all(torch.equal(f, m) for f, m in units)  # the merger's outputs are their own metric
+    expected = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], features.values,
+                                    metric="features")
+    assert by_features == [len(t.features) for t in expected]
+    with pytest.raises(ValueError, match="calibrated with metric='features'"):
+        vlm.patch_vlm(model, features, metric="keys")
+    with pytest.raises(ValueError, match="unknown unit metric"):
+        vlm.patch_vlm(model, [0.5], metric="values")
+    llava = vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1, text_width=64).model
+    with pytest.raises(ValueError, match="LLaVA towers merge on their own keys"):
+        vlm.patch_vlm(llava, 0.9, metric="keys")

@@ -38,7 +38,7 @@ from ..vtu import VirtualLayout, VTUTrack, cache_bytes, find_decoder, patch_llm,
 from .cache import DyMUCache, GenerationState, adopt
 from .common import ImageTokens, llava_images
 from .onevision import onevision_images
-from .qwen import QWEN_FAMILIES, ROUNDS_KIND, qwen_images, rope_positions
+from .qwen import METRICS, QWEN_FAMILIES, ROUNDS_KIND, qwen_images, rope_positions
 
 MODES = ("vtu", "compact", "full")
 FAMILIES: dict[str, Callable[..., list[ImageTokens]]] = {
@@ -57,12 +57,13 @@ class VLMState:
     image_positions (virtual image length); text_tokens; llm_compact_length and
     llm_virtual_length (positions the LLM attends over, cache included; the compact length in
     "compact" and "full" modes). unit_thresholds: Qwen2-VL's DToMe rounds after the PatchMerger
-    (one threshold per round; None: no merging)."""
+    (one threshold per round; None: no merging); unit_metric: their similarity metric."""
 
     mode: str
     kernel: str
     cache: str = "decode_fast"
     unit_thresholds: Optional[list[float]] = None
+    unit_metric: str = "keys"
     last: list[dict[str, Any]] = field(default_factory=list)
     prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
@@ -89,25 +90,29 @@ def _state(model: nn.Module) -> VLMState:
 
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
-              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast") -> nn.Module:
+              mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast",
+              metric: Optional[str] = None) -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
     (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
     the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
     settings. Qwen2-VL / Qwen2.5-VL: the tower stays vanilla and thresholds are the DToMe rounds
-    on its output units (see ``dymu_viz.vlm.qwen``), one per round."""
+    on its output units (see ``dymu_viz.vlm.qwen``), one per round; metric: their similarity
+    (``qwen.METRICS``; default: the one calibrated thresholds were found with, else "keys")."""
     _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    rounds = None
+    rounds, unit_metric = None, unit_metric_of(thresholds, metric)
     if is_qwen(model):
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
+    elif metric is not None:
+        raise ValueError("metric chooses the similarity of Qwen2-VL's rounds; LLaVA towers merge on their own keys")
     else:
         patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
-    model.dymu_vlm = VLMState(mode, kernel, cache if mode == "vtu" else "plain", rounds)
+    model.dymu_vlm = VLMState(mode, kernel, cache if mode == "vtu" else "plain", rounds, unit_metric)
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
@@ -115,6 +120,17 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
 
 def is_qwen(model: nn.Module) -> bool:
     return classswap.base_class(model).__name__ in QWEN_FAMILIES
+
+
+def unit_metric_of(thresholds: Any, metric: Optional[str]) -> str:
+    """The rounds' metric: ``metric`` if given, else the one calibrated thresholds record, else
+    "keys"; a metric other than the calibrated one is refused (its thresholds would not fit)."""
+    calibrated = thresholds.metadata.get("metric") if isinstance(thresholds, Thresholds) else None
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric is not None and calibrated is not None and metric != calibrated:
+        raise ValueError(f"these thresholds were calibrated with metric={calibrated!r}, not {metric!r}")
+    return metric or calibrated or "keys"
 
 
 def unit_round_thresholds(thresholds: Union[Thresholds, Sequence[float], float, None]) -> Optional[list[float]]:
@@ -388,9 +404,9 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     pixel_values = a.get("pixel_values")
     images = [] if pixel_values is None else _images_of(self)(
         self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"),
-        image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds)
+        image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds, metric=state.unit_metric)
     videos = [] if videos_in is None else qwen_images(self, videos_in, a.get("video_grid_thw"),
-                                                      state.unit_thresholds, video=True)
+                                                      state.unit_thresholds, video=True, metric=state.unit_metric)
     plain = pixel_values is None and videos_in is None and bool(mask.all()) and \
         not bool((input_ids == self.config.image_token_id).any())
     chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images, videos)

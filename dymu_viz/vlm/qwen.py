@@ -28,6 +28,10 @@ from .common import ImageTokens
 
 QWEN_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 ROUNDS_KIND = "qwen_unit_rounds"  # Thresholds.metadata["kind"] of calibrated rounds
+# Similarity metrics of the rounds: "keys" (pre-RoPE keys of the last full-attention ViT block,
+# head-averaged, a unit's 4 patches concatenated; the default) or "features" (the merger's output
+# units themselves: no hook, so it also fits precomputed features).
+METRICS = ("keys", "features")
 
 
 def metric_block(visual: nn.Module) -> int:
@@ -61,13 +65,17 @@ def _metric_in_pooler_output(visual: nn.Module) -> Iterator[None]:
             hook.remove()
 
 
-def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor,
-                video: bool = False) -> list[tuple[Tensor, Tensor]]:
+def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, video: bool = False,
+                metric: str = "keys") -> list[tuple[Tensor, Tensor]]:
     """Per image (or video): (unit features (U, D) exactly as vanilla's ``get_image_features``
-    (``get_video_features``) gives them, unit metric (U, 4 * head_dim)), units in raster order
-    (a video's time steps one after the other)."""
-    D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
+    (``get_video_features``) gives them, unit metric (U, M): see ``METRICS``), units in raster
+    order (a video's time steps one after the other)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
     features = model.model.get_video_features if video else model.model.get_image_features
+    if metric == "features":
+        return [(u, u) for u in features(pixel_values, grid_thw).pooler_output]
+    D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
     with _metric_in_pooler_output(model.model.visual):
         per_item = features(pixel_values, grid_thw).pooler_output
     return [(u[:, :D], u[:, D:]) for u in per_item]
@@ -127,13 +135,14 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
 
 @torch.no_grad()
 def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
-                     batch_size: int = 4, progress: bool = True) -> Thresholds:
+                     batch_size: int = 4, progress: bool = True, metric: str = "keys") -> Thresholds:
     """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL tower, found on
     ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
     every round merges 1 - keep^(1 / rounds) of the current tokens (at most half, so keep >=
     2^-rounds). Batch thresholds are averaged over batches as for the encoders. Under torchrun
     each process takes every world-th batch; the result does not depend on the process count.
-    Unreadable images are skipped and named in ``metadata["failures"]``."""
+    Unreadable images are skipped and named in ``metadata["failures"]``. metric: see ``METRICS``
+    (recorded in the metadata; ``patch_vlm`` then uses the same one)."""
     from tqdm.auto import tqdm
 
     from ..calibrate import dist_info, gather_objects
@@ -159,7 +168,8 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
         if not batch:
             continue
         pixels = processor.image_processor(images=batch, return_tensors="pt")
-        units = tower_units(model, pixels["pixel_values"].to(device), pixels["image_grid_thw"].to(device))
+        units = tower_units(model, pixels["pixel_values"].to(device), pixels["image_grid_thw"].to(device),
+                            metric=metric)
         per_batch[j], merges = calibration_rounds(*padded_units(units), fraction, rounds)
         merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
     gathered = gather_objects((per_batch, merged, failures, used))
@@ -172,22 +182,24 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
     values, counts = mean_thresholds(per_batch, rounds)
     r = [round(m / used) for m in merged]  # mean merges per image and round, on these images
     return Thresholds(values, r, model=type(model).__name__, schedule="constant",
-                      metadata={"kind": ROUNDS_KIND, "keep": keep, "merge_fraction": fraction, "n_images": used,
+                      metadata={"kind": ROUNDS_KIND, "metric": metric, "keep": keep, "merge_fraction": fraction, "n_images": used,
                                 "n_batches": len(per_batch), "batches_per_round": counts,
                                 "failures": [[i, e] for i, e in failures]})
 
 
 def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
-                thresholds: Optional[Sequence[float]] = None, video: bool = False, **kwargs: Any) -> list[ImageTokens]:
+                thresholds: Optional[Sequence[float]] = None, video: bool = False, metric: str = "keys",
+                **kwargs: Any) -> list[ImageTokens]:
     """Per image: its compact unit features and the mapping from each of its U units (raster
     order, the placeholders' order) to its compact row. thresholds: one per round (None or
     empty: no merging, vanilla features). video: pixel_values and image_grid_thw are
     ``pixel_values_videos`` and ``video_grid_thw``; each time step is merged on its own (no
-    merging across time yet), so a video's tokens are its steps' tokens in time order."""
+    merging across time yet), so a video's tokens are its steps' tokens in time order. metric:
+    see ``METRICS``."""
     if image_grid_thw is None:
         raise ValueError(f"Qwen2-VL models need {'video' if video else 'image'}_grid_thw with their pixel values "
                          "(the processor returns both)")
-    units = tower_units(model, pixel_values, image_grid_thw, video)
+    units = tower_units(model, pixel_values, image_grid_thw, video, metric if thresholds else "features")
     steps = [int(t) for t in image_grid_thw[:, 0]] if video else [1] * len(units)
     segments = [(f[k * len(f) // t:(k + 1) * len(f) // t], m[k * len(f) // t:(k + 1) * len(f) // t])
                 for (f, m), t in zip(units, steps) for k in range(t)]  # one row per image / time step
