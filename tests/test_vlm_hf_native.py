@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
-from tiny_models import VLM_QUESTIONS, tiny_vlm
+from tiny_models import VLM_QUESTIONS, check_half_precision, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
 QUESTIONS = VLM_QUESTIONS
@@ -256,13 +256,7 @@ def test_half_precision_is_finite_and_close_to_fp32(family: str, dtype: torch.dt
     model, processor = tiny_vlm(family)
     inputs = batch(processor, model)
     vlm.patch_vlm(model, thresholds=float("inf"))
-    full = model(**inputs).logits
-    model.to(dtype)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    half = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    assert torch.isfinite(half).all()
-    assert float((half[valid].float() - full[valid]).abs().max()) < (0.02 if dtype == torch.bfloat16 else 0.003)
+    check_half_precision(model, inputs, dtype)
     vlm.patch_vlm(model, thresholds=0.3)
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert all(torch.isfinite(step).all() for step in out.logits)

@@ -17,7 +17,7 @@ from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.merge import merge_tokens
 from dymu_viz.vlm.qwen import padded_units, tower_units, unit_rounds
-from tiny_models import VLM_QUESTIONS, tiny_qwen
+from tiny_models import VLM_QUESTIONS, check_half_precision, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
 QUESTIONS = VLM_QUESTIONS
@@ -492,3 +492,19 @@ def test_the_rounds_metric_follows_the_calibration_and_is_checked() -> None:
     llava = vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1, text_width=64).model
     with pytest.raises(ValueError, match="LLaVA towers merge on their own keys"):
         vlm.patch_vlm(llava, 0.9, metric="keys")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_is_finite_and_close_to_fp32(version: str, dtype: torch.dtype) -> None:
+    """Measured on these models: max |logit difference| to fp32 with no merging 0.0048 / 0.0061
+    (bf16, Qwen2.5-VL / Qwen2-VL) and 0.0008 (fp16), against logits up to 0.67; 0.02 and 0.003
+    are asserted. Merged generation stays finite (matching runs in float32 at least)."""
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor)
+    vlm.patch_vlm(model, None)
+    check_half_precision(model, inputs, dtype)
+    vlm.patch_vlm(model, [0.0] * 3)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert all(torch.isfinite(step).all() for step in out.logits)
+    assert all(a["image_tokens"] < a["image_positions"] for a in model.dymu_vlm.last)
