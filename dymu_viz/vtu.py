@@ -478,7 +478,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     if state.cache == "decode_fast" and not pair_ordered:
         state.without_rope_hook()
     fast = state.cache == "decode_fast"
-    B, H, q_len, D = query.shape
+    _, H, q_len, D = query.shape
     kv_len = value.shape[2]
     layout, n_query_slots, unpadded, plain = state.step(kv_len, q_len)
     scale = scaling if scaling is not None else D ** -0.5
@@ -525,10 +525,8 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     # precision, as SDPA does.
     probs = scores.softmax(dim=-1, dtype=soft_dtype).to(value.dtype)
     if fast:
-        state.routes["slot_probabilities"] += 1
-        compact = probs.new_zeros((B, H, n_query_slots, kv_len))
-        compact.scatter_add_(-1, k_src[:, None, None, :].expand_as(probs), probs)
-        return _merge_copies(_grouped(compact, value, groups), q_src, q_valid, q_len, state.backend, plain_q), None
+        out = _onto_compact_values(state, probs, k_src[:, None, None, :].expand_as(probs), value, groups)
+        return _merge_copies(out, q_src, q_valid, q_len, state.backend, plain_q), None
     return _merge_copies(probs @ v, q_src, q_valid, q_len, state.backend, plain_q), None
 
 
@@ -541,7 +539,7 @@ def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, sca
     decode-fast cache's, or the compact cache's expanded for this step); value (B, Hkv, P, D).
     Returns (B, 1, H, D)."""
     track = state.track
-    B, H, _, D = query.shape
+    B, H = query.shape[:2]
     shared = track.per_forward
     if "slot_index" not in shared:  # once per forward, for every layer
         src = track.layout.src.to(query.device)
@@ -552,9 +550,16 @@ def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, sca
     if shared["padding"] is not None:
         scores = scores.masked_fill(shared["padding"], torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1, dtype=soft_dtype).to(value.dtype)
-    compact = probs.new_zeros((B, H, 1, value.shape[2])).scatter_add_(-1, shared["slot_index"], probs)
+    return _onto_compact_values(state, probs, shared["slot_index"], value, groups).transpose(1, 2)
+
+
+def _onto_compact_values(state: VTUState, probs: Tensor, slot_index: Tensor, value: Tensor, groups: int) -> Tensor:
+    """probs (B, H, n, V) over the virtual slots, summed into the compact rows the slots copy
+    (slot_index: (B, H, n, V) compact row of each slot), times the compact values (B, Hkv, P, D):
+    (B, H, n, D). No value is expanded (route "slot_probabilities")."""
     state.routes["slot_probabilities"] += 1
-    return _grouped(compact, value, groups).transpose(1, 2)
+    compact = probs.new_zeros((*probs.shape[:3], value.shape[2])).scatter_add_(-1, slot_index, probs)
+    return _grouped(compact, value, groups)
 
 
 def _merge_copies(out: Tensor, q_src: Tensor, q_valid: Tensor, q_len: int, backend: str, plain: bool) -> Tensor:

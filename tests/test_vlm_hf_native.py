@@ -124,6 +124,21 @@ def test_generate_accounting_reports_the_cache(cache: str) -> None:
     assert out.accounting[0]["kv_cache_bytes_per_sample_padded"] == per_row
 
 
+def test_accounting_reports_the_policy_that_ran_after_a_fallback(monkeypatch) -> None:
+    """A decoder whose attention bypasses the RoPE hook falls back to the compact cache; the
+    accounting says so (it reads the VTU state, not the policy asked for)."""
+    import transformers.models.llama.modeling_llama as llama
+
+    model, processor = tiny_vlm("llava")
+    inputs = batch(processor, model)
+    vlm.patch_vlm(model, thresholds=0.3, cache="decode_fast")
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
+    with pytest.warns(UserWarning, match="using cache='compact'"):
+        out = vlm.generate(model, **inputs, max_new_tokens=3, do_sample=False)
+    assert {acc["kv_cache_policy"] for acc in out.accounting} == {"compact"}
+    assert all(acc["kv_key_entries"] == acc["kv_cache_entries"] for acc in out.accounting)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_logits_in_the_input_coordinates(family: str) -> None:
     """model(**inputs): logits of every input position, the unpatched model's with no merging."""

@@ -61,7 +61,6 @@ class VLMState:
 
     mode: str
     kernel: str
-    cache: str = "decode_fast"
     unit_thresholds: Optional[list[float]] = None
     unit_metric: str = "keys"
     last: list[dict[str, Any]] = field(default_factory=list)
@@ -112,7 +111,7 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
-    model.dymu_vlm = VLMState(mode, kernel, cache if mode == "vtu" else "plain", rounds, unit_metric)
+    model.dymu_vlm = VLMState(mode, kernel, rounds, unit_metric)
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
@@ -319,10 +318,10 @@ def chunk_rope(model: nn.Module, gen: GenerationState, chunk: Chunk, input_ids: 
     advances ``gen.next_rope`` to one past each row's largest position."""
     B, L = input_ids.shape
     start = gen.next_rope if gen.next_rope is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
-    if plain:
-        rope = (start[:, None] + torch.arange(L, device=input_ids.device))[None].expand(3, B, L)
-    else:
-        rope = rope_positions(model, input_ids, mask, start, **grids)
+    if plain:  # decode steps: no padding, no images; no per-row indexing (no host syncs)
+        gen.next_rope = start + L
+        return list((start[:, None] + torch.arange(L, device=input_ids.device))[None].expand(3, B, L).unbind(1))
+    rope = rope_positions(model, input_ids, mask, start, **grids)
     per_row = [rope[:, b, mask[b].bool()] for b in range(B)]
     for b, (r, slots) in enumerate(zip(per_row, chunk.slots)):
         if r.shape[1] != len(slots):
@@ -492,9 +491,10 @@ def _expand_per_sample(self: nn.Module, expand_size: int = 1, is_encoder_decoder
             expanded.update(items)
             continue
         grids = items.get(grid_key)
-        counts = [int(n) for n in model_kwargs["batch_num_images"]] if pixel_key == "pixel_values" and \
-            model_kwargs.get("batch_num_images") is not None else \
-            _items_per_sample(self, input_ids, getattr(self.config, token_name), items[pixel_key], grids)
+        if pixel_key == "pixel_values" and model_kwargs.get("batch_num_images") is not None:  # OneVision
+            counts = [int(n) for n in model_kwargs["batch_num_images"]]
+        else:
+            counts = _items_per_sample(self, input_ids, getattr(self.config, token_name), items[pixel_key], grids)
         first = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
         order = [i for f, n in zip(first, counts) for _ in range(expand_size) for i in range(f, f + n)]
         for key, value in items.items():
@@ -550,11 +550,13 @@ def generate(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor]
     cache = getattr(out, "past_key_values", None)
     appended = cache.compact_length() - state.prompt_entries if isinstance(cache, DyMUCache) else 0
     per_row_bytes = cache_bytes(cache) // max(cache.dymu.compact_mask.shape[0], 1) if isinstance(cache, DyMUCache) else 0
+    vtu = getattr(find_decoder(model.model.language_model), "dymu_vtu", None)
+    policy = vtu.cache if vtu is not None else "plain"  # the VTU state's: it may have fallen back to "compact"
     accounting = []
     for j in range(new.shape[0]):
         acc = dict(state.last[(j // per_prompt_sequences) * per_prompt_rows])
-        keys = acc["llm_virtual_length"] if state.cache == "decode_fast" else acc["llm_compact_length"]
-        acc.update(generated_tokens=int(new.shape[1]), kv_cache_policy=state.cache,
+        keys = acc["llm_virtual_length"] if policy == "decode_fast" else acc["llm_compact_length"]
+        acc.update(generated_tokens=int(new.shape[1]), kv_cache_policy=policy,
                    kv_cache_entries=acc["llm_compact_length"] + appended, kv_key_entries=keys + appended,
                    kv_cache_bytes_per_sample_padded=per_row_bytes)
         accounting.append(acc)

@@ -15,8 +15,9 @@ from the model's ``get_rope_index``; text after an image continues at max + 1 (H
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -81,23 +82,34 @@ def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, video:
     return [(u[:, :D], u[:, D:]) for u in per_item]
 
 
-def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+Selection = Callable[[int, Tensor, Tensor], Tensor]  # (round, best, size) -> src, as in merge.py
+
+
+def merge_rounds(x: Tensor, metric: Tensor, size: Tensor, rounds: int,
+                 select: Selection) -> tuple[Tensor, Tensor, Tensor]:
     """DToMe rounds on a padded batch of unit rows: x (B, U, D), metric (B, U, M), size (B, U)
-    1 for a unit, 0 for padding. Round k merges every edge scoring above thresholds[k] (at most
-    half the tokens). Returns x (B, N, D), size (B, N) and groups (B, U): the row each unit ends
-    in (N for padding units)."""
+    1 for a unit, 0 for padding. Round k matches bipartitely on the metric and merges the edges
+    ``select(k, best, size)`` picks (features and metric averaged by size). Stops early once every
+    image is down to one token. Returns x (B, N, D), size (B, N) and groups (B, U): the row each
+    unit ends in (N for padding units)."""
     B, U, D = x.shape
-    slots = torch.arange(U, device=x.device).expand(B, U)
-    groups = torch.where(size > 0, slots, U)
-    both = torch.cat([x, metric.to(x.dtype)], -1)  # merged together: metric is averaged by size too
-    for tau in thresholds:
-        if both.shape[1] < 2:  # every image is down to one token
+    groups = torch.where(size > 0, torch.arange(U, device=x.device).expand(B, U), U)
+    both = torch.cat([x, metric.to(x.dtype)], -1)
+    for k in range(rounds):
+        if both.shape[1] < 2:
             break
         best, dst = bipartite_scores(both[..., D:], size)
-        src = select_threshold(best, size, float(tau), protected=0)
+        src = select(k, best, size)
         if bool(src.any()):
             both, size, groups = merge_tokens(both, size, groups, src, dst, best, protected=0)
     return both[..., :D], size, groups
+
+
+def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Inference rounds: round k merges every edge scoring above thresholds[k] (at most half the
+    tokens of each image). Shapes as in ``merge_rounds``."""
+    return merge_rounds(x, metric, size, len(thresholds),
+                        lambda k, best, size: select_threshold(best, size, float(thresholds[k]), protected=0))
 
 
 def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,23 +125,16 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
     """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
     current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
     Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
-    edge left, clamped >= 0; None when none was left) and the merges made."""
-    D = x.shape[-1]
-    B, U = size.shape
-    groups = torch.where(size > 0, torch.arange(U, device=x.device).expand(B, U), U)
-    both = torch.cat([x, metric.to(x.dtype)], -1)
-    values, merges = [], []
-    for _ in range(rounds):
-        if both.shape[1] < 2:
-            values.append(None)
-            merges.append(0)
-            continue
-        best, dst = bipartite_scores(both[..., D:], size)
-        total = int(fraction * int((size > 0).sum()))
-        src, tau = select_batch_top(best, size, 0, protected=0, total=total)
-        values.append(tau)
-        merges.append(int(src.sum()))
-        both, size, groups = merge_tokens(both, size, groups, src, dst, best, protected=0)
+    edge left, clamped >= 0; None when none was left or the round did not run) and the merges."""
+    values: list[Optional[float]] = [None] * rounds
+    merges = [0] * rounds
+
+    def batch_top(k: int, best: Tensor, size: Tensor) -> Tensor:
+        src, values[k] = select_batch_top(best, size, 0, protected=0, total=int(fraction * int((size > 0).sum())))
+        merges[k] = int(src.sum())
+        return src
+
+    merge_rounds(x, metric, size, rounds, batch_top)
     return values, merges
 
 
@@ -201,8 +206,8 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
                          "(the processor returns both)")
     units = tower_units(model, pixel_values, image_grid_thw, video, metric if thresholds else "features")
     steps = [int(t) for t in image_grid_thw[:, 0]] if video else [1] * len(units)
-    segments = [(f[k * len(f) // t:(k + 1) * len(f) // t], m[k * len(f) // t:(k + 1) * len(f) // t])
-                for (f, m), t in zip(units, steps) for k in range(t)]  # one row per image / time step
+    segments = [segment for (f, m), t in zip(units, steps)  # one row per image / time step
+                for segment in zip(f.tensor_split(t), m.tensor_split(t))]
     counts = [len(f) for f, _ in segments]
     if thresholds:
         x, size, groups = unit_rounds(*padded_units(segments), thresholds)
@@ -211,9 +216,9 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
     else:
         rows = [(f, torch.arange(n, device=f.device)) for (f, _), n in zip(segments, counts)]
     out, first = [], 0
-    for (f, _), t in zip(units, steps):
+    for (f, _), t in zip(units, steps):  # a video's steps: their tokens one after the other
         parts = rows[first:first + t]
-        offsets = torch.tensor([0] + [len(feats) for feats, _ in parts[:-1]], device=f.device).cumsum(0).tolist()
+        offsets = itertools.accumulate((len(feats) for feats, _ in parts[:-1]), initial=0)
         mapping = torch.cat([groups + o for (_, groups), o in zip(parts, offsets)])
         out.append(ImageTokens(torch.cat([feats for feats, _ in parts]), mapping, [len(f)]).in_slot_order())
         first += t
