@@ -17,7 +17,7 @@ from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.merge import merge_tokens
 from dymu_viz.vlm.qwen import padded_units, tower_units, unit_rounds
-from tiny_models import VLM_QUESTIONS, check_half_precision, tiny_qwen
+from tiny_models import VLM_QUESTIONS, check_half_precision, tiny_qwen, tiny_vlm
 
 VERSIONS = ["2", "2.5"]
 QUESTIONS = VLM_QUESTIONS
@@ -273,31 +273,68 @@ def test_merge_tokens_keeps_padded_originals_out_of_every_row() -> None:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_hooked_metric_equals_the_keys_recomputed_by_hand(version: str) -> None:
-    """The metric is the pre-RoPE keys of the last full-attention block, head-averaged, the
-    unit's four patches concatenated, in raster order: for Qwen2.5-VL the block sees the units
-    in window order, which HF undoes after the merger (the photo spans several windows)."""
+    """The metric is the pre-RoPE keys of a full-attention block (the last one; with "blocks",
+    each round's own), head-averaged, the unit's four patches concatenated, in raster order: for
+    Qwen2.5-VL the block sees the units in window order, which HF undoes after the merger (the
+    photo spans several windows)."""
     from transformers.vision_utils import get_vision_window_index
 
     model, processor = tiny_qwen(version)
     pixels = processor.image_processor(images=[photos(2)[1]], return_tensors="pt")  # rocket: 12 x 18 units
     pv, grid = pixels["pixel_values"], pixels["image_grid_thw"]
     visual = model.model.visual
-    block = vlm.qwen.metric_block(visual)
-    assert block == (3 if version == "2.5" else len(visual.blocks) - 1)
+    assert vlm.qwen.metric_blocks(visual, "keys", 2) == [3]  # the last full-attention block
+    assert vlm.qwen.metric_blocks(visual, "blocks", 2) == [1, 3]  # Qwen2.5's fullatt [1, 3]; Qwen2: all 4 full
     seen = {}
-    hook = visual.blocks[block].register_forward_pre_hook(lambda m, args: seen.setdefault("h", args[0]))
-    (feats, metric), = tower_units(model, pv, grid)
-    hook.remove()
-    attn = visual.blocks[block].attn
-    k = attn.qkv(visual.blocks[block].norm1(seen["h"])).view(len(seen["h"]), 3, attn.num_heads, -1)[:, 1].mean(1)
-    units = k.reshape(-1, 4 * k.shape[-1])  # the block's unit order
-    if version == "2.5":
-        window_index, _ = get_vision_window_index(grid, 2, visual.window_size, visual.patch_size)
-        assert not torch.equal(window_index, torch.arange(len(units)))  # several windows: the orders differ
-        units = units[window_index.argsort()]
+    hooks = [visual.blocks[b].register_forward_pre_hook(lambda m, args, b=b: seen.setdefault(b, args[0])) for b in (1, 3)]
+    (feats, keys), = tower_units(model, pv, grid)
+    (same, blocks), = tower_units(model, pv, grid, metric="blocks", rounds=2)
+    for hook in hooks:
+        hook.remove()
+    by_hand = []
+    for b in (1, 3):
+        attn = visual.blocks[b].attn
+        k = attn.qkv(visual.blocks[b].norm1(seen[b])).view(len(seen[b]), 3, attn.num_heads, -1)[:, 1].mean(1)
+        units = k.reshape(-1, 4 * k.shape[-1])  # the block's unit order
+        if version == "2.5":
+            window_index, _ = get_vision_window_index(grid, 2, visual.window_size, visual.patch_size)
+            assert not torch.equal(window_index, torch.arange(len(units)))  # several windows: the orders differ
+            units = units[window_index.argsort()]
+        by_hand.append(units)
     vanilla = model.model.get_image_features(pv, grid).pooler_output[0]
-    assert torch.equal(feats, vanilla)
-    assert torch.allclose(metric, units, atol=1e-6, rtol=0)
+    assert torch.equal(feats, vanilla) and torch.equal(same, vanilla)
+    assert torch.allclose(keys, by_hand[1], atol=1e-6, rtol=0)
+    assert torch.allclose(blocks, torch.cat(by_hand, -1), atol=1e-6, rtol=0)
+
+
+def test_each_round_of_the_blocks_metric_reads_its_share_of_the_tower() -> None:
+    """Real depths: Qwen2.5-VL-7B's full-attention blocks 7, 15, 23, 31; Qwen2-VL's 32 full."""
+    from types import SimpleNamespace
+
+    q25 = SimpleNamespace(fullatt_block_indexes=[7, 15, 23, 31], blocks=[None] * 32)
+    q2 = SimpleNamespace(blocks=[None] * 32)
+    assert vlm.qwen.metric_blocks(q25, "blocks", 4) == vlm.qwen.metric_blocks(q2, "blocks", 4) == [7, 15, 23, 31]
+    assert vlm.qwen.metric_blocks(q25, "blocks", 6) == [7, 15, 15, 23, 31, 31]
+    assert vlm.qwen.metric_blocks(q25, "blocks", 2) == [15, 31]
+    assert vlm.qwen.metric_blocks(q2, "keys", 4) == [31]
+
+
+def test_blocks_metric_round_k_matches_on_its_own_part() -> None:
+    """merge_rounds with views: round k's matching sees only part k of the metric."""
+    torch.manual_seed(0)
+    x, size = torch.randn(2, 12, 4), torch.ones(2, 12, dtype=torch.long)
+    parts = [torch.randn(2, 12, 3) for _ in range(3)]
+    seen = []
+
+    def record(k, best, size):
+        seen.append(best.clone())
+        return torch.zeros_like(best, dtype=torch.bool)  # no merges: every round sees the same rows
+
+    from dymu_viz.merge import bipartite_scores
+    from dymu_viz.vlm.qwen import merge_rounds
+    merge_rounds(x, torch.cat(parts, -1), size, 3, record, views=3)
+    for k, part in enumerate(parts):
+        assert torch.allclose(seen[k], bipartite_scores(part, size)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -463,8 +500,8 @@ def test_video_with_no_merging_is_vanilla_in_every_mode_and_with_beams(version: 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_video_time_steps_merge_on_their_own(version: str) -> None:
-    """Merging is within each time step (none across time yet): a still video's identical steps
-    merge alike, and no merged token spans two steps."""
+    """With no temporal threshold merging is within each time step: a still video's identical
+    steps merge alike, and no merged token spans two steps."""
     model, processor = tiny_qwen(version)
     inputs = video_batch(processor)
     moving, still = vlm.qwen.qwen_images(model, inputs["pixel_values_videos"], inputs["video_grid_thw"], [0.0] * 3,
@@ -485,6 +522,78 @@ def test_video_time_steps_merge_on_their_own(version: str) -> None:
     assert acc[1]["crop_tokens"] == [image_units, still_units]  # in prompt order: the image, then the video
 
 
+def still_and_moving_videos(processor, steps: int = 5) -> dict:
+    """A still video of ``steps`` identical time steps, then a moving one (random frames)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    still = np.repeat(rng.integers(0, 255, (1, 84, 112, 3), dtype=np.uint8), 2 * steps, 0)
+    moving = rng.integers(0, 255, (2 * steps, 84, 112, 3), dtype=np.uint8)
+    return processor.video_processor(videos=[still, moving], return_tensors="pt")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_merging_across_time_steps_chains_a_still_background_through_every_step(version: str) -> None:
+    """Five identical time steps (an odd count: three levels of the pairing tree) collapse into
+    the first step's tokens; an infinite temporal threshold is bitwise the per-step result."""
+    model, processor = tiny_qwen(version)
+    clips = still_and_moving_videos(processor)
+    pv, grid = clips["pixel_values_videos"], clips["video_grid_thw"]
+    assert grid[:, 0].tolist() == [5, 5]
+    per_step = vlm.qwen.qwen_images(model, pv, grid, [0.5] * 2, video=True)
+    never = vlm.qwen.qwen_images(model, pv, grid, [0.5] * 2, video=True, temporal=float("inf"))
+    for a, b in zip(per_step, never):
+        assert torch.equal(a.features, b.features) and torch.equal(a.mapping, b.mapping)
+    still, moving = vlm.qwen.qwen_images(model, pv, grid, [0.5] * 2, video=True, temporal=0.99)
+    steps = per_step[0].mapping.view(5, -1)
+    first_step = len(steps[0].unique())
+    assert len(per_step[0].features) == 5 * first_step > first_step > 1
+    assert len(still.features) == first_step  # every later step merged into the first
+    assert torch.equal(still.mapping.view(5, -1), still.mapping.view(5, -1)[:1].expand(5, -1))
+    assert torch.allclose(still.features, per_step[0].features[:first_step], atol=1e-5)  # the same content
+    assert len(per_step[1].features) >= len(moving.features)  # random frames: few scores beat 0.99
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_merging_across_time_joins_only_neighbouring_units(version: str) -> None:
+    """With no merging inside a step and every allowed edge taken, each token of a 2-step video
+    is one unit of step 0 and units of step 1 at most one grid cell away from it."""
+    model, processor = tiny_qwen(version)
+    inputs = video_batch(processor)
+    pv, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+    moving = vlm.qwen.qwen_images(model, pv, grid, [float("inf")], video=True, temporal=-1.0)[0]
+    t, h, w = (grid[0] // torch.tensor([1, 2, 2])).tolist()
+    assert t == 2
+    mapping = moving.mapping.view(t, h * w)
+    assert len(moving.features) == h * w and len(mapping[0].unique()) == h * w  # step 0: one unit per token
+    for unit, row in enumerate(mapping[1].tolist()):
+        anchor = int((mapping[0] == row).nonzero())
+        assert abs(anchor // w - unit // w) <= 1 and abs(anchor % w - unit % w) <= 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_video_merged_across_time_through_generate(version: str) -> None:
+    """patch_vlm(..., temporal=): the still video's three steps reach the LLM as one step's
+    tokens at all their positions; cached decode equals recomputation."""
+    model, processor = tiny_qwen(version)
+    inputs = video_batch(processor)
+    separate = vlm.qwen.qwen_images(model, inputs["pixel_values_videos"], inputs["video_grid_thw"], [0.5] * 2,
+                                    video=True)[1]
+    vlm.patch_vlm(model, [0.5] * 2, temporal=0.99)
+    tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    acc = model.dymu_vlm.last
+    image_units, still_units = (inputs["image_grid_thw"].prod(-1) // 4).item(), (inputs["video_grid_thw"][1].prod() // 4).item()
+    assert acc[1]["image_positions"] == image_units + still_units
+    image = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], [0.5] * 2)[0]
+    assert acc[1]["image_tokens"] == len(image.features) + len(separate.features) // 3
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, inputs["input_ids"].shape[1]:])], 1)
+    full = model(**{**inputs, "input_ids": tokens, "attention_mask": mask}).logits
+    cached = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.allclose(torch.stack(cached.logits, 1)[:, -1], full[:, -2], atol=1e-4)
+    with pytest.raises(ValueError, match="temporal"):
+        vlm.patch_vlm(tiny_vlm("llava")[0], None, temporal=0.9)
+
+
 def test_the_rounds_metric_follows_the_calibration_and_is_checked() -> None:
     from dymu_viz.vlm.qwen import calibrate_rounds
 
@@ -495,19 +604,21 @@ def test_the_rounds_metric_follows_the_calibration_and_is_checked() -> None:
     for metric in vlm.qwen.METRICS:  # no merging: the metric is never used, vanilla either way
         vlm.patch_vlm(model, None, metric=metric)
         assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
-    features = calibrate_rounds(model, processor, photos(4), keep=0.3, rounds=3, progress=False, metric="features")
-    assert features.metadata["metric"] == "features"
-    vlm.patch_vlm(model, features)
-    assert model.dymu_vlm.unit_metric == "features"
-    model(**inputs)
-    by_features = [a["image_tokens"] for a in model.dymu_vlm.last]
-    vlm.patch_vlm(model, features.values)  # plain values: the default metric, other groups
+    by_metric = {}
+    for metric in ("features", "blocks"):
+        by_metric[metric] = calibrated = calibrate_rounds(model, processor, photos(4), keep=0.3, rounds=3, progress=False, metric=metric)
+        assert calibrated.metadata["metric"] == metric
+        vlm.patch_vlm(model, calibrated)
+        assert model.dymu_vlm.unit_metric == metric
+        model(**inputs)
+        expected = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], calibrated.values,
+                                        metric=metric)
+        assert [a["image_tokens"] for a in model.dymu_vlm.last] == [len(t.features) for t in expected]
+    features = by_metric["features"]
+    vlm.patch_vlm(model, features.values)  # plain values: the default metric
     assert model.dymu_vlm.unit_metric == "keys"
     units = tower_units(model, inputs["pixel_values"], inputs["image_grid_thw"], metric="features")
     assert all(torch.equal(f, m) for f, m in units)  # the merger's outputs are their own metric
-    expected = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], features.values,
-                                    metric="features")
-    assert by_features == [len(t.features) for t in expected]
     with pytest.raises(ValueError, match="calibrated with metric='features'"):
         vlm.patch_vlm(model, features, metric="keys")
     with pytest.raises(ValueError, match="unknown unit metric"):

@@ -57,12 +57,14 @@ class VLMState:
     image_positions (virtual image length); text_tokens; llm_compact_length and
     llm_virtual_length (positions the LLM attends over, cache included; the compact length in
     "compact" and "full" modes). unit_thresholds: Qwen2-VL's DToMe rounds after the PatchMerger
-    (one threshold per round; None: no merging); unit_metric: their similarity metric."""
+    (one threshold per round; None: no merging); unit_metric: their similarity metric;
+    temporal: the threshold for merging across a video's time steps (None: none)."""
 
     mode: str
     kernel: str
     unit_thresholds: Optional[list[float]] = None
     unit_metric: str = "keys"
+    temporal: Optional[float] = None
     last: list[dict[str, Any]] = field(default_factory=list)
     prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
@@ -90,28 +92,34 @@ def _state(model: nn.Module) -> VLMState:
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
               mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast",
-              metric: Optional[str] = None) -> nn.Module:
+              metric: Optional[str] = None, temporal: Optional[float] = None) -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
     (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
     the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
     settings. Qwen2-VL / Qwen2.5-VL: the tower stays vanilla and thresholds are the DToMe rounds
     on its output units (see ``dymu_viz.vlm.qwen``), one per round; metric: their similarity
-    (``qwen.METRICS``; default: the one calibrated thresholds were found with, else "keys")."""
+    (``qwen.METRICS``; default: the one calibrated thresholds were found with, else "keys");
+    temporal: a threshold for merging tokens of neighbouring video time steps after each step's
+    rounds (``qwen.merge_time_steps``; None: every time step is merged on its own)."""
     _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     rounds, unit_metric = None, unit_metric_of(thresholds, metric)
     if is_qwen(model):
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
-    elif metric is not None:
-        raise ValueError("metric chooses the similarity of Qwen2-VL's rounds; LLaVA towers merge on their own keys")
+        if temporal is not None and not float(temporal) == float(temporal):
+            raise ValueError("the temporal threshold is NaN")
+    elif metric is not None or temporal is not None:
+        raise ValueError("metric and temporal set Qwen2-VL's rounds after the PatchMerger; LLaVA towers merge on "
+                         "their own keys, and their video input is not supported")
     else:
         patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
-    model.dymu_vlm = VLMState(mode, kernel, rounds, unit_metric)
+    model.dymu_vlm = VLMState(mode, kernel, rounds, unit_metric,
+                              None if mode == "full" or temporal is None else float(temporal))
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
@@ -404,8 +412,8 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     images = [] if pixel_values is None else _images_of(self)(
         self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"),
         image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds, metric=state.unit_metric)
-    videos = [] if videos_in is None else qwen_images(self, videos_in, a.get("video_grid_thw"),
-                                                      state.unit_thresholds, video=True, metric=state.unit_metric)
+    videos = [] if videos_in is None else qwen_images(self, videos_in, a.get("video_grid_thw"), state.unit_thresholds,
+                                                      video=True, metric=state.unit_metric, temporal=state.temporal)
     plain = pixel_values is None and videos_in is None and bool(mask.all()) and \
         not bool((input_ids == self.config.image_token_id).any())
     chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images, videos)

@@ -16,6 +16,7 @@ from the model's ``get_rope_index``; text after an image continues at max + 1 (H
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -23,42 +24,57 @@ import torch
 from torch import Tensor, nn
 
 from ..calibrate import mean_thresholds
-from ..merge import bipartite_scores, merge_tokens, select_batch_top, select_threshold
+from ..merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_threshold
 from ..thresholds import Thresholds
 from .common import ImageTokens
 
 QWEN_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 ROUNDS_KIND = "qwen_unit_rounds"  # Thresholds.metadata["kind"] of calibrated rounds
 # Similarity metrics of the rounds: "keys" (pre-RoPE keys of the last full-attention ViT block,
-# head-averaged, a unit's 4 patches concatenated; the default) or "features" (the merger's output
-# units themselves: no hook, so it also fits precomputed features).
-METRICS = ("keys", "features")
+# head-averaged, a unit's 4 patches concatenated; the default), "blocks" (the same keys, but round
+# k reads those of its own full-attention block, spread over the tower's depth: ``metric_blocks``)
+# or "features" (the merger's output units themselves: no hook, so it also fits precomputed
+# features).
+METRICS = ("keys", "blocks", "features")
 
 
-def metric_block(visual: nn.Module) -> int:
-    """The ViT block whose keys are the metric: the last full-attention block (Qwen2.5-VL's
-    ``fullatt_block_indexes``; every Qwen2-VL block attends fully)."""
-    full = getattr(visual, "fullatt_block_indexes", None)
-    return max(full) if full else len(visual.blocks) - 1
+def full_attention_blocks(visual: nn.Module) -> list[int]:
+    """The ViT blocks that attend over the whole image: Qwen2.5-VL's ``fullatt_block_indexes``;
+    every Qwen2-VL block."""
+    return sorted(getattr(visual, "fullatt_block_indexes", None) or range(len(visual.blocks)))
+
+
+def metric_blocks(visual: nn.Module, metric: str, rounds: int) -> list[int]:
+    """The blocks whose keys each round matches on: the last full-attention block for every round
+    ("keys"), or round k's share of the full-attention blocks, ending at the last ("blocks": 4
+    rounds on Qwen2.5-VL-7B read blocks 7, 15, 23, 31; on Qwen2-VL's 32 full blocks the same)."""
+    full = full_attention_blocks(visual)
+    if metric == "keys":
+        return [full[-1]]
+    return [full[math.ceil(len(full) * (k + 1) / rounds) - 1] for k in range(rounds)]
 
 
 @contextmanager
-def _metric_in_pooler_output(visual: nn.Module) -> Iterator[None]:
-    """While open, the tower's merger returns [unit feature | unit metric] (U, D + 4 * head_dim):
-    the model itself then puts both in raster order (Qwen2.5-VL's window order is undone after
-    the merger) and splits them per image."""
-    keys: list[Tensor] = []
+def _metric_in_pooler_output(visual: nn.Module, blocks: Sequence[int]) -> Iterator[None]:
+    """While open, the tower's merger returns [unit feature | unit keys of each of ``blocks``]
+    (U, D + len(blocks) * 4 * head_dim): the model itself then puts both in raster order
+    (Qwen2.5-VL's window order is undone after the merger) and splits them per image."""
+    keys: dict[int, Tensor] = {}
     heads = visual.config.num_heads
 
-    def keep_keys(module: nn.Module, args: Any, qkv: Tensor) -> None:
-        keys.append(qkv.view(qkv.shape[0], 3, heads, -1)[:, 1].mean(1))  # (patches, head_dim), pre-RoPE
+    def keep_keys(block: int) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, args: Any, qkv: Tensor) -> None:
+            keys[block] = qkv.view(qkv.shape[0], 3, heads, -1)[:, 1].mean(1)  # (patches, head_dim), pre-RoPE
+        return hook
 
     def append_metric(module: nn.Module, args: Any, units: Tensor) -> Tensor:
-        k = keys.pop()  # a unit's 4 patches are consecutive rows, as the merger groups them
-        return torch.cat([units, k.reshape(units.shape[0], -1).to(units.dtype)], -1)
+        # a unit's 4 patches are consecutive rows, as the merger groups them
+        per_block = [keys[b].reshape(units.shape[0], -1).to(units.dtype) for b in blocks]
+        keys.clear()
+        return torch.cat([units, *per_block], -1)
 
-    hooks = [visual.blocks[metric_block(visual)].attn.qkv.register_forward_hook(keep_keys),
-             visual.merger.register_forward_hook(append_metric)]
+    hooks = [visual.blocks[b].attn.qkv.register_forward_hook(keep_keys(b)) for b in sorted(set(blocks))]
+    hooks.append(visual.merger.register_forward_hook(append_metric))
     try:
         yield
     finally:
@@ -67,49 +83,59 @@ def _metric_in_pooler_output(visual: nn.Module) -> Iterator[None]:
 
 
 def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, video: bool = False,
-                metric: str = "keys") -> list[tuple[Tensor, Tensor]]:
+                metric: str = "keys", rounds: int = 1) -> list[tuple[Tensor, Tensor]]:
     """Per image (or video): (unit features (U, D) exactly as vanilla's ``get_image_features``
-    (``get_video_features``) gives them, unit metric (U, M): see ``METRICS``), units in raster
-    order (a video's time steps one after the other)."""
+    (``get_video_features``) gives them, unit metric (U, M): see ``METRICS``; with "blocks" the
+    ``rounds`` rounds' metrics side by side, (U, rounds * M)), units in raster order (a video's
+    time steps one after the other)."""
     if metric not in METRICS:
         raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
     features = model.model.get_video_features if video else model.model.get_image_features
     if metric == "features":
         return [(u, u) for u in features(pixel_values, grid_thw).pooler_output]
     D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
-    with _metric_in_pooler_output(model.model.visual):
+    with _metric_in_pooler_output(model.model.visual, metric_blocks(model.model.visual, metric, rounds)):
         per_item = features(pixel_values, grid_thw).pooler_output
     return [(u[:, :D], u[:, D:]) for u in per_item]
+
+
+def metric_views(metric: str, rounds: int) -> int:
+    """How many per-round parts the metric of ``tower_units`` holds side by side."""
+    return rounds if metric == "blocks" else 1
 
 
 Selection = Callable[[int, Tensor, Tensor], Tensor]  # (round, best, size) -> src, as in merge.py
 
 
 def merge_rounds(x: Tensor, metric: Tensor, size: Tensor, rounds: int,
-                 select: Selection) -> tuple[Tensor, Tensor, Tensor]:
+                 select: Selection, views: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """DToMe rounds on a padded batch of unit rows: x (B, U, D), metric (B, U, M), size (B, U)
-    1 for a unit, 0 for padding. Round k matches bipartitely on the metric and merges the edges
-    ``select(k, best, size)`` picks (features and metric averaged by size). Stops early once every
-    image is down to one token. Returns x (B, N, D), size (B, N) and groups (B, U): the row each
-    unit ends in (N for padding units)."""
+    1 for a unit, 0 for padding. The metric holds ``views`` equal parts side by side; round k
+    matches bipartitely on part k % views and merges the edges ``select(k, best, size)`` picks
+    (features and metric averaged by size). Stops early once every image is down to one token.
+    Returns x (B, N, D), size (B, N) and groups (B, U): the row each unit ends in (N for padding
+    units)."""
     B, U, D = x.shape
+    M = metric.shape[-1] // views
     groups = torch.where(size > 0, torch.arange(U, device=x.device).expand(B, U), U)
     both = torch.cat([x, metric.to(x.dtype)], -1)
     for k in range(rounds):
         if both.shape[1] < 2:
             break
-        best, dst = bipartite_scores(both[..., D:], size)
+        part = D + k % views * M
+        best, dst = bipartite_scores(both[..., part:part + M], size)
         src = select(k, best, size)
         if bool(src.any()):
             both, size, groups = merge_tokens(both, size, groups, src, dst, best, protected=0)
     return both[..., :D], size, groups
 
 
-def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float],
+                views: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Inference rounds: round k merges every edge scoring above thresholds[k] (at most half the
-    tokens of each image). Shapes as in ``merge_rounds``."""
+    tokens of each image). Shapes and views as in ``merge_rounds``."""
     return merge_rounds(x, metric, size, len(thresholds),
-                        lambda k, best, size: select_threshold(best, size, float(thresholds[k]), protected=0))
+                        lambda k, best, size: select_threshold(best, size, float(thresholds[k]), protected=0), views)
 
 
 def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,8 +146,8 @@ def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Te
     return x, metric, (torch.arange(x.shape[1], device=x.device) < counts[:, None]).long()
 
 
-def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
-                       rounds: int) -> tuple[list[Optional[float]], list[int]]:
+def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float, rounds: int,
+                       views: int = 1) -> tuple[list[Optional[float]], list[int]]:
     """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
     current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
     Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
@@ -134,7 +160,7 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
         merges[k] = int(src.sum())
         return src
 
-    merge_rounds(x, metric, size, rounds, batch_top)
+    merge_rounds(x, metric, size, rounds, batch_top, views)
     return values, merges
 
 
@@ -174,8 +200,8 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
             continue
         pixels = processor.image_processor(images=batch, return_tensors="pt")
         units = tower_units(model, pixels["pixel_values"].to(device), pixels["image_grid_thw"].to(device),
-                            metric=metric)
-        per_batch[j], merges = calibration_rounds(*padded_units(units), fraction, rounds)
+                            metric=metric, rounds=rounds)
+        per_batch[j], merges = calibration_rounds(*padded_units(units), fraction, rounds, metric_views(metric, rounds))
         merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
     gathered = gather_objects((per_batch, merged, failures, used))
     per_batch = {j: v for part, _, _, _ in gathered for j, v in part.items()}
@@ -194,35 +220,100 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
 
 def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
                 thresholds: Optional[Sequence[float]] = None, video: bool = False, metric: str = "keys",
-                **kwargs: Any) -> list[ImageTokens]:
+                temporal: Optional[float] = None, **kwargs: Any) -> list[ImageTokens]:
     """Per image: its compact unit features and the mapping from each of its U units (raster
     order, the placeholders' order) to its compact row. thresholds: one per round (None or
     empty: no merging, vanilla features). video: pixel_values and image_grid_thw are
-    ``pixel_values_videos`` and ``video_grid_thw``; each time step is merged on its own (no
-    merging across time yet), so a video's tokens are its steps' tokens in time order. metric:
-    see ``METRICS``."""
+    ``pixel_values_videos`` and ``video_grid_thw``; the rounds merge within each time step, then
+    ``temporal`` (a threshold; None: no merging across time) merges tokens of neighbouring steps
+    (see ``merge_time_steps``). metric: see ``METRICS``."""
     if image_grid_thw is None:
         raise ValueError(f"Qwen2-VL models need {'video' if video else 'image'}_grid_thw with their pixel values "
                          "(the processor returns both)")
-    units = tower_units(model, pixel_values, image_grid_thw, video, metric if thresholds else "features")
+    across_time = video and temporal is not None
+    metric = metric if thresholds or across_time else "features"
+    rounds = len(thresholds or [None])
+    units = tower_units(model, pixel_values, image_grid_thw, video, metric, rounds)
     steps = [int(t) for t in image_grid_thw[:, 0]] if video else [1] * len(units)
     segments = [segment for (f, m), t in zip(units, steps)  # one row per image / time step
                 for segment in zip(f.tensor_split(t), m.tensor_split(t))]
     counts = [len(f) for f, _ in segments]
     if thresholds:
-        x, size, groups = unit_rounds(*padded_units(segments), thresholds)
+        x, size, groups = unit_rounds(*padded_units(segments), thresholds, views=metric_views(metric, rounds))
         kept = (size > 0).sum(-1).tolist()
         rows = [(x[b, :kept[b]], groups[b, :n]) for b, n in enumerate(counts)]
     else:
         rows = [(f, torch.arange(n, device=f.device)) for (f, _), n in zip(segments, counts)]
     out, first = [], 0
-    for (f, _), t in zip(units, steps):  # a video's steps: their tokens one after the other
+    spatial = model.model.visual.spatial_merge_size
+    for (f, m), t, grid in zip(units, steps, image_grid_thw.tolist()):
         parts = rows[first:first + t]
-        offsets = itertools.accumulate((len(feats) for feats, _ in parts[:-1]), initial=0)
-        mapping = torch.cat([groups + o for (_, groups), o in zip(parts, offsets)])
-        out.append(ImageTokens(torch.cat([feats for feats, _ in parts]), mapping, [len(f)]).in_slot_order())
+        if across_time:
+            last = m[:, -(m.shape[1] // metric_views(metric, rounds)):]  # "blocks": the last block's keys
+            feats, mapping = merge_time_steps(parts, last.tensor_split(t), grid[2] // spatial, float(temporal))
+        else:
+            feats, mapping = concat_steps(parts)
+        out.append(ImageTokens(feats, mapping, [len(f)]).in_slot_order())
         first += t
     return out
+
+
+def concat_steps(steps: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """A video's time steps one after the other: per step (tokens (n_t, D), units' rows (S,)) ->
+    tokens (sum n_t, D) and every unit's row in them (T * S,)."""
+    offsets = itertools.accumulate((len(f) for f, _ in steps[:-1]), initial=0)
+    return torch.cat([f for f, _ in steps]), torch.cat([g + o for (_, g), o in zip(steps, offsets)])
+
+
+def merge_time_steps(steps: Sequence[tuple[Tensor, Tensor]], metrics: Sequence[Tensor], width: int,
+                     threshold: float, radius: float = 1.0) -> tuple[Tensor, Tensor]:
+    """DToMe across the time steps of one video, after each step's own rounds.
+
+    steps: per time step (its tokens (n_t, D), its units' rows (S,)); metrics: per step the units'
+    metric (S, M); width: units per grid row. A token's metric is its units' mean and its place
+    their mean (row, column). Steps are paired as a binary tree, (0, 1), (2, 3), ... then the
+    pairs, so a static background chains across every step in log2(T) levels. In each pair every
+    token of the later block (A) looks for its most similar token of the earlier block (B) among
+    those whose places are at most ``radius`` units apart in row and in column, and merges into
+    it when the score beats ``threshold`` (features, metrics and places averaged by size).
+    Returns the video's tokens (N, D) and each unit's row (T * S,), steps one after the other.
+    """
+    x, unit_rows = concat_steps(steps)  # (n, D), (T * S,)
+    wdtype = score_dtype(x.dtype)
+    slots = torch.arange(len(steps[0][1]), device=x.device)
+    place = torch.stack([slots // width, slots % width], -1)  # (S, 2) grid row and column of each unit
+    n = len(x)
+    size = torch.zeros(n, device=x.device, dtype=wdtype).index_add_(0, unit_rows, torch.ones_like(unit_rows, dtype=wdtype))
+    units = torch.cat([torch.cat(list(metrics)).to(wdtype), place.repeat(len(steps), 1).to(wdtype)], -1)
+    both = torch.zeros(n, units.shape[1], device=x.device, dtype=wdtype).index_add_(0, unit_rows, units)
+    both = torch.cat([x.to(wdtype), both / size[:, None]], -1)  # [feature | mean metric | mean place]
+    D = x.shape[1]
+    block = torch.repeat_interleave(torch.arange(len(steps), device=x.device),
+                                    torch.tensor([len(f) for f, _ in steps], device=x.device))
+    owner = torch.arange(n, device=x.device)  # the row each row has merged into (itself if alive)
+    alive = torch.ones(n, dtype=torch.bool, device=x.device)
+    while int(block.max()) > 0:
+        for left in range(0, int(block.max()), 2):
+            a = torch.nonzero(alive & (block == left + 1)).squeeze(1)
+            b = torch.nonzero(alive & (block == left)).squeeze(1)
+            if len(a) == 0:
+                continue
+            metric_a = nn.functional.normalize(both[a, D:-2], dim=-1)
+            scores = metric_a @ nn.functional.normalize(both[b, D:-2], dim=-1).T  # (n_a, n_b)
+            far = (both[a, None, -2:] - both[None, b, -2:]).abs().amax(-1) > radius
+            best, dst = scores.masked_fill(far, -torch.inf).max(-1)
+            src = best > threshold
+            if bool(src.any()):
+                a, dst = a[src], b[dst[src]]
+                weighted = torch.zeros_like(both).index_add_(0, dst, (both[a] - both[dst]) * size[a, None])
+                size.index_add_(0, dst, size[a])
+                both = both + weighted / size[:, None]  # rows that gain nothing stay bitwise unchanged
+                alive[a], owner[a] = False, dst
+        block = torch.div(block, 2, rounding_mode="floor")
+    while not torch.equal(owner[owner], owner):  # follow merges into rows that merged again
+        owner = owner[owner]
+    new_row = alive.long().cumsum(0) - 1
+    return both[alive, :D].to(x.dtype), new_row[owner[unit_rows]]
 
 
 def token_types(model: nn.Module, input_ids: Tensor) -> Tensor:
