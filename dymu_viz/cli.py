@@ -176,6 +176,10 @@ def _calibrate_rounds_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", type=Path, help="folder the JSON paths are relative to (default: the JSON's folder)")
     p.add_argument("--keep", type=float, required=True, help="share of the units that survives, e.g. 0.3")
     p.add_argument("--rounds", type=int, default=4, help="DToMe rounds (each can at most halve the tokens)")
+    p.add_argument("--metric", default="keys", choices=["keys", "blocks", "features"],
+                   help="the rounds' similarity (dymu_viz.vlm.qwen.METRICS); recorded in the output")
+    p.add_argument("--window", type=int, help="match only inside blocks of this many x this many units (large "
+                                              "images; recorded in the output); default: the whole image")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch and process")
     p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -203,7 +207,7 @@ def run_calibrate_rounds(args: argparse.Namespace) -> int:
         say(f"model     : {loaded.name}\nweights   : {loaded.weights}\ndata      : {len(paths)} images "
             f"({skipped} JSON entries without an image skipped)")
         thresholds = calibrate_rounds(loaded.model, loaded.processor, paths, args.keep, args.rounds, args.batch_size,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, metric=args.metric, window=args.window)
         if rank == 0:
             thresholds.model = loaded.name
             thresholds.save(args.out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dymu_viz import vlm
+from dymu_viz import Thresholds, vlm
 from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.merge import merge_tokens
 from dymu_viz.vlm.qwen import padded_units, tower_units, unit_rounds
@@ -427,7 +427,7 @@ def test_calibrate_rounds_cli_two_processes_equal_one_and_skip_broken_images(tmp
     (images / "broken.jpg").write_bytes(b"not an image")
     args = ["calibrate-rounds", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--pretrained", "random",
             "--vision-layers", "1", "--folder", str(images), "--keep", "0.4", "--rounds", "2", "--batch-size", "2",
-            "--device", "cpu", "--quiet"]
+            "--metric", "blocks", "--device", "cpu", "--quiet"]
     one = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -437,7 +437,7 @@ def test_calibrate_rounds_cli_two_processes_equal_one_and_skip_broken_images(tmp
     two = subprocess.run(torchrun, capture_output=True, text=True, cwd=root, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (dymu_viz.Thresholds.load(tmp_path / f"{n}.json") for n in ("one", "two"))
-    assert a.values == b.values and a.r == b.r and a.layers == 2
+    assert a.values == b.values and a.r == b.r and a.layers == 2 and a.metadata["metric"] == "blocks"
     assert a.metadata["n_images"] == b.metadata["n_images"] == 4
     assert len(b.metadata["failures"]) == 1
     wrong = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
@@ -666,3 +666,78 @@ def test_second_chat_turn_with_the_cache_kept_equals_recomputation(version: str,
     for a, b in zip(kept.logits, fresh.logits):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
     assert torch.equal(kept.past_key_values.dymu.next_rope, fresh.past_key_values.dymu.next_rope)
+
+
+def test_calibrated_temporal_threshold_keeps_the_asked_share_and_patch_vlm_applies_it(tmp_path) -> None:
+    """calibrate_temporal: on its videos the share of tokens left after merging across time is
+    at most ``keep`` and a slightly higher threshold leaves more; the saved thresholds carry it
+    into patch_vlm. A share below what neighbouring cells allow is refused."""
+    import numpy as np
+
+    from dymu_viz.vlm.qwen import calibrate_rounds, calibrate_temporal
+
+    model, processor = tiny_qwen("2.5")
+    rounds = calibrate_rounds(model, processor, photos(3), keep=0.5, rounds=2, progress=False)
+    rng = np.random.default_rng(2)
+    still = np.repeat(rng.integers(0, 255, (1, 84, 112, 3), dtype=np.uint8), 6, 0)
+    drifting = np.stack([np.roll(still[0], 14 * k, axis=1) for k in range(6)])  # a pan: the scene moves one patch
+    noisy = (still.astype(int) + rng.integers(-40, 40, still.shape)).clip(0, 255).astype(np.uint8)
+    videos = [still, drifting, noisy]
+    calibrated = calibrate_temporal(model, processor, videos, rounds, keep=0.6, progress=False)
+    tau = calibrated.metadata["temporal"]
+    assert calibrated.values == rounds.values and -1.0 <= tau < 1.0
+
+    def share(threshold: float) -> float:
+        clips = processor.video_processor(videos=videos, return_tensors="pt")
+        pv, grid = clips["pixel_values_videos"], clips["video_grid_thw"]
+        merged = vlm.qwen.qwen_images(model, pv, grid, rounds.values, video=True, temporal=threshold)
+        separate = vlm.qwen.qwen_images(model, pv, grid, rounds.values, video=True)
+        return sum(len(t.features) for t in merged) / sum(len(t.features) for t in separate)
+
+    assert 0.45 <= share(tau) <= 0.6 < share(tau + 1e-3)
+    calibrated.save(tmp_path / "rounds.json")
+    vlm.patch_vlm(model, Thresholds.load(tmp_path / "rounds.json"))
+    assert model.dymu_vlm.temporal == tau
+    vlm.patch_vlm(model, calibrated, temporal=None)  # None: the calibrated value
+    assert model.dymu_vlm.temporal == tau
+    with pytest.raises(ValueError, match="cannot be reached"):
+        calibrate_temporal(model, processor, videos[:1], rounds, keep=0.05, progress=False)
+
+
+def test_window_order_regroups_the_grid_block_by_block() -> None:
+    order, sizes = vlm.qwen.window_order(5, 7, 3, torch.device("cpu"))
+    assert sorted(order.tolist()) == list(range(35)) and sizes == [9, 9, 3, 6, 6, 2]
+    blocks = [set((u // 7 // 3, u % 7 // 3) for u in piece.tolist()) for piece in order.split(sizes)]
+    assert all(len(b) == 1 for b in blocks) and len(set.union(*blocks)) == 6  # one block each, all different
+    assert all(torch.equal(piece, piece.sort().values) for piece in order.split(sizes))  # raster inside a block
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_windowed_rounds_never_merge_across_windows_and_a_wide_window_is_the_whole_image(version: str) -> None:
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor, (1, 1))  # a flat image and the rocket
+    pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    whole = vlm.qwen.qwen_images(model, pv, grid, [0.0] * 4)
+    wide = vlm.qwen.qwen_images(model, pv, grid, [0.0] * 4, window=100)
+    for a, b in zip(whole, wide):
+        assert torch.equal(a.features, b.features) and torch.equal(a.mapping, b.mapping)
+    windowed = vlm.qwen.qwen_images(model, pv, grid, [0.0] * 4, window=4)
+    for tokens, (_, h, w), alone in zip(windowed, (grid // torch.tensor([1, 2, 2])).tolist(), whole):
+        unit = torch.arange(h * w)
+        block = unit // w // 4 * 100 + unit % w // 4
+        for row in range(len(tokens.features)):
+            assert len(block[tokens.mapping == row].unique()) == 1  # every token inside one window
+        if max(h, w) > 4:  # the rocket: several windows, so merges, but fewer than with none
+            assert len(alone.features) < len(tokens.features) < h * w
+        else:  # the flat image fits one window: the same groups as with no window
+            assert torch.equal(alone.mapping, tokens.mapping)
+    assert (grid[1] // 2).tolist()[1:] == [6, 9]  # the rocket: 6 windows of up to 4 x 4 units
+    vlm.patch_vlm(model, [0.0] * 4, window=4)
+    model(**inputs)
+    assert [a["image_tokens"] for a in model.dymu_vlm.last] == [len(t.features) for t in windowed]
+    calibrated = vlm.qwen.calibrate_rounds(model, processor, photos(3), keep=0.5, rounds=2, progress=False, window=4)
+    assert calibrated.metadata["window"] == 4
+    vlm.patch_vlm(model, calibrated)
+    assert model.dymu_vlm.window == 4
+    with pytest.raises(ValueError, match="at least 2 units"):
+        vlm.patch_vlm(model, [0.5], window=1)

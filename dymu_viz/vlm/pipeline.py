@@ -58,13 +58,15 @@ class VLMState:
     llm_virtual_length (positions the LLM attends over, cache included; the compact length in
     "compact" and "full" modes). unit_thresholds: Qwen2-VL's DToMe rounds after the PatchMerger
     (one threshold per round; None: no merging); unit_metric: their similarity metric;
-    temporal: the threshold for merging across a video's time steps (None: none)."""
+    temporal: the threshold for merging across a video's time steps (None: none); window: the
+    rounds match inside blocks of window x window units (None: the whole image)."""
 
     mode: str
     kernel: str
     unit_thresholds: Optional[list[float]] = None
     unit_metric: str = "keys"
     temporal: Optional[float] = None
+    window: Optional[int] = None
     last: list[dict[str, Any]] = field(default_factory=list)
     prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
@@ -92,7 +94,8 @@ def _state(model: nn.Module) -> VLMState:
 
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
               mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast",
-              metric: Optional[str] = None, temporal: Optional[float] = None) -> nn.Module:
+              metric: Optional[str] = None, temporal: Optional[float] = None,
+              window: Optional[int] = None) -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
     (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
     the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
@@ -100,18 +103,26 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     on its output units (see ``dymu_viz.vlm.qwen``), one per round; metric: their similarity
     (``qwen.METRICS``; default: the one calibrated thresholds were found with, else "keys");
     temporal: a threshold for merging tokens of neighbouring video time steps after each step's
-    rounds (``qwen.merge_time_steps``; None: every time step is merged on its own)."""
+    rounds (``qwen.merge_time_steps``; default: the one ``qwen.calibrate_temporal`` recorded in the
+    thresholds, else None: every time step is merged on its own); window: restricted matching for
+    large images, inside blocks of window x window units (``qwen.window_order``; default: the
+    calibrated one, else None: the whole image)."""
     _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     rounds, unit_metric = None, unit_metric_of(thresholds, metric)
     if is_qwen(model):
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
+        if isinstance(thresholds, Thresholds):  # what calibrate_rounds / calibrate_temporal recorded
+            temporal = thresholds.metadata.get("temporal") if temporal is None else temporal
+            window = thresholds.metadata.get("window") if window is None else window
+        if window is not None and int(window) < 2:
+            raise ValueError(f"window must be at least 2 units per side, got {window}")
         if temporal is not None and not float(temporal) == float(temporal):
             raise ValueError("the temporal threshold is NaN")
-    elif metric is not None or temporal is not None:
-        raise ValueError("metric and temporal set Qwen2-VL's rounds after the PatchMerger; LLaVA towers merge on "
-                         "their own keys, and their video input is not supported")
+    elif metric is not None or temporal is not None or window is not None:
+        raise ValueError("metric, temporal and window set Qwen2-VL's rounds after the PatchMerger; LLaVA towers "
+                         "merge on their own keys, and their video input is not supported")
     else:
         patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
@@ -119,7 +130,8 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     model.dymu_vlm = VLMState(mode, kernel, rounds, unit_metric,
-                              None if mode == "full" or temporal is None else float(temporal))
+                              None if mode == "full" or temporal is None else float(temporal),
+                              None if window is None else int(window))
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
@@ -411,9 +423,11 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     pixel_values = a.get("pixel_values")
     images = [] if pixel_values is None else _images_of(self)(
         self, pixel_values, image_sizes=a.get("image_sizes"), batch_num_images=a.get("batch_num_images"),
-        image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds, metric=state.unit_metric)
+        image_grid_thw=a.get("image_grid_thw"), thresholds=state.unit_thresholds, metric=state.unit_metric,
+        window=state.window)
     videos = [] if videos_in is None else qwen_images(self, videos_in, a.get("video_grid_thw"), state.unit_thresholds,
-                                                      video=True, metric=state.unit_metric, temporal=state.temporal)
+                                                      video=True, metric=state.unit_metric, temporal=state.temporal,
+                                                      window=state.window)
     plain = pixel_values is None and videos_in is None and bool(mask.all()) and \
         not bool((input_ids == self.config.image_token_id).any())
     chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images, videos)

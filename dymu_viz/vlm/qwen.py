@@ -166,14 +166,15 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
 
 @torch.no_grad()
 def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
-                     batch_size: int = 4, progress: bool = True, metric: str = "keys") -> Thresholds:
+                     batch_size: int = 4, progress: bool = True, metric: str = "keys",
+                     window: Optional[int] = None) -> Thresholds:
     """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL tower, found on
     ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
     every round merges 1 - keep^(1 / rounds) of the current tokens (at most half, so keep >=
     2^-rounds). Batch thresholds are averaged over batches as for the encoders. Under torchrun
     each process takes every world-th batch; the result does not depend on the process count.
     Unreadable images are skipped and named in ``metadata["failures"]``. metric: see ``METRICS``
-    (recorded in the metadata; ``patch_vlm`` then uses the same one)."""
+    and window (see ``qwen_images``) are recorded in the metadata; ``patch_vlm`` then uses them."""
     from tqdm.auto import tqdm
 
     from ..calibrate import dist_info, gather_objects
@@ -199,9 +200,10 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
         if not batch:
             continue
         pixels = processor.image_processor(images=batch, return_tensors="pt")
-        units = tower_units(model, pixels["pixel_values"].to(device), pixels["image_grid_thw"].to(device),
-                            metric=metric, rounds=rounds)
-        per_batch[j], merges = calibration_rounds(*padded_units(units), fraction, rounds, metric_views(metric, rounds))
+        grid = pixels["image_grid_thw"].to(device)
+        units = tower_units(model, pixels["pixel_values"].to(device), grid, metric=metric, rounds=rounds)
+        pieces, _ = split_pieces(units, [1] * len(units), unit_grids(model, grid), window)
+        per_batch[j], merges = calibration_rounds(*padded_units(pieces), fraction, rounds, metric_views(metric, rounds))
         merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
     gathered = gather_objects((per_batch, merged, failures, used))
     per_batch = {j: v for part, _, _, _ in gathered for j, v in part.items()}
@@ -213,64 +215,164 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
     values, counts = mean_thresholds(per_batch, rounds)
     r = [round(m / used) for m in merged]  # mean merges per image and round, on these images
     return Thresholds(values, r, model=type(model).__name__, schedule="constant",
-                      metadata={"kind": ROUNDS_KIND, "metric": metric, "keep": keep, "merge_fraction": fraction, "n_images": used,
+                      metadata={"kind": ROUNDS_KIND, "metric": metric, "window": window, "keep": keep, "merge_fraction": fraction, "n_images": used,
                                 "n_batches": len(per_batch), "batches_per_round": counts,
                                 "failures": [[i, e] for i, e in failures]})
 
 
+@torch.no_grad()
+def calibrate_temporal(model: nn.Module, processor: Any, videos: Sequence[Any], thresholds: Thresholds,
+                       keep: float = 0.5, progress: bool = True, steps: int = 40) -> Thresholds:
+    """The threshold for merging across video time steps (``merge_time_steps``), found on
+    ``videos`` (each an array (frames, H, W, 3) or a list of frames, as the video processor takes
+    them) so that, after the rounds of ``thresholds`` inside each step, a share ``keep`` of their
+    tokens survives: the largest threshold whose merging leaves at most that share, by bisection
+    over [-1, 1] (``steps`` halvings). Returns a copy of ``thresholds`` with it in
+    ``metadata["temporal"]``, which ``patch_vlm`` then applies. Under torchrun each process
+    encodes every world-th video; the counts are summed, so the result does not depend on the
+    process count."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from ..calibrate import dist_info, gather_objects
+
+    if thresholds.metadata.get("kind") != ROUNDS_KIND:
+        raise ValueError("calibrate_temporal needs the rounds' thresholds from calibrate_rounds")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if not videos:
+        raise ValueError("calibration got no videos")
+    rank, world = dist_info()
+    device = next(model.parameters()).device
+    metric = thresholds.metadata.get("metric", "keys")
+    mine = []
+    for i in tqdm(range(rank, len(videos), world), desc="encoding videos", disable=not progress or rank != 0):
+        clip = processor.video_processor(videos=[videos[i]], return_tensors="pt")
+        mine += step_rows(model, clip["pixel_values_videos"].to(device), clip["video_grid_thw"].to(device),
+                          thresholds.values, True, metric, time_metric=True, window=thresholds.metadata.get("window"))
+
+    def tokens_left(tau: float) -> int:  # summed over every process's videos
+        return sum(gather_objects(sum(len(merge_time_steps(rows, m, width, tau)[0]) for m, rows, width in mine)))
+
+    before = tokens_left(float("inf"))
+    target = keep * before
+    low, high = -1.0, 1.0  # tokens_left(high) = before (no score beats 1); tokens_left(low): every allowed edge
+    if tokens_left(low) > target:
+        raise ValueError(f"merging across time leaves at least {tokens_left(low) / before:.3f} of the tokens on these "
+                         f"videos (edges reach only neighbouring grid cells); keep={keep} cannot be reached")
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if tokens_left(middle) <= target else (low, middle)
+    return replace(thresholds, metadata={**thresholds.metadata, "temporal": low, "temporal_keep": keep,
+                                         "temporal_videos": len(videos)})
+
+
 def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
                 thresholds: Optional[Sequence[float]] = None, video: bool = False, metric: str = "keys",
-                temporal: Optional[float] = None, **kwargs: Any) -> list[ImageTokens]:
+                temporal: Optional[float] = None, window: Optional[int] = None, **kwargs: Any) -> list[ImageTokens]:
     """Per image: its compact unit features and the mapping from each of its U units (raster
     order, the placeholders' order) to its compact row. thresholds: one per round (None or
     empty: no merging, vanilla features). video: pixel_values and image_grid_thw are
     ``pixel_values_videos`` and ``video_grid_thw``; the rounds merge within each time step, then
     ``temporal`` (a threshold; None: no merging across time) merges tokens of neighbouring steps
-    (see ``merge_time_steps``). metric: see ``METRICS``."""
-    if image_grid_thw is None:
+    (see ``merge_time_steps``). metric: see ``METRICS``. window: match only inside blocks of
+    window x window units (``window_order``; None: the whole image)."""
+    across_time = video and temporal is not None
+    out = []
+    for unit_metric, steps, width in step_rows(model, pixel_values, image_grid_thw, thresholds, video, metric,
+                                               across_time, window):
+        feats, mapping = (merge_time_steps(steps, unit_metric, width, float(temporal)) if across_time
+                          else concat_steps(steps))
+        out.append(ImageTokens(feats, mapping, [len(unit_metric)]).in_slot_order())
+    return out
+
+
+def step_rows(model: nn.Module, pixel_values: Tensor, grid_thw: Optional[Tensor], thresholds: Optional[Sequence[float]],
+              video: bool, metric: str, time_metric: bool = False,
+              window: Optional[int] = None) -> list[tuple[Tensor, list[tuple[Tensor, Tensor]], int]]:
+    """Per image or video, after the rounds inside each time step (inside each ``window`` x
+    ``window`` block of units when given: see ``window_order``): (its units' metric for matching
+    across time (U, M) -- the last block's part with "blocks"; the unit features when
+    ``time_metric`` is False and nothing merges --, per time step (tokens (n_t, D), its units'
+    rows (S,)), units per grid row)."""
+    if grid_thw is None:
         raise ValueError(f"Qwen2-VL models need {'video' if video else 'image'}_grid_thw with their pixel values "
                          "(the processor returns both)")
-    across_time = video and temporal is not None
-    metric = metric if thresholds or across_time else "features"
+    metric = metric if thresholds or time_metric else "features"
     rounds = len(thresholds or [None])
-    units = tower_units(model, pixel_values, image_grid_thw, video, metric, rounds)
-    steps = [int(t) for t in image_grid_thw[:, 0]] if video else [1] * len(units)
-    segments = [segment for (f, m), t in zip(units, steps)  # one row per image / time step
-                for segment in zip(f.tensor_split(t), m.tensor_split(t))]
-    counts = [len(f) for f, _ in segments]
+    views = metric_views(metric, rounds)
+    units = tower_units(model, pixel_values, grid_thw, video, metric, rounds)
+    steps = [int(t) for t in grid_thw[:, 0]] if video else [1] * len(units)
+    grids = unit_grids(model, grid_thw)
+    pieces, orders = split_pieces(units, steps, grids, window)
     if thresholds:
-        x, size, groups = unit_rounds(*padded_units(segments), thresholds, views=metric_views(metric, rounds))
+        x, size, groups = unit_rounds(*padded_units(pieces), thresholds, views)
         kept = (size > 0).sum(-1).tolist()
-        rows = [(x[b, :kept[b]], groups[b, :n]) for b, n in enumerate(counts)]
+        rows = [(x[b, :kept[b]], groups[b, :len(f)]) for b, (f, _) in enumerate(pieces)]
     else:
-        rows = [(f, torch.arange(n, device=f.device)) for (f, _), n in zip(segments, counts)]
-    out, first = [], 0
-    spatial = model.model.visual.spatial_merge_size
-    for (f, m), t, grid in zip(units, steps, image_grid_thw.tolist()):
-        parts = rows[first:first + t]
-        if across_time:
-            last = m[:, -(m.shape[1] // metric_views(metric, rounds)):]  # "blocks": the last block's keys
-            feats, mapping = merge_time_steps(parts, last.tensor_split(t), grid[2] // spatial, float(temporal))
+        rows = [(f, torch.arange(len(f), device=f.device)) for f, _ in pieces]
+    segments = []  # per image / time step: its windows' tokens, its units' rows in raster order
+    for order, n in orders:
+        if order is None:
+            segments.append(rows[0])
         else:
-            feats, mapping = concat_steps(parts)
-        out.append(ImageTokens(feats, mapping, [len(f)]).in_slot_order())
+            tokens, mapping = concat_steps(rows[:n])
+            segments.append((tokens, mapping[order.argsort()]))
+        rows = rows[n:]
+    out, first = [], 0
+    for (_, m), t, (_, w) in zip(units, steps, grids):
+        out.append((m[:, -(m.shape[1] // views):], segments[first:first + t], w))
         first += t
     return out
 
 
+def unit_grids(model: nn.Module, grid_thw: Tensor) -> list[tuple[int, int]]:
+    """(rows, columns) of each image's unit grid (patches / the merger's 2 x 2)."""
+    spatial = model.model.visual.spatial_merge_size
+    return [(h // spatial, w // spatial) for _, h, w in grid_thw.tolist()]
+
+
+def split_pieces(units: list[tuple[Tensor, Tensor]], steps: Sequence[int], grids: Sequence[tuple[int, int]],
+                 window: Optional[int]) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Optional[Tensor], int]]]:
+    """The rows the rounds run on: each image's (features, metric) per time step, or per window
+    of it. Returns the pieces and, per image / time step, (its window order or None, its number
+    of pieces)."""
+    if window is not None and window < 2:
+        raise ValueError(f"window must be at least 2 units per side, got {window}")
+    pieces, orders = [], []
+    for (f, m), t, (h, w) in zip(units, steps, grids):
+        for step in zip(f.tensor_split(t), m.tensor_split(t)):
+            order, sizes = window_order(h, w, window, f.device) if window else (None, [h * w])
+            pieces += zip(*(part[order].split(sizes) if window else [part] for part in step))
+            orders.append((order, len(sizes)))
+    return pieces, orders
+
+
+def window_order(height: int, width: int, window: int, device: torch.device) -> tuple[Tensor, list[int]]:
+    """Restricted matching for large images: the units of a height x width grid (raster order)
+    regrouped into ``window`` x ``window`` blocks, block by block in raster order, raster order
+    inside each. Returns the order (S,) and the units per block; the rounds then match inside
+    each block, (window^2 / 2)^2 scores each instead of (S / 2)^2 for the image."""
+    unit = torch.arange(height * width, device=device)
+    block = unit // width // window * -(-width // window) + unit % width // window  # (S,) block of each unit
+    order = (block * height * width + unit).argsort()
+    return order, torch.bincount(block).tolist()
+
+
 def concat_steps(steps: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """A video's time steps one after the other: per step (tokens (n_t, D), units' rows (S,)) ->
-    tokens (sum n_t, D) and every unit's row in them (T * S,)."""
+    """Time steps (or windows) one after the other: per step (tokens (n_t, D), units' rows (S_t,))
+    -> tokens (sum n_t, D) and every unit's row in them (sum S_t,)."""
     offsets = itertools.accumulate((len(f) for f, _ in steps[:-1]), initial=0)
     return torch.cat([f for f, _ in steps]), torch.cat([g + o for (_, g), o in zip(steps, offsets)])
 
 
-def merge_time_steps(steps: Sequence[tuple[Tensor, Tensor]], metrics: Sequence[Tensor], width: int,
+def merge_time_steps(steps: Sequence[tuple[Tensor, Tensor]], metric: Tensor, width: int,
                      threshold: float, radius: float = 1.0) -> tuple[Tensor, Tensor]:
     """DToMe across the time steps of one video, after each step's own rounds.
 
-    steps: per time step (its tokens (n_t, D), its units' rows (S,)); metrics: per step the units'
-    metric (S, M); width: units per grid row. A token's metric is its units' mean and its place
+    steps: per time step (its tokens (n_t, D), its units' rows (S,)); metric: the units' metric
+    (T * S, M); width: units per grid row. A token's metric is its units' mean and its place
     their mean (row, column). Steps are paired as a binary tree, (0, 1), (2, 3), ... then the
     pairs, so a static background chains across every step in log2(T) levels. In each pair every
     token of the later block (A) looks for its most similar token of the earlier block (B) among
@@ -284,7 +386,7 @@ def merge_time_steps(steps: Sequence[tuple[Tensor, Tensor]], metrics: Sequence[T
     place = torch.stack([slots // width, slots % width], -1)  # (S, 2) grid row and column of each unit
     n = len(x)
     size = torch.zeros(n, device=x.device, dtype=wdtype).index_add_(0, unit_rows, torch.ones_like(unit_rows, dtype=wdtype))
-    units = torch.cat([torch.cat(list(metrics)).to(wdtype), place.repeat(len(steps), 1).to(wdtype)], -1)
+    units = torch.cat([metric.to(wdtype), place.repeat(len(steps), 1).to(wdtype)], -1)
     both = torch.zeros(n, units.shape[1], device=x.device, dtype=wdtype).index_add_(0, unit_rows, units)
     both = torch.cat([x.to(wdtype), both / size[:, None]], -1)  # [feature | mean metric | mean place]
     D = x.shape[1]
