@@ -18,6 +18,12 @@ the LLM's prefill FLOP ratio (projections and MLP on compact rows, attention on 
 length). The tower runs in full in every mode (DyMU on Qwen merges after it), so the whole
 forward gains less than the LLM.
 
+``--windows`` instead times the rounds alone on one very large image (the photo ``--images[0]``
+resized to ``--large`` px, 16 384 units at 3584 px; each unit's metric and feature are its 28 x 28
+x 3 pixels, so no tower runs), matching on the whole image against inside W x W blocks of units:
+rounds time, the largest score matrix, and the tokens kept at the same thresholds (calibrated on
+the whole image to the first ``--keep`` share).
+
 ``--metrics`` instead compares the rounds' similarity metrics (``vlm.qwen.METRICS``), each
 calibrated to the first ``--keep`` share: per photo, the tokens kept, the relative error of the
 unit features the LLM gets back (each unit's merged feature against its own vanilla feature,
@@ -32,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--images", nargs="+", default=["chelsea", "rocket", "grace_hopper"])
     p.add_argument("--metrics", action="store_true", help="compare the rounds' similarity metrics instead")
+    p.add_argument("--windows", type=int, nargs="*", help="time windowed matching with these block sides instead")
+    p.add_argument("--large", type=int, default=3584, help="--windows: the large image's longest side, px")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.windows is not None:
+        return compare_windows(args)
     loaded = vlm.load_vlm("Qwen/Qwen2.5-VL-7B-Instruct", "random", args.device, torch.float32,
                           vision_layers=args.vision_layers, text_layers=4, text_width=1024)
     model, processor = loaded.model, loaded.processor
@@ -148,6 +159,41 @@ def compare_metrics(model, processor, photos: dict, args, weights: str) -> int:
     lines += [f"| {r['metric']} | {r['image']} | {r['units']} | {r['tokens']} | {r['feature_error']:.3f} | "
               f"{r['seconds']:.2f} |" for r in rows]
     publish("qwen_metric", args.device, {"rows": rows, "weights": weights, "args": vars(args)}, "\n".join(lines))
+    return 0
+
+
+def compare_windows(args) -> int:
+    from dymu_viz.vlm.qwen import calibration_rounds, concat_steps, padded_units, unit_rounds, window_order
+
+    image = resized(dymu_viz.sample_photos()[args.images[0]], args.large)
+    h, w = image.height // 28, image.width // 28
+    pixels = torch.from_numpy(np.asarray(image.crop((0, 0, 28 * w, 28 * h)))).float() / 255  # (28 h, 28 w, 3)
+    units = pixels.view(h, 28, w, 28, 3).permute(0, 2, 1, 3, 4).reshape(h * w, -1).to(args.device)  # (U, 2352)
+    units = units - units.mean(0)  # centred, so cosine similarity compares content, not brightness
+    fraction = 1 - args.keep[0] ** (1 / args.rounds)
+    thresholds, _ = calibration_rounds(*padded_units([(units, units)]), fraction, args.rounds)
+    rows = []
+    for window in [None, *args.windows]:
+        order, sizes = window_order(h, w, window, units.device) if window else (torch.arange(h * w), [h * w])
+        pieces = [(p, p) for p in units[order].split(sizes)]
+        times = []
+        for rep in range(args.warmup + args.reps):
+            start = time.perf_counter()
+            x, size, groups = unit_rounds(*padded_units(pieces), [t if t is not None else float("inf") for t in thresholds])
+            kept = (size > 0).sum(-1).tolist()
+            tokens, _ = concat_steps([(x[b, :kept[b]], groups[b, :len(p)]) for b, (p, _) in enumerate(pieces)])
+            times.append(time.perf_counter() - start)
+        scores = (max(sizes) + 1) // 2 * (max(sizes) // 2)
+        rows.append({"window": window, "blocks": len(sizes), "tokens": len(tokens), "seconds": statistics.median(times[args.warmup:]),
+                     "largest_score_matrix_mib": len(sizes) * scores * 4 / 2 ** 20})
+    lines = [f"Rounds alone on {args.images[0]} at {args.large} px: {h} x {w} = {h * w} units (metric: each unit's "
+             f"pixels, 2352 values); {args.rounds} rounds at thresholds calibrated on the whole image to keep "
+             f"{args.keep[0]}; medians of {args.reps} reps", "",
+             "| window | blocks | tokens | rounds, s | time vs whole image | score matrices of round 1, MiB |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['window'] or 'whole image'} | {r['blocks']} | {r['tokens']} | {r['seconds']:.2f} | "
+              f"{r['seconds'] / rows[0]['seconds']:.2f} | {r['largest_score_matrix_mib']:.0f} |" for r in rows]
+    publish("qwen_windows", args.device, {"rows": rows, "args": vars(args)}, "\n".join(lines))
     return 0
 
 
