@@ -672,17 +672,12 @@ def test_calibrated_temporal_threshold_keeps_the_asked_share_and_patch_vlm_appli
     """calibrate_temporal: on its videos the share of tokens left after merging across time is
     at most ``keep`` and a slightly higher threshold leaves more; the saved thresholds carry it
     into patch_vlm. A share below what neighbouring cells allow is refused."""
-    import numpy as np
-
     from dymu_viz.vlm.qwen import calibrate_rounds, calibrate_temporal
+    from temporal_worker import clips
 
     model, processor = tiny_qwen("2.5")
     rounds = calibrate_rounds(model, processor, photos(3), keep=0.5, rounds=2, progress=False)
-    rng = np.random.default_rng(2)
-    still = np.repeat(rng.integers(0, 255, (1, 84, 112, 3), dtype=np.uint8), 6, 0)
-    drifting = np.stack([np.roll(still[0], 14 * k, axis=1) for k in range(6)])  # a pan: the scene moves one patch
-    noisy = (still.astype(int) + rng.integers(-40, 40, still.shape)).clip(0, 255).astype(np.uint8)
-    videos = [still, drifting, noisy]
+    videos = clips()  # still, a pan, still with noise
     calibrated = calibrate_temporal(model, processor, videos, rounds, keep=0.6, progress=False)
     tau = calibrated.metadata["temporal"]
     assert calibrated.values == rounds.values and -1.0 <= tau < 1.0
@@ -741,3 +736,25 @@ def test_windowed_rounds_never_merge_across_windows_and_a_wide_window_is_the_who
     assert model.dymu_vlm.window == 4
     with pytest.raises(ValueError, match="at least 2 units"):
         vlm.patch_vlm(model, [0.5], window=1)
+
+
+def test_calibrate_temporal_under_torchrun_equals_one_process(tmp_path) -> None:
+    """Three clips over 2 processes (one encodes two, the other one): the counts are summed, so
+    the bisection lands on exactly the same threshold as one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    worker = str(here / "temporal_worker.py")
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one.json")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          worker, str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["temporal"] for n in ("one", "two"))
+    assert a == b and -1.0 < a < 1.0

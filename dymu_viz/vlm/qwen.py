@@ -9,6 +9,10 @@ padded batch of images of any sizes. The similarity metric is the pre-RoPE keys 
 full-attention ViT block, averaged over heads and concatenated over the unit's four patches;
 merged tokens carry the size-weighted mean of both features and metric into the next round.
 
+Options: the metric (``METRICS``), restricted matching inside windows of units for very large
+images (``window_order``), and for videos, after each time step's rounds, merging across
+neighbouring time steps (``merge_time_steps``, threshold from ``calibrate_temporal``).
+
 The virtual sequence is the one vanilla HF builds: every unit at its own (t, h, w) position
 from the model's ``get_rope_index``; text after an image continues at max + 1 (HF's rule).
 """
@@ -215,7 +219,8 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
     values, counts = mean_thresholds(per_batch, rounds)
     r = [round(m / used) for m in merged]  # mean merges per image and round, on these images
     return Thresholds(values, r, model=type(model).__name__, schedule="constant",
-                      metadata={"kind": ROUNDS_KIND, "metric": metric, "window": window, "keep": keep, "merge_fraction": fraction, "n_images": used,
+                      metadata={"kind": ROUNDS_KIND, "metric": metric, "window": window, "keep": keep,
+                                "merge_fraction": fraction, "n_images": used,
                                 "n_batches": len(per_batch), "batches_per_round": counts,
                                 "failures": [[i, e] for i, e in failures]})
 
