@@ -349,3 +349,21 @@ def test_load_vlm_dtype_and_placement() -> None:
         vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1, device_map="auto")
     with pytest.raises(ValueError, match="not both"):
         vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", device="cpu", device_map="auto")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["vtu", "compact"])
+def test_a_generated_image_token_is_an_ordinary_token_as_in_hf(family: str, mode: str) -> None:
+    """A model may generate the <image> token; vanilla HF embeds it like any token in the next
+    decode step (no pixels come with it), so the patched model must too (it raised before)."""
+    from tiny_models import forcing_token
+
+    model, processor = tiny_vlm(family)
+    inputs = batch(processor, model)
+    image_token = model.config.image_token_id
+    kw = dict(max_new_tokens=5, do_sample=False,
+              logits_processor=forcing_token(image_token, inputs["input_ids"].shape[1] + 1))
+    reference = model.generate(**inputs, **kw)
+    assert (reference[:, inputs["input_ids"].shape[1] + 1] == image_token).all()
+    vlm.patch_vlm(model, None, mode=mode)
+    assert torch.equal(model.generate(**inputs, **kw), reference)

@@ -758,3 +758,20 @@ def test_calibrate_temporal_under_torchrun_equals_one_process(tmp_path) -> None:
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["temporal"] for n in ("one", "two"))
     assert a == b and -1.0 < a < 1.0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_generated_image_token_is_an_ordinary_token_as_in_hf(version: str) -> None:
+    """Vanilla HF embeds a generated <|image_pad|> like any token (no pixels come with it, and
+    M-RoPE continues at the next position); the patched model too, in both modes."""
+    from tiny_models import forcing_token
+
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor)
+    length = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=5, do_sample=False, logits_processor=forcing_token(model.config.image_token_id, length + 1))
+    reference = model.generate(**inputs, **kw)
+    assert (reference[:, length + 1] == model.config.image_token_id).all()
+    for mode in ("vtu", "compact"):
+        vlm.patch_vlm(model, None, mode=mode)
+        assert torch.equal(model.generate(**inputs, **kw), reference), mode

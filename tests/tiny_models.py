@@ -160,20 +160,21 @@ TINY_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 
 
 def tiny_vlm(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0,
-             vision_layers: int = 3) -> tuple[nn.Module, Any]:
-    """(model, processor) for family "llava" or "onevision": a 56 px tower (16 patches), a
-    2-layer GQA decoder, and a real HF processor whose stand-in tokenizer sizes the vocabulary."""
+             vision_layers: int = 3, patch_size: int = 14) -> tuple[nn.Module, Any]:
+    """(model, processor) for family "llava" or "onevision": a 56 px tower (16 patches of 14 px,
+    64 of 7 px), a 2-layer GQA decoder, and a real HF processor whose stand-in tokenizer sizes
+    the vocabulary."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
                               SiglipVisionConfig)
     from dymu_viz.vlm.standin import standin_processor
 
     llava = family == "llava"
-    processor = standin_processor(family, 56, 14, "default" if llava else "full",
+    processor = standin_processor(family, 56, patch_size, "default" if llava else "full",
                                   None if llava else TINY_PINPOINTS, None if llava else "anyres_max_9")
     tok = processor.tokenizer
     text = dict(TINY_VLM_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    vision = dict(TINY_VLM_VISION, num_hidden_layers=vision_layers)
+    vision = dict(TINY_VLM_VISION, num_hidden_layers=vision_layers, patch_size=patch_size)
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"))
     _seeded(seed)
     if llava:
@@ -238,3 +239,19 @@ def check_half_precision(model: nn.Module, inputs: dict, dtype: torch.dtype) -> 
     valid = inputs["attention_mask"].bool()
     assert torch.isfinite(half).all()
     assert float((half[valid].float() - full[valid]).abs().max()) < (0.02 if dtype == torch.bfloat16 else 0.003)
+
+
+def forcing_token(token: int, at_length: int) -> Any:
+    """generate(logits_processor=...) that forces ``token`` when the sequence is ``at_length``
+    long (every row), e.g. an <image> token a model might generate."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceToken(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if input_ids.shape[1] != at_length:
+                return scores
+            forced = torch.full_like(scores, -1e9)
+            forced[:, token] = 0
+            return forced
+
+    return LogitsProcessorList([ForceToken()])

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..patch import encode, get_state
+from .baselines import Pool, pool_patches
 
 
 @dataclass
@@ -57,10 +58,24 @@ def tower_features(model: nn.Module, pixels: Tensor) -> ImageSegments:
     blocks = layer % (depth + 1)  # hidden state `layer` is the output of this many blocks
     result = encode(tower, pixels.to(next(tower.parameters()).dtype), blocks=blocks)
     hidden, groups, sizes = result.tokens, result.groups, result.sizes  # the last block run is the one read
+    state = model.__dict__.get("dymu_vlm")
+    if state is not None and state.pool is not None:  # the pooling baseline (the tower merged nothing)
+        hidden, groups, sizes = pooled_tower_output(hidden, get_state(tower).adapter.protected, state.pool)
     first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
     projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
     counts = ((sizes > 0).sum(-1) - first).tolist()
     return [(projected[b, :n], groups[b, first:] - first) for b, n in enumerate(counts)]
+
+
+def pooled_tower_output(hidden: Tensor, lead: int, pool: Pool) -> tuple[Tensor, Tensor, Tensor]:
+    """The pooling baseline on an unmerged tower output (B, lead + side^2, C), ``lead`` CLS-like
+    tokens first: (B, lead + rows * cols, C) with the leading tokens kept, groups (B, lead +
+    side^2) and sizes (B, lead + rows * cols) in the encoder's conventions."""
+    cells, cell_of = pool_patches(hidden[:, lead:], pool.rows, pool.cols)
+    B, device = hidden.shape[0], hidden.device
+    groups = torch.cat([torch.arange(lead, device=device), cell_of + lead]).expand(B, -1)
+    sizes = torch.bincount(groups[0], minlength=lead + pool.rows * pool.cols).expand(B, -1)
+    return torch.cat([hidden[:, :lead], cells], 1), groups, sizes
 
 
 def llava_images(model: nn.Module, pixel_values: Tensor, **kwargs: object) -> list[ImageTokens]:

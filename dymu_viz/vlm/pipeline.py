@@ -35,6 +35,7 @@ from .. import classswap
 from ..patch import patch, unpatch
 from ..thresholds import Thresholds
 from ..vtu import VirtualLayout, VTUTrack, cache_bytes, find_decoder, patch_llm, unpatch_llm
+from .baselines import Baseline, Pool, ToMe, pool_groups
 from .cache import DyMUCache, GenerationState, adopt
 from .common import ImageTokens, llava_images
 from .onevision import onevision_images
@@ -67,6 +68,7 @@ class VLMState:
     unit_metric: str = "keys"
     temporal: Optional[float] = None
     window: Optional[int] = None
+    pool: Optional[Pool] = None  # the pooling baseline, applied to the tower's output patches
     last: list[dict[str, Any]] = field(default_factory=list)
     prompt_entries: int = 0  # compact cache entries (padded) after the last prompt forward
 
@@ -92,7 +94,7 @@ def _state(model: nn.Module) -> VLMState:
     return state
 
 
-def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, None] = None,
+def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, Baseline, None] = None,
               mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast",
               metric: Optional[str] = None, temporal: Optional[float] = None,
               window: Optional[int] = None) -> nn.Module:
@@ -106,11 +108,18 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     rounds (``qwen.merge_time_steps``; default: the one ``qwen.calibrate_temporal`` recorded in the
     thresholds, else None: every time step is merged on its own); window: restricted matching for
     large images, inside blocks of window x window units (``qwen.window_order``; default: the
-    calibrated one, else None: the whole image)."""
+    calibrated one, else None: the whole image). A ``baselines.ToMe`` or ``baselines.Pool`` in
+    place of the thresholds runs that matched-budget baseline through the same LLM path."""
     _images_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     rounds, unit_metric = None, unit_metric_of(thresholds, metric)
+    if isinstance(thresholds, (ToMe, Pool)):
+        if is_qwen(model):
+            raise ValueError("the matched-budget baselines (ToMe, Pool) are for LLaVA-1.5 / OneVision towers")
+        if isinstance(thresholds, Pool):  # a grid the tower's patches cannot be pooled to fails here, not later
+            vision = model.config.vision_config
+            pool_groups(vision.image_size // vision.patch_size, thresholds.rows, thresholds.cols, torch.device("cpu"))
     if is_qwen(model):
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
         if isinstance(thresholds, Thresholds):  # what calibrate_rounds / calibrate_temporal recorded
@@ -123,15 +132,19 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     elif metric is not None or temporal is not None or window is not None:
         raise ValueError("metric, temporal and window set Qwen2-VL's rounds after the PatchMerger; LLaVA towers "
                          "merge on their own keys, and their video input is not supported")
+    elif isinstance(thresholds, ToMe):
+        patch(model.model.vision_tower, None, r=None if mode == "full" else list(thresholds.r))
     else:
-        patch(model.model.vision_tower, None if mode == "full" else onevision_tower_thresholds(model, thresholds))
+        patch(model.model.vision_tower, None if mode == "full" or isinstance(thresholds, Pool)
+              else onevision_tower_thresholds(model, thresholds))
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:
         unpatch_llm(model.model.language_model)
     model.dymu_vlm = VLMState(mode, kernel, rounds, unit_metric,
                               None if mode == "full" or temporal is None else float(temporal),
-                              None if window is None else int(window))
+                              None if window is None else int(window),
+                              thresholds if isinstance(thresholds, Pool) and mode != "full" else None)
     if not classswap.is_swapped(model, "vlm"):
         classswap.swap_in(model, "vlm")
     return model
@@ -222,10 +235,11 @@ def _runs(flags: Tensor) -> list[tuple[int, int]]:
     return list(zip(edges.eq(1).nonzero().squeeze(1).tolist(), edges.eq(-1).nonzero().squeeze(1).tolist()))
 
 
-def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: list[ImageTokens],
+def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: Optional[list[ImageTokens]],
                   videos: Sequence[ImageTokens] = ()) -> Chunk:
     """Replace the image (and video) placeholders of input_ids (B, L) by the compact tokens of
-    ``images`` (``videos``), in order.
+    ``images`` (``videos``), in order (images None, or no videos: those placeholders are
+    ordinary tokens).
 
     Images are assigned to placeholders as HF does (row by row, left to right); each takes as
     many placeholders as it has virtual positions (the processor's expansion), or a single
@@ -234,7 +248,7 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: lis
     B, L = input_ids.shape
     device = input_ids.device
     text = model.get_input_embeddings()(input_ids)  # (B, L, D); placeholder rows are replaced
-    media = {model.config.image_token_id: ("image", images)}
+    media = {} if images is None else {model.config.image_token_id: ("image", images)}
     if videos:
         media[model.config.video_token_id] = ("video", videos)
     feeds = {token: iter(enumerate(items)) for token, (_, items) in media.items()}
@@ -243,7 +257,7 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, images: lis
     for b in range(B):
         valid = mask[b].bool()
         placeholders = {token: (input_ids[b] == token) & valid for token in media}
-        is_image = torch.stack(list(placeholders.values())).any(0)
+        is_image = torch.stack(list(placeholders.values())).any(0) if placeholders else torch.zeros_like(valid)
         runs = sorted((begin, end, token) for token, flags in placeholders.items() for begin, end in _runs(flags))
         feats, slots, n, cursor = [], [], 0, 0
         acc = _row_accounting()
@@ -428,9 +442,15 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     videos = [] if videos_in is None else qwen_images(self, videos_in, a.get("video_grid_thw"), state.unit_thresholds,
                                                       video=True, metric=state.unit_metric, temporal=state.temporal,
                                                       window=state.window)
+    # In a later call of a generation (a cache holds the prompt) placeholders that come with no
+    # pixels are ordinary tokens, as in vanilla HF (a model may generate one); in a prompt they
+    # mean a missing image, an error.
+    continuing = gen.n_compact > 0
+    placeholders_are_text = pixel_values is None and continuing
     plain = pixel_values is None and videos_in is None and bool(mask.all()) and \
-        not bool((input_ids == self.config.image_token_id).any())
-    chunk = plain_chunk(self, input_ids) if plain else compact_chunk(self, input_ids, mask, images, videos)
+        (placeholders_are_text or not bool((input_ids == self.config.image_token_id).any()))
+    chunk = plain_chunk(self, input_ids) if plain else \
+        compact_chunk(self, input_ids, mask, None if placeholders_are_text else images, videos)
 
     first_row, P = gen.n_compact, chunk.mask.shape[1]
     gen.compact_mask = torch.cat([gen.compact_mask, chunk.mask], 1)

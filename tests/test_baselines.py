@@ -1,0 +1,117 @@
+"""Matched-budget baselines (``dymu_viz.vlm.baselines``) on tiny random LLaVA-1.5 and
+LLaVA-OneVision with 7 px patches (an 8 x 8 grid per crop): pooling equals ``avg_pool2d`` of the
+tower output, ToMe gives every crop one count, identity settings equal the unpatched model in
+every mode, and the budget search lands within 5 % of a DyMU run's mean count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dymu_viz import sample_photos, vlm
+from dymu_viz.vlm.baselines import Pool, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups, tome_r
+from tiny_models import VLM_QUESTIONS, tiny_qwen, tiny_vlm
+
+FAMILIES = ["llava", "onevision"]
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def photos() -> list:
+    return list(sample_photos().values())
+
+
+def prompts(processor, n: int) -> dict:
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                           add_generation_prompt=True) for q in VLM_QUESTIONS[:n]]
+    return dict(processor(images=photos()[:n], text=texts, return_tensors="pt", padding=True))
+
+
+def tower_output(model, pixel_values):
+    """The unpatched tower's hidden state at vision_feature_layer, patches only: (B, 8, 8, C)."""
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    patches = hidden[:, 1:] if model.config.vision_feature_select_strategy == "default" else hidden
+    return patches.reshape(len(hidden), 8, 8, -1)
+
+
+@pytest.mark.parametrize("cells", [4, 2])
+def test_pooled_features_equal_avg_pool2d_of_the_tower_output(cells: int) -> None:
+    model, processor = tiny_vlm("llava", patch_size=7)
+    pixels = processor.image_processor(images=photos()[:3], return_tensors="pt")["pixel_values"]
+    grid = tower_output(model, pixels).permute(0, 3, 1, 2)  # (B, C, 8, 8)
+    expected = model.model.multi_modal_projector(F.avg_pool2d(grid, 8 // cells).flatten(2).transpose(1, 2))
+    vlm.patch_vlm(model, Pool(cells, cells))
+    tokens = vlm.pipeline.llava_images(model, pixels)
+    for b, image in enumerate(tokens):
+        assert torch.allclose(image.features, expected[b], atol=1e-5, rtol=0)
+        assert torch.equal(image.mapping, pool_groups(8, cells, cells, torch.device("cpu")))
+
+
+def test_uneven_pooling_cells_and_the_grid_list() -> None:
+    assert pool_groups(8, 3, 3, torch.device("cpu")).view(8, 8)[:, 0].tolist() == [0, 0, 0, 3, 3, 3, 6, 6]
+    assert torch.bincount(pool_groups(8, 3, 3, torch.device("cpu"))).tolist() == [9, 9, 6, 9, 9, 6, 6, 6, 4]
+    grids = pool_grids(24)
+    counts = [r * c for r, c in grids]
+    assert grids[0] == (24, 24) and grids[-1] == (1, 1) and counts == sorted(counts, reverse=True)
+    assert all(max(r, c) <= 1.5 * min(r, c) or abs(r - c) <= 1 for r, c in grids)
+    assert tome_r(7, 2, 3) == (4, 3, 0) and sum(tome_r(100, 23, 24)) == 100
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["vtu", "compact"])
+def test_identity_baselines_equal_the_unpatched_model(family: str, mode: str) -> None:
+    """One patch per cell, or r = 0: the baselines' path with nothing merged is vanilla HF."""
+    model, processor = tiny_vlm(family, patch_size=7)
+    inputs = prompts(processor, 3)
+    reference = model(**inputs).logits
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    valid = inputs["attention_mask"].bool()
+    for baseline in (Pool(8, 8), ToMe((0, 0, 0))):
+        vlm.patch_vlm(model, baseline, mode=mode)
+        assert (model(**inputs).logits - reference)[valid].abs().max() <= 1e-5, baseline
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens), baseline
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_baselines_generate_with_their_counts_in_the_accounting(family: str) -> None:
+    model, processor = tiny_vlm(family, patch_size=7)
+    inputs = prompts(processor, 3)
+    vlm.patch_vlm(model, ToMe(tome_r(20, model.config.vision_feature_layer % 4, 3)))
+    model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    crops = [a["crop_tokens"] for a in model.dymu_vlm.last]
+    assert all(count == 64 - 20 for per_image in crops for count in per_image)  # one count for every crop
+    vlm.patch_vlm(model, Pool(3, 4), mode="compact")
+    model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert all(count == 12 for a in model.dymu_vlm.last for count in a["crop_tokens"])
+    images = vlm.pipeline._images_of(model)(model, inputs["pixel_values"], image_sizes=inputs.get("image_sizes"))
+    assert [a["image_tokens"] for a in model.dymu_vlm.last] == [len(t.features) for t in images]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matched_budget_lands_within_five_percent_of_dymu(family: str) -> None:
+    model, processor = tiny_vlm(family, patch_size=7)
+    vlm.patch_vlm(model, 0.9)
+    target = mean_image_tokens(model, processor, photos())
+    assert 0.3 < target / mean_tokens_unmerged(model, processor) < 0.9  # DyMU merged, not everything
+    for kind in ("tome", "pool"):
+        baseline = match_budget(model, processor, photos(), target, kind, mode="compact")
+        assert abs(baseline.measured / target - 1) <= 0.05, (kind, baseline)
+        assert model.dymu_vlm.mode == "compact" and mean_image_tokens(model, processor, photos()) == baseline.measured
+
+
+def mean_tokens_unmerged(model, processor) -> float:
+    vlm.patch_vlm(model, None)
+    unmerged = mean_image_tokens(model, processor, photos())
+    vlm.patch_vlm(model, 0.9)
+    return unmerged
+
+
+def test_clear_errors() -> None:
+    model, processor = tiny_vlm("llava", patch_size=7)
+    with pytest.raises(ValueError, match="cannot pool a 8 x 8 patch grid to 9 x 9"):
+        vlm.patch_vlm(model, Pool(9, 9))
+    with pytest.raises(ValueError, match="unknown baseline"):
+        match_budget(model, processor, photos()[:1], 10, "random")
+    qwen, _ = tiny_qwen("2.5")
+    with pytest.raises(ValueError, match="LLaVA-1.5 / OneVision"):
+        vlm.patch_vlm(qwen, Pool(2, 2))
