@@ -43,10 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import parser, publish  # noqa: E402
-from vlm import prefill_flops  # noqa: E402
 
 import dymu_viz  # noqa: E402
 from dymu_viz import vlm  # noqa: E402
+from dymu_viz.vlm.costs import llm_prefill_flops  # noqa: E402
 
 
 def resized(image, side: int):
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             acc = accounting[label]
             ratio = lambda i: statistics.median(t[i] / v[i] for t, v in zip(times[label], times["vanilla"]))  # noqa: E731
             attended = acc["llm_compact_length"] if mode == "compact" else acc["llm_virtual_length"]
-            flops = prefill_flops(acc["llm_compact_length"], attended, cfg)
+            flops = llm_prefill_flops(cfg, acc["llm_compact_length"], attended)
             vanilla_length = accounting["full"]["llm_virtual_length"]
             row[label] = {"tokens": acc["image_tokens"], "forward": ratio(0), "llm": ratio(1),
-                          "llm_flops": flops / prefill_flops(vanilla_length, vanilla_length, cfg)}
+                          "llm_flops": flops / llm_prefill_flops(cfg, vanilla_length, vanilla_length)}
         row["vanilla_seconds"] = {"forward": statistics.median(t[0] for t in times["vanilla"]),
                                   "llm": statistics.median(t[1] for t in times["vanilla"])}
         rows.append(row)

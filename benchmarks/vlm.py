@@ -51,6 +51,7 @@ from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaMod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, parser, publish  # noqa: E402
 
+from dymu_viz.vlm.costs import llm_prefill_flops  # noqa: E402
 from dymu_viz.vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm  # noqa: E402
 
 SHAPES = {
@@ -63,14 +64,6 @@ BEFORE, IMAGE, AFTER = 40, 576, 20
 LEVELS = (576, 394, 195, 89)
 MODES = ("full", "vtu", "vtu_fast", "compact", "flop_equivalent")
 FLOP_EQUIVALENT = "dymu_flop_equivalent"
-
-
-def prefill_flops(n_compact: int, n_virtual: int, cfg: LlamaConfig) -> float:
-    """Decoder prefill FLOPs: projections / MLP on n_compact rows, attention on n_virtual."""
-    d, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    linear = 2 * n_compact * (2 * d * d + 2 * d * kv + 3 * d * cfg.intermediate_size)
-    attention = 2 * 2 * n_virtual * n_virtual * d
-    return cfg.num_hidden_layers * (linear + attention)
 
 
 def mapping(n_image: int, seed: int = 0) -> torch.Tensor:
@@ -222,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[mode].append(t)
         if args.memory and args.device == "cpu":
             peak = cpu_memory(args.shape, n)
-        bound = prefill_flops(BEFORE + n + AFTER, virtual, cfg) / prefill_flops(virtual, virtual, cfg)
+        bound = llm_prefill_flops(cfg, BEFORE + n + AFTER, virtual) / llm_prefill_flops(cfg, virtual, virtual)
         row = {"image_tokens": n, "compact": BEFORE + n + AFTER, "virtual": virtual,
                "seconds": {k: statistics.median(v) for k, v in times.items()},
                "vtu_time_ratio": paired(times, "vtu"), "vtu_fast_time_ratio": paired(times, "vtu_fast"),

@@ -436,6 +436,34 @@ def plot_vlm_accounting(accounting: Union[Accounting, Mapping[str, Accounting]],
     return ax
 
 
+def plot_stage_costs(rows: Sequence[Mapping[str, Any]], reference: str = "full", ax: Optional[Axes] = None) -> Axes:
+    """Where the time goes (``vlm.costs.stage_costs`` rows, each with a ``setting`` and maybe a
+    ``sample`` key): one stacked bar per row, vision / LLM prefill / decode seconds, labelled
+    "sample · setting"; a row slower than the ``reference`` setting on its sample is marked
+    "SLOWER than full" in red."""
+    ax = new_axes(ax, (6.5, 1.1 + 0.32 * len(rows)))
+    full = {r.get("sample"): r["total_s"] for r in rows if r["setting"] == reference}
+    y = np.arange(len(rows))
+    left = np.zeros(len(rows))
+    for stage, color in zip(("vision", "prefill", "decode"), ("tab:orange", "tab:blue", "tab:green")):
+        seconds = np.array([r[f"{stage}_s"] for r in rows])
+        ax.barh(y, seconds, left=left, color=color, label=f"{stage} s")
+        left += seconds
+    for yi, r in zip(y, rows):
+        base = full.get(r.get("sample"))
+        slower = base is not None and r["total_s"] > base
+        note = f" {r['total_s']:.3g} s" + (f" ({r['total_s'] / base:.2f}x)" if base else "") + (
+            " SLOWER than full" if slower else "")
+        ax.text(r["total_s"], yi, note, va="center", fontsize=7, color="tab:red" if slower else "k")
+    labels = [" · ".join(str(x) for x in (r.get("sample"), r["setting"]) if x is not None) for r in rows]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, left.max() * 1.6)
+    ax.set_xlabel("seconds")
+    legend_above(ax)
+    return ax
+
+
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     """A figure as PNG bytes (for image widgets and files)."""
     buffer = io.BytesIO()

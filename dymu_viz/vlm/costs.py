@@ -1,0 +1,157 @@
+"""Where a VLM's time goes, stage by stage, for one sample at a time.
+
+Stages of ``model.generate`` on one prompt:
+
+* vision: the first forward minus its LLM call (tower, merging or pooling, splicing);
+* prefill: the LLM in the first forward;
+* decode: every later forward (one new token each).
+
+Wall time comes from CUDA events on a GPU and ``perf_counter`` on a CPU, with warm-up runs
+first. FLOPs by stage are computed from the counts the run measured: the tower's tokens per block
+and the LLM's compact and attended lengths. Peak memory is reported on CUDA only. The same code
+measures full, DyMU and the matched-budget baselines, because each of them is a setting of
+``patch_vlm``.
+
+    rows = [stage_costs(model, one_sample) | {"setting": label} for label in ...]
+    print(cost_table(rows))          # flags any setting slower than "full"
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..patch import get_state
+from ..stats import encoder_flops
+
+STAGES = ("vision", "prefill", "decode")
+
+
+def llm_prefill_flops(cfg: Any, n_compact: int, n_attended: int) -> float:
+    """Decoder prefill FLOPs: projections and MLP on ``n_compact`` rows, attention scores and
+    values over ``n_attended`` positions (the virtual length under VTU). Multiply-adds count 2."""
+    d = cfg.hidden_size
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
+    linear = 2 * n_compact * (2 * d * d + 2 * d * kv + 3 * d * cfg.intermediate_size)
+    attention = 2 * 2 * n_attended * n_attended * d
+    return cfg.num_hidden_layers * (linear + attention)
+
+
+def llm_decode_flops(cfg: Any, steps: int, n_attended: int) -> float:
+    """Decode FLOPs of ``steps`` new tokens after a prompt attended over ``n_attended``
+    positions: one row of projections and MLP per step, attention over the growing cache."""
+    one_row = llm_prefill_flops(cfg, 1, 0)
+    attention = sum(2 * 2 * (n_attended + k + 1) * cfg.hidden_size for k in range(steps))
+    return steps * one_row + cfg.num_hidden_layers * attention
+
+
+def tower_flops(model: nn.Module) -> Optional[float]:
+    """FLOPs of the tower's last run, from its measured tokens after every block, summed over
+    crops (LLaVA-1.5 / OneVision: the patched DToMe tower); None when the tower kept no record."""
+    state = get_state(model.model.vision_tower)
+    if state is None or state.last is None:
+        return None
+    vision = model.config.vision_config
+    return sum(encoder_flops(row, vision.hidden_size, vision.intermediate_size) for row in state.last.counts.tolist())
+
+
+class _Clock:
+    """Start / stop marks: CUDA events on a GPU (read after one synchronize), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        return end - start
+
+
+def _timed_generate(model: nn.Module, inputs: dict, new_tokens: int, clock: _Clock) -> tuple[list[float], list[float]]:
+    """One generate of exactly ``new_tokens`` tokens: per forward, (whole forward, LLM) seconds."""
+    marks: dict[str, list[Any]] = {"model": [], "llm": []}
+
+    def opener(key: str):
+        return lambda module, args, kwargs: marks[key].append([clock.mark()])
+
+    def closer(key: str):
+        return lambda module, args, kwargs, out: marks[key][-1].append(clock.mark())
+
+    llm = model.model.language_model
+    hooks = [model.register_forward_pre_hook(opener("model"), with_kwargs=True),
+             model.register_forward_hook(closer("model"), with_kwargs=True),
+             llm.register_forward_pre_hook(opener("llm"), with_kwargs=True),
+             llm.register_forward_hook(closer("llm"), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    whole = [clock.seconds(a, b) for a, b in marks["model"]]
+    return whole, [clock.seconds(a, b) for a, b in marks["llm"]]
+
+
+def stage_costs(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, reps: int = 3) -> dict[str, Any]:
+    """Stage times (medians over ``reps`` generates, after ``warmup``), FLOPs and peak memory
+    of one sample (``inputs``: a processor output of batch 1) on the model as patched now
+    (``patch_vlm``; mode "full" for the unpatched numbers). Seconds per stage, the decode's per
+    token too; FLOPs per stage; token counts from the accounting."""
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("stage_costs measures one sample at a time: pass a batch of 1")
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 (one prefill and at least one decode step)")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    clock = _Clock(device)
+    for _ in range(warmup):
+        _timed_generate(model, inputs, new_tokens, clock)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = [_timed_generate(model, inputs, new_tokens, clock) for _ in range(reps)]
+    times = {"vision": [w[0] - l[0] for w, l in runs], "prefill": [l[0] for _, l in runs],
+             "decode": [sum(w[1:]) for w, _ in runs]}
+    acc = model.dymu_vlm.last[0]
+    cfg = model.config.get_text_config()
+    attended = acc["llm_virtual_length"]
+    row = {f"{stage}_s": statistics.median(values) for stage, values in times.items()}
+    row.update(decode_s_per_token=row["decode_s"] / (new_tokens - 1),
+               total_s=row["vision_s"] + row["prefill_s"] + row["decode_s"],
+               vision_flops=tower_flops(model),
+               prefill_flops=llm_prefill_flops(cfg, acc["llm_compact_length"], attended),
+               decode_flops=llm_decode_flops(cfg, new_tokens - 1, attended),
+               image_tokens=acc["image_tokens"], llm_compact_length=acc["llm_compact_length"],
+               llm_virtual_length=attended, mode=model.dymu_vlm.mode,
+               peak_mib=torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None)
+    return row
+
+
+def cost_table(rows: Sequence[dict[str, Any]], reference: str = "full") -> str:
+    """Markdown: one line per row (a ``setting`` key names it), times and FLOPs per stage, and
+    a flag on every setting whose total time exceeds the ``reference`` setting's on the same
+    sample (``sample`` key, if any)."""
+    full = {r.get("sample"): r["total_s"] for r in rows if r["setting"] == reference}
+    lines = ["| sample | setting | image tokens | vision s | prefill s | decode s/token | total s | "
+             "vision GFLOPs | prefill GFLOPs | decode GFLOPs | peak MiB | vs full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = full.get(r.get("sample"))
+        ratio = "" if base is None else f"{r['total_s'] / base:.2f}" + (" SLOWER" if r["total_s"] > base else "")
+        gflops = ["-" if r[f"{s}_flops"] is None else f"{r[f'{s}_flops'] / 1e9:.3g}" for s in STAGES]
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r.get('sample', '')} | {r['setting']} | {r['image_tokens']} | {r['vision_s']:.4f} | "
+                     f"{r['prefill_s']:.4f} | {r['decode_s_per_token']:.4f} | {r['total_s']:.4f} | "
+                     + " | ".join(gflops) + f" | {peak} | {ratio} |")
+    return "\n".join(lines)
