@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dymu_viz import sample_photos, vlm
 from dymu_viz.vlm.baselines import Pool, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups, tome_r
-from tiny_models import VLM_QUESTIONS, tiny_qwen, tiny_vlm
+from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, tiny_qwen, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -112,6 +112,19 @@ def test_clear_errors() -> None:
         vlm.patch_vlm(model, Pool(9, 9))
     with pytest.raises(ValueError, match="unknown baseline"):
         match_budget(model, processor, photos()[:1], 10, "random")
+    with pytest.raises(ValueError, match="merges nothing"):
+        match_budget(model, processor, photos()[:1], 10, "pool", mode="full")
     qwen, _ = tiny_qwen("2.5")
     with pytest.raises(ValueError, match="LLaVA-1.5 / OneVision"):
         vlm.patch_vlm(qwen, Pool(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["vtu", "compact"])
+def test_merging_baselines_are_causal_in_a_padded_batch(family: str, mode: str) -> None:
+    model, processor = tiny_vlm(family, patch_size=7)
+    inputs = prompts(processor, 3)
+    assert (inputs["attention_mask"] == 0).any()
+    for baseline in (Pool(2, 2), ToMe(tome_r(30, model.config.vision_feature_layer % 4, 3))):
+        vlm.patch_vlm(model, baseline, mode=mode)
+        check_causal_and_cached_decode(model, inputs)

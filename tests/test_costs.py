@@ -36,7 +36,7 @@ def test_stage_costs_follow_the_measured_counts(family: str) -> None:
         assert all(row[f"{s}_s"] > 0 for s in ("vision", "prefill", "decode"))
         assert row["total_s"] == pytest.approx(row["vision_s"] + row["prefill_s"] + row["decode_s"])
         assert row["decode_s_per_token"] == pytest.approx(row["decode_s"] / 3)
-        assert row["prefill_flops"] == llm_prefill_flops(cfg, row["llm_compact_length"], row["llm_virtual_length"])
+        assert row["prefill_flops"] == llm_prefill_flops(cfg, row["llm_compact_length"], row["llm_virtual_length"], 1)
         assert row["decode_flops"] == llm_decode_flops(cfg, 3, row["llm_virtual_length"])
         assert row["peak_mib"] is None  # CPU: no peak-memory figure rather than a wrong one
     full, dymu, pool = rows["full"], rows["dymu"], rows["pool"]
@@ -54,12 +54,15 @@ def test_stage_costs_follow_the_measured_counts(family: str) -> None:
 def test_flops_formulas_by_hand() -> None:
     from types import SimpleNamespace
 
+    # 2 heads of 4 (q width 8), 1 KV head (width 4), MLP 16, vocabulary 50, 3 layers
     cfg = SimpleNamespace(hidden_size=8, num_key_value_heads=1, num_attention_heads=2, intermediate_size=16,
-                          num_hidden_layers=3)
-    linear = 2 * 10 * (2 * 64 + 2 * 8 * 4 + 3 * 8 * 16)
-    assert llm_prefill_flops(cfg, 10, 20) == 3 * (linear + 4 * 400 * 8)
-    one = llm_prefill_flops(cfg, 1, 0)
-    assert llm_decode_flops(cfg, 2, 20) == 2 * one + 3 * 4 * 8 * (21 + 22)
+                          num_hidden_layers=3, vocab_size=50)
+    per_row = 2 * (8 * 8 + 8 * 8 + 8 * 4 + 8 * 4 + 3 * 8 * 16)  # q, o, k, v, gate / up / down
+    assert per_row == 1152
+    assert llm_prefill_flops(cfg, 10, 20) == 3 * (10 * 1152 + 2 * 2 * 20 * 20 * 8)
+    assert llm_prefill_flops(cfg, 10, 20, logits=1) == llm_prefill_flops(cfg, 10, 20) + 2 * 8 * 50
+    step = 3 * 1152 + 2 * 8 * 50  # one row through every layer, then the LM head
+    assert llm_decode_flops(cfg, 2, 20) == 2 * step + 3 * 2 * 2 * 8 * (21 + 22)
 
 
 def test_cost_table_flags_a_setting_slower_than_full() -> None:
@@ -88,3 +91,16 @@ def test_stage_cost_plot_stacks_the_stages_and_marks_slower_settings() -> None:
     notes = [t.get_text() for t in ax.texts]
     assert "SLOWER" in notes[2] and not any("SLOWER" in n for n in notes[:2])
     assert [t.get_text() for t in ax.get_yticklabels()] == ["cat · full", "cat · dymu", "cat · tome"]
+
+
+def test_stage_costs_on_qwen_report_no_tower_flops() -> None:
+    from tiny_models import tiny_qwen
+
+    model, processor = tiny_qwen("2.5")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                        {"type": "text", "text": VLM_QUESTIONS[0]}]}],
+                                         add_generation_prompt=True)
+    inputs = dict(processor(images=[sample_photos(["rocket"])["rocket"]], text=[text], return_tensors="pt"))
+    vlm.patch_vlm(model, [0.5] * 2)
+    row = stage_costs(model, inputs, new_tokens=2, warmup=0, reps=1)
+    assert row["vision_flops"] is None and row["image_tokens"] < row["llm_virtual_length"]

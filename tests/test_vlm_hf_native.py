@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
-from tiny_models import VLM_QUESTIONS, check_half_precision, tiny_vlm
+from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, check_half_precision, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
 QUESTIONS = VLM_QUESTIONS
@@ -367,3 +367,15 @@ def test_a_generated_image_token_is_an_ordinary_token_as_in_hf(family: str, mode
     assert (reference[:, inputs["input_ids"].shape[1] + 1] == image_token).all()
     vlm.patch_vlm(model, None, mode=mode)
     assert torch.equal(model.generate(**inputs, **kw), reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_mode_with_merging_is_causal_in_a_padded_batch(family: str) -> None:
+    """Compact mode with merging in a left-padded batch is causal and its cached generation equals
+    recomputation. (HF's mask functions placed the queries after the cache's *input* length, so
+    queries saw later tokens; unpadded batches skip the mask and hid it.)"""
+    model, processor = tiny_vlm(family)
+    inputs = batch(processor, model)
+    assert (inputs["attention_mask"] == 0).any()
+    vlm.patch_vlm(model, 0.3, mode="compact")
+    check_causal_and_cached_decode(model, inputs)

@@ -17,7 +17,7 @@ from dymu_viz import Thresholds, vlm
 from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.merge import merge_tokens
 from dymu_viz.vlm.qwen import padded_units, tower_units, unit_rounds
-from tiny_models import VLM_QUESTIONS, check_half_precision, tiny_qwen, tiny_vlm
+from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, check_half_precision, tiny_qwen, tiny_vlm
 
 VERSIONS = ["2", "2.5"]
 QUESTIONS = VLM_QUESTIONS
@@ -697,6 +697,8 @@ def test_calibrated_temporal_threshold_keeps_the_asked_share_and_patch_vlm_appli
     assert model.dymu_vlm.temporal == tau
     with pytest.raises(ValueError, match="cannot be reached"):
         calibrate_temporal(model, processor, videos[:1], rounds, keep=0.05, progress=False)
+    everything = calibrate_temporal(model, processor, videos, rounds, keep=1.0, progress=False)
+    assert share(everything.metadata["temporal"]) == 1.0  # keep = 1: not even identical steps merge
 
 
 def test_window_order_regroups_the_grid_block_by_block() -> None:
@@ -734,6 +736,8 @@ def test_windowed_rounds_never_merge_across_windows_and_a_wide_window_is_the_who
     assert calibrated.metadata["window"] == 4
     vlm.patch_vlm(model, calibrated)
     assert model.dymu_vlm.window == 4
+    with pytest.raises(ValueError, match="calibrated with window=4"):
+        vlm.patch_vlm(model, calibrated, window=8)
     with pytest.raises(ValueError, match="at least 2 units"):
         vlm.patch_vlm(model, [0.5], window=1)
 
@@ -775,3 +779,13 @@ def test_a_generated_image_token_is_an_ordinary_token_as_in_hf(version: str) -> 
     for mode in ("vtu", "compact"):
         vlm.patch_vlm(model, None, mode=mode)
         assert torch.equal(model.generate(**inputs, **kw), reference), mode
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("mode", ["compact", "vtu"])
+def test_merged_padded_batch_is_causal_and_cached_decode_equals_recomputation(version: str, mode: str) -> None:
+    model, processor = tiny_qwen(version)
+    inputs = batch(processor)  # three image sizes: left padding
+    assert (inputs["attention_mask"] == 0).any()
+    vlm.patch_vlm(model, [0.5] * 2, mode=mode)
+    check_causal_and_cached_decode(model, inputs)

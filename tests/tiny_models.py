@@ -255,3 +255,21 @@ def forcing_token(token: int, at_length: int) -> Any:
             return forced
 
     return LogitsProcessorList([ForceToken()])
+
+
+def check_causal_and_cached_decode(model: nn.Module, inputs: dict, atol: float = 1e-5) -> None:
+    """A padded batch through the patched model: appending tokens to every row leaves the logits
+    of the prompt's positions as they were (no query sees a later token), and cached
+    generation's last logits equal a recomputation of the whole sequence."""
+    prompt = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    extra = inputs["input_ids"][:, -3:]
+    longer = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
+              "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)}
+    assert (model(**longer).logits[:, :prompt.shape[1]] - prompt)[valid].abs().max() <= atol
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         suppress_tokens=[model.config.image_token_id])  # a recomputed prompt must not gain images
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1)
+    full = model(**{**inputs, "input_ids": out.sequences, "attention_mask": mask}).logits
+    assert torch.allclose(out.logits[-1], full[:, -2], atol=atol, rtol=0)

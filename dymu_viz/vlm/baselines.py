@@ -117,6 +117,8 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
 
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
+    if mode == "full":
+        raise ValueError('mode="full" merges nothing, so no budget can be matched; use "vtu" or "compact"')
     if is_qwen(model):
         raise ValueError("matched-budget baselines are for LLaVA-1.5 / OneVision towers")
     cfg = model.config

@@ -54,6 +54,11 @@ class DyMUCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.compact_length() + self.dymu.offset
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Where HF's mask functions place a forward's first query among the cached entries: after
+        the compact entries (``get_seq_length`` counts input positions, for ``generate``)."""
+        return self.compact_length()
+
     def compact_length(self) -> int:
         """Compact tokens held per row (the values' length: with VTU's decode-fast policy the keys
         are held per virtual slot)."""

@@ -31,28 +31,34 @@ from ..stats import encoder_flops
 STAGES = ("vision", "prefill", "decode")
 
 
-def llm_prefill_flops(cfg: Any, n_compact: int, n_attended: int) -> float:
+def llm_prefill_flops(cfg: Any, n_compact: int, n_attended: int, logits: int = 0) -> float:
     """Decoder prefill FLOPs: projections and MLP on ``n_compact`` rows, attention scores and
-    values over ``n_attended`` positions (the virtual length under VTU). Multiply-adds count 2."""
+    values over ``n_attended`` positions (the virtual length under VTU), and the LM head on
+    ``logits`` rows (``generate`` computes the last one only). Multiply-adds count 2; norms,
+    softmax and the vision projector are left out."""
     d = cfg.hidden_size
-    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
-    linear = 2 * n_compact * (2 * d * d + 2 * d * kv + 3 * d * cfg.intermediate_size)
-    attention = 2 * 2 * n_attended * n_attended * d
-    return cfg.num_hidden_layers * (linear + attention)
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    linear = 2 * n_compact * (2 * d * q + 2 * d * kv + 3 * d * cfg.intermediate_size)
+    attention = 2 * 2 * n_attended * n_attended * q
+    return cfg.num_hidden_layers * (linear + attention) + 2 * logits * d * cfg.vocab_size
 
 
 def llm_decode_flops(cfg: Any, steps: int, n_attended: int) -> float:
     """Decode FLOPs of ``steps`` new tokens after a prompt attended over ``n_attended``
     positions: one row of projections and MLP per step, attention over the growing cache."""
-    one_row = llm_prefill_flops(cfg, 1, 0)
-    attention = sum(2 * 2 * (n_attended + k + 1) * cfg.hidden_size for k in range(steps))
+    one_row = llm_prefill_flops(cfg, 1, 0, logits=1)
+    q = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    attention = sum(2 * 2 * (n_attended + k + 1) * q for k in range(steps))
     return steps * one_row + cfg.num_hidden_layers * attention
 
 
 def tower_flops(model: nn.Module) -> Optional[float]:
     """FLOPs of the tower's last run, from its measured tokens after every block, summed over
-    crops (LLaVA-1.5 / OneVision: the patched DToMe tower); None when the tower kept no record."""
-    state = get_state(model.model.vision_tower)
+    crops (LLaVA-1.5 / OneVision: the patched DToMe tower); None when the tower kept no record
+    (Qwen's tower is not patched: its cost is the vanilla ViT's)."""
+    tower = getattr(model.model, "vision_tower", None)
+    state = None if tower is None else get_state(tower)
     if state is None or state.last is None:
         return None
     vision = model.config.vision_config
@@ -130,7 +136,7 @@ def stage_costs(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int
     row.update(decode_s_per_token=row["decode_s"] / (new_tokens - 1),
                total_s=row["vision_s"] + row["prefill_s"] + row["decode_s"],
                vision_flops=tower_flops(model),
-               prefill_flops=llm_prefill_flops(cfg, acc["llm_compact_length"], attended),
+               prefill_flops=llm_prefill_flops(cfg, acc["llm_compact_length"], attended, logits=1),
                decode_flops=llm_decode_flops(cfg, new_tokens - 1, attended),
                image_tokens=acc["image_tokens"], llm_compact_length=acc["llm_compact_length"],
                llm_virtual_length=attended, mode=model.dymu_vlm.mode,

@@ -124,7 +124,10 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
         if isinstance(thresholds, Thresholds):  # what calibrate_rounds / calibrate_temporal recorded
             temporal = thresholds.metadata.get("temporal") if temporal is None else temporal
-            window = thresholds.metadata.get("window") if window is None else window
+            calibrated = thresholds.metadata.get("window")
+            if window is not None and calibrated is not None and int(window) != calibrated:
+                raise ValueError(f"these thresholds were calibrated with window={calibrated}, not {window}")
+            window = calibrated if window is None else window
         if window is not None and int(window) < 2:
             raise ValueError(f"window must be at least 2 units per side, got {window}")
         if temporal is not None and not float(temporal) == float(temporal):

@@ -269,7 +269,8 @@ def calibrate_temporal(model: nn.Module, processor: Any, videos: Sequence[Any], 
     for _ in range(steps):
         middle = (low + high) / 2
         low, high = (middle, high) if tokens_left(middle) <= target else (low, middle)
-    return replace(thresholds, metadata={**thresholds.metadata, "temporal": low, "temporal_keep": keep,
+    tau = 1.0 if tokens_left(1.0) <= target else low  # keep = 1: nothing merges (no score beats 1)
+    return replace(thresholds, metadata={**thresholds.metadata, "temporal": tau, "temporal_keep": keep,
                                          "temporal_videos": len(videos)})
 
 
@@ -406,8 +407,8 @@ def merge_time_steps(steps: Sequence[tuple[Tensor, Tensor]], metric: Tensor, wid
             if len(a) == 0:
                 continue
             metric_a = nn.functional.normalize(both[a, D:-2], dim=-1)
-            scores = metric_a @ nn.functional.normalize(both[b, D:-2], dim=-1).T  # (n_a, n_b)
-            far = (both[a, None, -2:] - both[None, b, -2:]).abs().amax(-1) > radius
+            scores = (metric_a @ nn.functional.normalize(both[b, D:-2], dim=-1).T).clamp(-1, 1)  # (n_a, n_b)
+            far = (both[a, None, -2:] - both[None, b, -2:]).abs().amax(-1) > radius + 1e-4  # places are float means
             best, dst = scores.masked_fill(far, -torch.inf).max(-1)
             src = best > threshold
             if bool(src.any()):
