@@ -163,7 +163,7 @@ def compare_metrics(model, processor, photos: dict, args, weights: str) -> int:
 
 
 def compare_windows(args) -> int:
-    from dymu_viz.vlm.qwen import calibration_rounds, concat_steps, padded_units, unit_rounds, window_order
+    from dymu_viz.vlm.qwen import calibration_rounds, padded_units, split_pieces, unit_rounds
 
     image = resized(dymu_viz.sample_photos()[args.images[0]], args.large)
     h, w = image.height // 28, image.width // 28
@@ -174,17 +174,16 @@ def compare_windows(args) -> int:
     thresholds, _ = calibration_rounds(*padded_units([(units, units)]), fraction, args.rounds)
     rows = []
     for window in [None, *args.windows]:
-        order, sizes = window_order(h, w, window, units.device) if window else (torch.arange(h * w), [h * w])
-        pieces = [(p, p) for p in units[order].split(sizes)]
+        pieces, _ = split_pieces([(units, units)], [1], [(h, w)], window)  # the rows the rounds run on
+        sizes = [len(p) for p, _ in pieces]
         times = []
         for rep in range(args.warmup + args.reps):
             start = time.perf_counter()
-            x, size, groups = unit_rounds(*padded_units(pieces), [t if t is not None else float("inf") for t in thresholds])
-            kept = (size > 0).sum(-1).tolist()
-            tokens, _ = concat_steps([(x[b, :kept[b]], groups[b, :len(p)]) for b, (p, _) in enumerate(pieces)])
+            _, size, _ = unit_rounds(*padded_units(pieces), [t if t is not None else float("inf") for t in thresholds])
+            tokens = int((size > 0).sum())
             times.append(time.perf_counter() - start)
         scores = (max(sizes) + 1) // 2 * (max(sizes) // 2)
-        rows.append({"window": window, "blocks": len(sizes), "tokens": len(tokens), "seconds": statistics.median(times[args.warmup:]),
+        rows.append({"window": window, "blocks": len(sizes), "tokens": tokens, "seconds": statistics.median(times[args.warmup:]),
                      "largest_score_matrix_mib": len(sizes) * scores * 4 / 2 ** 20})
     lines = [f"Rounds alone on {args.images[0]} at {args.large} px: {h} x {w} = {h * w} units (metric: each unit's "
              f"pixels, 2352 values); {args.rounds} rounds at thresholds calibrated on the whole image to keep "

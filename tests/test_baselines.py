@@ -64,12 +64,14 @@ def test_identity_baselines_equal_the_unpatched_model(family: str, mode: str) ->
     model, processor = tiny_vlm(family, patch_size=7)
     inputs = prompts(processor, 3)
     reference = model(**inputs).logits
-    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    tokens, beam_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False), model.generate(**inputs, **beams)
     valid = inputs["attention_mask"].bool()
     for baseline in (Pool(8, 8), ToMe((0, 0, 0))):
         vlm.patch_vlm(model, baseline, mode=mode)
         assert (model(**inputs).logits - reference)[valid].abs().max() <= 1e-5, baseline
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens), baseline
+        assert torch.equal(model.generate(**inputs, **beams), beam_tokens), baseline
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -31,13 +31,16 @@ from ..stats import encoder_flops
 STAGES = ("vision", "prefill", "decode")
 
 
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def llm_prefill_flops(cfg: Any, n_compact: int, n_attended: int, logits: int = 0) -> float:
     """Decoder prefill FLOPs: projections and MLP on ``n_compact`` rows, attention scores and
     values over ``n_attended`` positions (the virtual length under VTU), and the LM head on
     ``logits`` rows (``generate`` computes the last one only). Multiply-adds count 2; norms,
     softmax and the vision projector are left out."""
-    d = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    d, head_dim = cfg.hidden_size, _head_dim(cfg)
     q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
     linear = 2 * n_compact * (2 * d * q + 2 * d * kv + 3 * d * cfg.intermediate_size)
     attention = 2 * 2 * n_attended * n_attended * q
@@ -48,7 +51,7 @@ def llm_decode_flops(cfg: Any, steps: int, n_attended: int) -> float:
     """Decode FLOPs of ``steps`` new tokens after a prompt attended over ``n_attended``
     positions: one row of projections and MLP per step, attention over the growing cache."""
     one_row = llm_prefill_flops(cfg, 1, 0, logits=1)
-    q = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    q = cfg.num_attention_heads * _head_dim(cfg)
     attention = sum(2 * 2 * (n_attended + k + 1) * q for k in range(steps))
     return steps * one_row + cfg.num_hidden_layers * attention
 
