@@ -46,10 +46,6 @@ from common import DTYPES, device_kind, parser, publish, write_readme_table  # n
 
 TARGETS = {"ViT-B-16": "50out", "ViT-L-14-336": "72out"}
 MODES = ("unpatched", "off", "fixed_r", "threshold", "flop_equivalent")
-# the reference's 72out thresholds for ViT-L-14-336 (inference_openai_clip.py; dymu-spec section 3.3)
-PUBLISHED_72OUT = [0.99609375, 0.97265625, 0.94140625, 0.91015625, 0.87890625, 0.87890625, 0.87890625, 0.84765625,
-                   0.84765625, 0.87890625, 0.84765625, 0.84765625, 0.87890625, 0.87890625, 0.91015625, 0.91015625,
-                   0.91015625, 0.91015625, 0.94140625, 0.87890625, 0.87890625, 0.97265625, 0.99609375, 0.81640625]
 
 
 def benchmark_images() -> list:
@@ -178,7 +174,7 @@ def published_row(device: str, dtype: torch.dtype, reps: int, warmup: int) -> di
     loaded = load_encoder(name, "random", device, dtype)
     model = loaded.model
     pixels = loaded.preprocess(sample_photos(["astronaut"])["astronaut"])[None].to(device, dtype)
-    thresholds = dymu_viz.Thresholds(PUBLISHED_72OUT, [21] * 24, model=f"{name}-tome-72out (published)")
+    thresholds = dymu_viz.Thresholds.published(f"{name}-tome-72out")
     dymu_viz.patch(model, thresholds)
     counts = dymu_viz.encode(model, pixels).counts.cpu()
     blk = model.visual.transformer.resblocks[0]

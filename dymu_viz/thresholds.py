@@ -24,6 +24,16 @@ _REFERENCE_KEYS = (
     re.compile(r"^(?:module\.)?vision_model\.encoder\.layers\.(\d+)\.threshold$"),
 )
 
+# Thresholds the reference authors printed in their inference scripts (dymu-spec section 3.3), by
+# the reference checkpoint name. "ViT-L-14-336-tome-72out" is OpenAI CLIP ViT-L/14-336, the tower of
+# LLaVA-1.5 (the same weights as HF's openai/clip-vit-large-patch14-336): the paper's DyMU-low.
+PUBLISHED = {
+    "ViT-L-14-336-tome-72out": [
+        0.99609375, 0.97265625, 0.94140625, 0.91015625, 0.87890625, 0.87890625, 0.87890625, 0.84765625,
+        0.84765625, 0.87890625, 0.84765625, 0.84765625, 0.87890625, 0.87890625, 0.91015625, 0.91015625,
+        0.91015625, 0.91015625, 0.94140625, 0.87890625, 0.87890625, 0.97265625, 0.99609375, 0.81640625],
+}
+
 
 @dataclass
 class Thresholds:
@@ -66,6 +76,16 @@ class Thresholds:
             raise ValueError(f"cannot keep {layers} of {self.layers} layers")
         metadata = {**self.metadata, "layers_used": f"0-{layers - 1} of {self.layers}"}
         return Thresholds(self.values[:layers], self.r[:layers], self.model, self.schedule, self.r_total, metadata)
+
+    @classmethod
+    def published(cls, name: str = "ViT-L-14-336-tome-72out") -> "Thresholds":
+        """Thresholds printed by the reference authors (``PUBLISHED``), with the schedule their
+        checkpoint name implies (72out: r = 21 in each of the 24 layers)."""
+        if name not in PUBLISHED:
+            raise ValueError(f"no published thresholds named {name!r}; known: {', '.join(PUBLISHED)}")
+        values = PUBLISHED[name]
+        return cls(values, _reference_r(name, len(values), None, None), model=name, schedule=_schedule_from_name(name),
+                   metadata={"source": "published by the reference authors (inference_openai_clip.py)"})
 
     @classmethod
     def uniform(cls, value: float, layers: int, **kwargs: Any) -> "Thresholds":

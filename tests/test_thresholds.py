@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from dymu_viz import Thresholds
+from dymu_viz.thresholds import PUBLISHED
 
 # dymu-spec.md section 3.3: CLIP ViT-L/14-336 "72out" reference thresholds (24 layers)
-CLIP_72OUT = [0.99609375, 0.97265625, 0.94140625, 0.91015625, 0.87890625, 0.87890625,
-              0.87890625, 0.84765625, 0.84765625, 0.87890625, 0.84765625, 0.84765625,
-              0.87890625, 0.87890625, 0.91015625, 0.91015625, 0.91015625, 0.91015625,
-              0.94140625, 0.87890625, 0.87890625, 0.97265625, 0.99609375, 0.81640625]
+CLIP_72OUT = PUBLISHED["ViT-L-14-336-tome-72out"]
 # SigLIP ViT-B/16-384 reference thresholds (12 layers)
 SIGLIP_B = [0.98046875, 0.90234375, 0.875, 0.8828125, 0.875, 0.8828125, 0.890625, 0.890625,
             0.8828125, 0.890625, 0.875, 0.875]
@@ -143,6 +141,15 @@ def test_import_clip_72out(tmp_path):
     assert t.schedule == "constant"
     assert t.model == "ViT-L-14-336-tome-72out"
     assert t.layers == 24
+
+
+def test_published_preset_equals_the_reference_checkpoint_it_came_from(tmp_path):
+    path = write_checkpoint(tmp_path / "clip.pth", "ViT-L-14-336-tome-72out", CLIP_KEY, CLIP_72OUT)
+    imported, preset = Thresholds.from_reference_checkpoint(path), Thresholds.published()
+    assert (preset.values, preset.r, preset.schedule, preset.model) == \
+        (imported.values, imported.r, imported.schedule, imported.model)
+    with pytest.raises(ValueError, match="no published thresholds named 'ViT-B-16-tome-72out'"):
+        Thresholds.published("ViT-B-16-tome-72out")
 
 
 def test_import_siglip_b_72out_linear(tmp_path):

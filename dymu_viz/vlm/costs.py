@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,16 +57,22 @@ def llm_decode_flops(cfg: Any, steps: int, n_attended: int) -> float:
     return steps * one_row + cfg.num_hidden_layers * attention
 
 
-def tower_flops(model: nn.Module) -> Optional[float]:
-    """FLOPs of the tower's last run, from its measured tokens after every block, summed over
-    crops (LLaVA-1.5 / OneVision: the patched DToMe tower); None when the tower kept no record
-    (Qwen's tower is not patched: its cost is the vanilla ViT's)."""
+def tower_crop_flops(model: nn.Module) -> list[float]:
+    """FLOPs per crop of the tower's last run, from its measured tokens after every block
+    (LLaVA-1.5 / OneVision: the patched DToMe tower); [] when the tower kept no record (Qwen's
+    tower is not patched: its cost is the vanilla ViT's)."""
     tower = getattr(model.model, "vision_tower", None)
     state = None if tower is None else get_state(tower)
     if state is None or state.last is None:
-        return None
+        return []
     vision = model.config.vision_config
-    return sum(encoder_flops(row, vision.hidden_size, vision.intermediate_size) for row in state.last.counts.tolist())
+    return [encoder_flops(row, vision.hidden_size, vision.intermediate_size) for row in state.last.counts.tolist()]
+
+
+def tower_flops(model: nn.Module) -> Optional[float]:
+    """FLOPs of the tower's last run summed over crops (``tower_crop_flops``); None without a record."""
+    crops = tower_crop_flops(model)
+    return sum(crops) if crops else None
 
 
 class _Clock:
@@ -88,9 +95,28 @@ class _Clock:
         return end - start
 
 
-def _timed_generate(model: nn.Module, inputs: dict, new_tokens: int, clock: _Clock) -> tuple[list[float], list[float]]:
-    """One generate of exactly ``new_tokens`` tokens: per forward, (whole forward, LLM) seconds."""
-    marks: dict[str, list[Any]] = {"model": [], "llm": []}
+class ForwardTimes:
+    """Seconds per forward of the model (``whole``) and of its LLM (``llm``), in call order;
+    filled when the ``forward_times`` block ends (one synchronize on a GPU, none per layer)."""
+
+    def __init__(self) -> None:
+        self.whole: list[float] = []
+        self.llm: list[float] = []
+
+    def stages(self) -> dict[str, float]:
+        """The first forward is the prompt's: vision (all of it but the LLM) and prefill; every
+        later forward is one decode step."""
+        if not self.whole:
+            raise ValueError("no forward ran inside the forward_times block")
+        return {"vision_s": self.whole[0] - self.llm[0], "prefill_s": self.llm[0], "decode_s": sum(self.whole[1:])}
+
+
+@contextmanager
+def forward_times(model: nn.Module) -> Iterator[ForwardTimes]:
+    """Time every forward of ``model`` and of ``model.model.language_model`` inside the block
+    (CUDA events on a GPU, perf_counter on a CPU)."""
+    clock = _Clock(next(model.parameters()).device)
+    marks: dict[str, list[list[Any]]] = {"whole": [], "llm": []}
 
     def opener(key: str):
         return lambda module, args, kwargs: marks[key].append([clock.mark()])
@@ -99,18 +125,25 @@ def _timed_generate(model: nn.Module, inputs: dict, new_tokens: int, clock: _Clo
         return lambda module, args, kwargs, out: marks[key][-1].append(clock.mark())
 
     llm = model.model.language_model
-    hooks = [model.register_forward_pre_hook(opener("model"), with_kwargs=True),
-             model.register_forward_hook(closer("model"), with_kwargs=True),
+    hooks = [model.register_forward_pre_hook(opener("whole"), with_kwargs=True),
+             model.register_forward_hook(closer("whole"), with_kwargs=True),
              llm.register_forward_pre_hook(opener("llm"), with_kwargs=True),
              llm.register_forward_hook(closer("llm"), with_kwargs=True)]
+    times = ForwardTimes()
     try:
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        yield times
     finally:
         for hook in hooks:
             hook.remove()
-    whole = [clock.seconds(a, b) for a, b in marks["model"]]
-    return whole, [clock.seconds(a, b) for a, b in marks["llm"]]
+    times.whole = [clock.seconds(a, b) for a, b in marks["whole"]]
+    times.llm = [clock.seconds(a, b) for a, b in marks["llm"]]
+
+
+def _timed_generate(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, float]:
+    """One generate of exactly ``new_tokens`` tokens: seconds per stage."""
+    with forward_times(model) as times, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return times.stages()
 
 
 def stage_costs(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, reps: int = 3) -> dict[str, Any]:
@@ -124,18 +157,15 @@ def stage_costs(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int
         raise ValueError("new_tokens must be at least 2 (one prefill and at least one decode step)")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
-    clock = _Clock(device)
     for _ in range(warmup):
-        _timed_generate(model, inputs, new_tokens, clock)
+        _timed_generate(model, inputs, new_tokens)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runs = [_timed_generate(model, inputs, new_tokens, clock) for _ in range(reps)]
-    times = {"vision": [w[0] - l[0] for w, l in runs], "prefill": [l[0] for _, l in runs],
-             "decode": [sum(w[1:]) for w, _ in runs]}
+    runs = [_timed_generate(model, inputs, new_tokens) for _ in range(reps)]
     acc = model.dymu_vlm.last[0]
     cfg = model.config.get_text_config()
     attended = acc["llm_virtual_length"]
-    row = {f"{stage}_s": statistics.median(values) for stage, values in times.items()}
+    row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     row.update(decode_s_per_token=row["decode_s"] / (new_tokens - 1),
                total_s=row["vision_s"] + row["prefill_s"] + row["decode_s"],
                vision_flops=tower_flops(model),

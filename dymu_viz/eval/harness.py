@@ -1,0 +1,253 @@
+"""The lmms-eval models: HF LLaVA-1.5 / LLaVA-OneVision patched with DyMU, batched, with DyMU's
+accounting in every logged sample and a summary at the end of the run.
+
+Model arguments (``--model_args key=value,...``):
+
+* ``pretrained``: a hub id or a local HF folder; ``weights=random`` builds the id's classes at
+  random (``dymu_viz.vlm.load_vlm``; ``vision_layers`` cuts the tower) to try the harness anywhere;
+* ``thresholds``: ``none`` (no merging), ``low`` (LLaVA-1.5: the reference authors' published
+  72out thresholds, the paper's DyMU-low), a number (one tau in every layer), or a thresholds file
+  (``dymu-viz calibrate ... --out FILE``; a reference ``.pth`` works too);
+* ``tome=R`` (ToMe with r merges in every layer LLaVA reads, or ``r0/r1/...`` per layer) or
+  ``pool=RxC`` (average pooling of each crop to R x C cells) instead: the matched-budget baselines;
+* ``mode``: ``vtu`` (default), ``compact`` (the paper's w/o VTU) or ``full`` (nothing merged);
+  ``kernel`` and ``cache``: as in ``dymu_viz.vlm.patch_vlm``;
+* ``dtype`` (``auto``: bfloat16 on a GPU, float32 on a CPU), ``device``, ``batch_size``,
+  ``chat_template``, ``download`` (default true: a hub id is fetched as lmms-eval's own models do).
+
+Prompts are the user turn lmms-eval's own ``llava_hf`` (chat) model builds, through the processor's
+chat template, so ``mode=full`` answers what ``llava_hf`` answers; unlike it, batches of any size
+run (left padded), and stop sequences (``until``) cut the answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from loguru import logger
+from lmms_eval import utils as lmms_utils
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from tqdm import tqdm
+
+from .. import vlm
+from ..thresholds import Thresholds
+from ..vlm.baselines import Pool, ToMe
+from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
+from . import flat_summary, summarize, summary_table
+
+IMAGE_TOKEN = "<image>"
+PRESETS = {"low": "ViT-L-14-336-tome-72out"}  # the paper's DyMU-low for LLaVA-1.5 (dymu-spec section 3.4)
+CALIBRATE_HINT = {"mid": "192out", "high": "384out"}
+FAMILY_CLASSES = {"llava": "LlavaForConditionalGeneration", "onevision": "LlavaOnevisionForConditionalGeneration"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DyMUTokenCounts(TokenCounts):
+    """lmms-eval's per-sample counters (input tokens: the prompt the LLM computed, compact) plus
+    DyMU's record, which ``to_dict`` writes into the logged sample under "dymu"."""
+
+    def __init__(self, input_tokens: int, output_tokens: int, dymu: dict[str, Any]):
+        super().__init__(input_tokens=input_tokens, output_tokens=output_tokens)
+        self.dymu = dymu
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "dymu": self.dymu}
+
+
+def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
+    """What ``patch_vlm`` gets from the model arguments: Thresholds, a float, ToMe, Pool or None."""
+    given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool))
+             if value not in (None, "", "none")]
+    if len(given) > 1:
+        raise ValueError(f"give one of thresholds, tome and pool, not {' and '.join(given)}")
+    if tome not in (None, ""):
+        return ToMe(tuple(int(r) for r in str(tome).split("/")))
+    if pool not in (None, ""):
+        rows, _, cols = str(pool).lower().partition("x")
+        if not (rows.isdigit() and cols.isdigit()):
+            raise ValueError(f"pool must be ROWSxCOLS, e.g. pool=10x9, got {pool!r}")
+        return Pool(int(rows), int(cols))
+    if thresholds in (None, "", "none"):
+        return None
+    text = str(thresholds)
+    if text in PRESETS:
+        if family != "llava":
+            raise ValueError(f"thresholds={text} is LLaVA-1.5's published DyMU-low; for OneVision pass a thresholds "
+                             "file calibrated on its SigLIP tower (dymu-viz calibrate)")
+        return Thresholds.published(PRESETS[text])
+    if text in CALIBRATE_HINT:
+        raise ValueError(f"no published thresholds for DyMU-{text}: calibrate them once (dymu-viz calibrate --target "
+                         f"{CALIBRATE_HINT[text]} --out FILE, see the README) and pass thresholds=FILE")
+    try:
+        return float(text)
+    except ValueError:
+        return Thresholds.load(text)
+
+
+def build_prompt(processor: Any, context: str, n_images: int, chat_template: Optional[str]) -> str:
+    """The user turn lmms-eval's chat models build (the images, then the question) through the
+    processor's chat template (or ``chat_template``); a question that already holds ``<image>``
+    placeholders keeps them where they are."""
+    images = [] if IMAGE_TOKEN in context else [{"type": "image"}] * n_images
+    turn = [{"role": "user", "content": images + [{"type": "text", "text": context}]}]
+    return processor.apply_chat_template(turn, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+
+
+def cut_at_stop(text: str, until: list[str]) -> str:
+    """The text before the first stop sequence."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+class DyMULlava(lmms):
+    """``--model dymu_llava``: HF LLaVA-1.5 with DyMU (module docstring: the arguments)."""
+
+    is_simple = True
+    family = "llava"
+    default_pretrained = "llava-hf/llava-1.5-7b-hf"
+
+    def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
+                 mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
+                 device: Optional[str] = None, batch_size: int = 1, chat_template: Optional[str] = None,
+                 download: bool = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
+                 **unknown: Any) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"unknown model argument(s) {', '.join(sorted(unknown))} for {type(self).__name__}")
+        if weights not in ("pretrained", "random"):
+            raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        setting = parse_setting(self.family, thresholds, tome, pool)
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        device = device if self._world_size == 1 and device else str(self.accelerator.device)
+        source = pretrained or self.default_pretrained
+        loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
+                              None if dtype == "auto" else DTYPES[dtype], allow_download=str(download) != "False",
+                              vision_layers=None if vision_layers is None else int(vision_layers))
+        expected = FAMILY_CLASSES[self.family]
+        if type(loaded.model).__name__ != expected:
+            raise ValueError(f"{source} is a {type(loaded.model).__name__}; --model {self.model_name()} runs {expected}")
+        self.model, self.processor, self.tokenizer = loaded.model, loaded.processor, loaded.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.batch_size_per_gpu, self.chat_template = int(batch_size), chat_template
+        self.setting = {"thresholds": thresholds, "tome": tome, "pool": pool, "mode": mode}
+        vlm.patch_vlm(self.model, setting, mode=mode, kernel=kernel, cache=cache)
+        self.records: list[dict[str, Any]] = []
+        logger.info(f"{self.model_name()}: {loaded.weights}; {mode} mode, {setting!r}")
+
+    @classmethod
+    def model_name(cls) -> str:
+        return "dymu_llava" if cls.family == "llava" else "dymu_llava_onevision"
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _inputs(self, contexts: list[str], visuals: list[list[Any]], continuations: Optional[list[str]] = None
+                ) -> dict[str, Any]:
+        prompts = [build_prompt(self.processor, c, len(v), self.chat_template) for c, v in zip(contexts, visuals)]
+        prompts = [p + c for p, c in zip(prompts, continuations)] if continuations else prompts
+        # nested per prompt, so that OneVision's processor counts each sample's images
+        images = visuals if all(visuals) else [im for v in visuals for im in v] or None
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        collator = lmms_utils.Collator([r.args for r in requests], lambda a: (-len(self.tokenizer.encode(a[0])), a[0]),
+                                       grouping=True)
+        results: list[GenerationResult] = []
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_name()} answering")
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+            visuals = [list(doc_to_visual[0](self.task_dict[t][s][d])) for t, s, d in zip(tasks, splits, doc_ids)]
+            results += self._generate(list(contexts), visuals, dict(all_kwargs[0]))
+            bar.update(len(chunk))
+        bar.close()
+        self._report()
+        return collator.get_original(results)
+
+    def _generate(self, contexts: list[str], visuals: list[list[Any]], kwargs: dict[str, Any]) -> list[GenerationResult]:
+        until = kwargs.pop("until", None) or [self.tokenizer.decode(self.tokenizer.eos_token_id)]
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(kwargs.get("temperature", 0) or 0)
+        generate_kwargs = dict(max_new_tokens=int(kwargs.get("max_new_tokens", 1024)), do_sample=temperature > 0,
+                               num_beams=int(kwargs.get("num_beams", 1)), pad_token_id=self.tokenizer.eos_token_id,
+                               eos_token_id=self.tokenizer.eos_token_id)
+        if temperature > 0:
+            generate_kwargs.update(temperature=temperature, top_p=kwargs.get("top_p"))
+        inputs = self._inputs(contexts, visuals)
+        with forward_times(self.model) as times:
+            out = vlm.generate(self.model, **inputs, **generate_kwargs)
+        texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        stages = times.stages()
+        cfg = self.model.config.get_text_config()
+        vision = tower_crop_flops(self.model)
+        results = []
+        for row, (acc, text) in enumerate(zip(out.accounting, texts)):
+            new = out.sequences[row].tolist()
+            stop = self.tokenizer.eos_token_id
+            output_tokens = new.index(stop) if stop in new else len(new)
+            crops, vision = vision[:len(acc["crop_tokens"])], vision[len(acc["crop_tokens"]):]
+            record = {**acc, **self.setting, "output_tokens": output_tokens, "batch_size": len(contexts),
+                      **{f"batch_{key}": value for key, value in stages.items()},
+                      "vision_flops": sum(crops) if crops else None,
+                      "prefill_flops": llm_prefill_flops(cfg, acc["llm_compact_length"], acc["llm_virtual_length"], 1),
+                      "decode_flops": llm_decode_flops(cfg, max(output_tokens - 1, 0), acc["llm_virtual_length"])}
+            self.records.append(record)
+            results.append(GenerationResult(cut_at_stop(text, until),
+                                            DyMUTokenCounts(acc["llm_compact_length"], output_tokens, record)))
+        return results
+
+    def _report(self) -> None:
+        """Log the summary of every sample so far (all processes) into lmms-eval's throughput
+        metrics, which the results JSON keeps, and print it."""
+        records = gather_object(self.records) if self._world_size > 1 else self.records
+        if not records or self.rank != 0:
+            return
+        summary = summarize(records)
+        elapsed = sum(r[f"batch_{s}_s"] / r["batch_size"] for r in records for s in ("vision", "prefill", "decode"))
+        generated = sum(r["output_tokens"] for r in records)
+        log_metrics(elapsed, generated, generated / elapsed if elapsed else 0.0, flat_summary(summary))
+        print(f"DyMU accounting over {len(records)} samples ({self.setting}):\n{summary_table(summary)}", flush=True)
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Log-probability of each continuation after its prompt, and whether greedy decoding
+        would give it (one request at a time)."""
+        results = []
+        for context, continuation, doc_to_visual, doc_id, task, split in tqdm(
+                [r.args for r in requests], disable=self.rank != 0, desc=f"{self.model_name()} scoring"):
+            continuation = continuation if isinstance(continuation, str) else \
+                continuation(self.task_dict[task][split][doc_id])
+            visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]))
+            start = self._inputs([context], [visuals])["input_ids"].shape[1]
+            inputs = self._inputs([context], [visuals], [continuation])
+            ids = inputs.pop("input_ids")
+            logits, _ = vlm.logits(self.model, ids, **inputs)
+            logprobs = torch.log_softmax(logits[0, start - 1:-1].float(), dim=-1)
+            target = ids[0, start:]
+            results.append((float(logprobs.gather(1, target[:, None]).sum()),
+                            bool((logprobs.argmax(-1) == target).all())))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(f"{self.model_name()} answers single-round tasks only")
+
+
+class DyMULlavaOneVision(DyMULlava):
+    """``--model dymu_llava_onevision``: HF LLaVA-OneVision with DyMU (anyres crops, batched)."""
+
+    family = "onevision"
+    default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"

@@ -1,0 +1,160 @@
+"""DyMU in lmms-eval: the models registered through its entry points, run by its own CLI on the
+offline ``dymu_photos`` task with tiny random LLaVA-1.5 / OneVision checkpoints saved to local
+folders (loaded with ``from_pretrained`` as real ones are); ``mode=full`` against lmms-eval's own
+HF LLaVA model; the accounting in the logged samples and the summary in the results."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+lmms_eval = pytest.importorskip("lmms_eval")  # the "eval" extra (part of "dev"); the README installs it
+
+from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, describe, load_results, load_samples, summarize,  # noqa: E402
+                           summary_of_results)
+from tiny_models import tiny_vlm  # noqa: E402
+
+FAMILIES = {"llava": "dymu_llava", "onevision": "dymu_llava_onevision"}
+DOCS = 12  # questions in dymu_photos.jsonl
+TAU = 0.5  # merges a few of the tiny towers' 16 patches per crop
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints of both families, saved as HF folders (model + processor)."""
+    folders = {}
+    for family in FAMILIES:
+        model, processor = tiny_vlm(family)
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+def run_cli(model: str, model_args: str, batch_size: int, out: Path) -> tuple[list[dict], dict]:
+    """``python -m lmms_eval eval`` on dymu_photos; the logged samples (by doc id) and the results."""
+    command = [sys.executable, "-m", "lmms_eval", "eval", "--model", model, "--model_args", model_args,
+               "--tasks", "dymu_photos", "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
+               "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = sorted(load_samples(out), key=lambda s: s["doc_id"])
+    assert [s["doc_id"] for s in samples] == list(range(DOCS))
+    return samples, load_results(out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpoints, tmp_path):
+    samples, results = run_cli(FAMILIES[family], f"pretrained={checkpoints[family]},thresholds={TAU}", 2, tmp_path)
+    assert results["results"]["dymu_photos"]["accuracy,none"] == np.mean([s["accuracy"] for s in samples])
+    records = [s["dymu"] for s in samples]
+    for sample, r in zip(samples, records):
+        counts = sample["token_counts"][0]
+        assert r["mode"] == "vtu" and r["batch_size"] == 2 and r["thresholds"] == TAU
+        assert counts["input_tokens"] == r["llm_compact_length"] == r["text_tokens"] + r["image_tokens"]
+        assert r["llm_virtual_length"] == r["text_tokens"] + r["image_positions"]
+        assert r["encoder_tokens"] == sum(r["crop_tokens"]) and len(r["crop_tokens"]) >= 1
+        assert r["kv_cache_entries"] == r["llm_compact_length"] + r["generated_tokens"] - 1  # the last token: not cached
+        assert counts["output_tokens"] == r["output_tokens"] <= r["generated_tokens"]
+        assert r["vision_flops"] > 0 and r["prefill_flops"] > 0 and min(r[f"batch_{s}_s"] for s in
+                                                                       ("vision", "prefill", "decode")) > 0
+    assert any(r["image_tokens"] < r["image_positions"] for r in records)  # DToMe merged something
+    assert len({r["image_tokens"] for r in records}) > 1  # and how much depends on the image
+    summary = summary_of_results(results)  # what the run reported, against numpy on the logged values
+    for key in SUMMARY_KEYS:
+        values = np.array([r[key] for r in records], dtype=float)
+        expected = [values.mean(), values.std(), values.min(), np.median(values), values.max()]
+        assert list(summary[key].values()) == pytest.approx(expected, rel=1e-12), key
+    assert all(summary[key] == pytest.approx(stats) for key, stats in summarize(records).items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mode_full_answers_what_lmms_eval_own_llava_hf_answers(family, checkpoints, tmp_path):
+    ours, _ = run_cli(FAMILIES[family], f"pretrained={checkpoints[family]},mode=full", 2, tmp_path / "dymu")
+    theirs, _ = run_cli("llava_hf", f"pretrained={checkpoints[family]},device_map=cpu", 1, tmp_path / "hf")
+    assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in theirs]
+    assert sum(len(s["filtered_resps"].split()) for s in ours) >= DOCS  # real answers, not empty strings
+    assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
+
+
+def evaluate(model_args: str, batch_size: int = 2) -> list[dict]:
+    """lmms-eval's simple_evaluate in this process (the CLI's own entry, without a new interpreter)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    results = simple_evaluate(model="dymu_llava", model_args=model_args, tasks=["dymu_photos"], batch_size=batch_size,
+                              device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(TASKS_DIR)))
+    return sorted(results["samples"]["dymu_photos"], key=lambda s: s["doc_id"])
+
+
+def test_matched_budget_baselines_run_in_the_harness(checkpoints):
+    pooled = evaluate(f"pretrained={checkpoints['llava']},pool=2x2")
+    assert all(s["token_counts"][0]["dymu"]["image_tokens"] == 4 for s in pooled)
+    # ToMe: r = 3 in both tower layers LLaVA reads (vision_feature_layer -2 of 3): 16 - 6 = 10 tokens per image
+    tome = evaluate(f"pretrained={checkpoints['llava']},tome=3/3/0", batch_size=3)
+    records = [s["token_counts"][0]["dymu"] for s in tome]
+    assert all(r["image_tokens"] == 10 and r["tome"] == "3/3/0" and r["batch_size"] == 3 for r in records)
+
+
+def test_model_arguments_fail_clearly(checkpoints):
+    from dymu_viz.eval.harness import DyMULlava, DyMULlavaOneVision, parse_setting
+
+    with pytest.raises(ValueError, match="give one of thresholds, tome and pool"):
+        parse_setting("llava", 0.9, "3", None)
+    with pytest.raises(ValueError, match="pool must be ROWSxCOLS"):
+        parse_setting("llava", None, None, "4by4")
+    with pytest.raises(ValueError, match="no published thresholds for DyMU-mid.*--target 192out"):
+        parse_setting("llava", "mid", None, None)
+    with pytest.raises(ValueError, match="LLaVA-1.5's published DyMU-low"):
+        parse_setting("onevision", "low", None, None)
+    assert parse_setting("llava", "low", None, None).values[0] == 0.99609375
+    with pytest.raises(ValueError, match="unknown model argument"):
+        DyMULlava(pretrained=str(checkpoints["llava"]), treshold=0.9)
+    with pytest.raises(ValueError, match="runs LlavaOnevisionForConditionalGeneration"):
+        DyMULlavaOneVision(pretrained=str(checkpoints["llava"]))
+
+
+def test_describe_is_population_statistics():
+    assert describe([1, 2, 3, 10]) == pytest.approx({"mean": 4.0, "std": np.std([1, 2, 3, 10]), "min": 1,
+                                                     "median": 2.5, "max": 10})
+    with pytest.raises(ValueError, match="no values"):
+        describe([])
+
+
+class _Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loglikelihood_is_the_vanilla_models_in_full_mode(family, checkpoints, no_grad):
+    from transformers import AutoModelForImageTextToText
+
+    from dymu_viz.data import sample_photos
+    from dymu_viz.eval.harness import DyMULlava, DyMULlavaOneVision, build_prompt
+
+    cls = DyMULlava if family == "llava" else DyMULlavaOneVision
+    photo = sample_photos(["chelsea"])["chelsea"]
+    ours = cls(pretrained=str(checkpoints[family]), mode="full")
+    ours.task_dict = {"t": {"test": [{"image": photo}]}}
+    request = _Request("What is shown?", " a cat", lambda doc: [doc["image"]], 0, "t", "test")
+    (logprob, greedy), = ours.loglikelihood([request])
+
+    vanilla = AutoModelForImageTextToText.from_pretrained(checkpoints[family]).eval()
+    prompt = build_prompt(ours.processor, "What is shown?", 1, None)
+    start = ours.processor(images=[photo], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    whole = ours.processor(images=[photo], text=[prompt + " a cat"], return_tensors="pt")
+    logits = vanilla(**whole).logits[0, start - 1:-1].log_softmax(-1)
+    target = whole["input_ids"][0, start:]
+    assert logprob == pytest.approx(float(logits.gather(1, target[:, None]).sum()), abs=1e-4)
+    assert greedy == bool((logits.argmax(-1) == target).all())
+
+    merged = cls(pretrained=str(checkpoints[family]), thresholds=TAU)  # VTU on merged tokens: a number, changed
+    merged.task_dict = ours.task_dict
+    (logprob_merged, _), = merged.loglikelihood([request])
+    assert np.isfinite(logprob_merged) and logprob_merged != pytest.approx(logprob, abs=1e-6)
