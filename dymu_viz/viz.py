@@ -464,6 +464,47 @@ def plot_stage_costs(rows: Sequence[Mapping[str, Any]], reference: str = "full",
     return ax
 
 
+def plot_eval_tradeoff(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> Figure:
+    """Benchmark runs (``dymu_viz.eval.run_rows``): the metric against mean image tokens (with
+    the ± std bar) and against seconds per sample, one labelled point per setting."""
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    tokens, seconds = fig.subplots(1, 2, sharey=True)
+    for r in rows:
+        colour = next_colour(tokens)
+        tokens.errorbar(r["image_tokens"], r[metric], xerr=r["image_tokens_std"], fmt="o", color=colour,
+                        capsize=3, label=r["setting"])
+        seconds.plot(r["seconds"], r[metric], "o", color=colour)
+        seconds.annotate(r["setting"], (r["seconds"], r[metric]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    tokens.legend(fontsize=8)  # matched budgets share a count: a legend, not labels on top of each other
+    tokens.set_xlabel("image tokens per sample (mean ± std)")
+    tokens.set_ylabel(metric)
+    seconds.set_xlabel("seconds per sample (share of its batch)")
+    return fig
+
+
+def plot_token_extremes(counts: Sequence[float], images: Sequence[Any], names: Optional[Sequence[str]] = None,
+                        label: str = "image tokens") -> Figure:
+    """The distribution of per-sample token counts, and the samples with the fewest, the median
+    and the most tokens as thumbnails (the paper's Fig. 7 style)."""
+    counts = np.asarray(counts, dtype=float)
+    names = image_names(names, len(counts))
+    order = np.argsort(counts, kind="stable")
+    picks = {"fewest": order[0], "median": order[len(order) // 2], "most": order[-1]}
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    hist, *thumbs = fig.subplots(1, 4, width_ratios=[1.6, 1, 1, 1])
+    hist.hist(counts, bins="auto", color="tab:blue", alpha=0.7)
+    hist.set_xlabel(label)
+    hist.set_ylabel("samples")
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))
+    hist.set_title(f"{counts.mean():.1f} ± {counts.std():.1f} (n={len(counts)})", fontsize=9)
+    for ax, (kind, i) in zip(thumbs, picks.items()):
+        hist.axvline(counts[i], color="0.3", ls=":")
+        ax.imshow(np.asarray(images[i]))
+        ax.set_title(f"{kind}: {names[i]}, {counts[i]:g}", fontsize=9)
+        ax.axis("off")
+    return fig
+
+
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:
     """A figure as PNG bytes (for image widgets and files)."""
     buffer = io.BytesIO()

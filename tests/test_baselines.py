@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dymu_viz import sample_photos, vlm
+from dymu_viz.eval import task_docs
 from dymu_viz.vlm.baselines import Pool, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups, tome_r
 from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, tiny_qwen, tiny_vlm
 
@@ -19,6 +20,12 @@ pytestmark = pytest.mark.usefixtures("no_grad")
 
 def photos() -> list:
     return list(sample_photos().values())
+
+
+def task_images() -> list:
+    """The pictures of the offline lmms-eval task's questions, in order (a photo asked about twice counts twice)."""
+    photos_by_name = sample_photos()
+    return [photos_by_name[doc["image"]] for doc in task_docs()]
 
 
 def prompts(processor, n: int) -> dict:
@@ -93,12 +100,13 @@ def test_baselines_generate_with_their_counts_in_the_accounting(family: str) -> 
 def test_matched_budget_lands_within_five_percent_of_dymu(family: str) -> None:
     model, processor = tiny_vlm(family, patch_size=7)
     vlm.patch_vlm(model, 0.9)
-    target = mean_image_tokens(model, processor, photos())
+    images = task_images()
+    target = mean_image_tokens(model, processor, images)
     assert 0.3 < target / mean_tokens_unmerged(model, processor) < 0.9  # DyMU merged, not everything
     for kind in ("tome", "pool"):
-        baseline = match_budget(model, processor, photos(), target, kind, mode="compact")
+        baseline = match_budget(model, processor, images, target, kind, mode="compact")
         assert abs(baseline.measured / target - 1) <= 0.05, (kind, baseline)
-        assert model.dymu_vlm.mode == "compact" and mean_image_tokens(model, processor, photos()) == baseline.measured
+        assert model.dymu_vlm.mode == "compact" and mean_image_tokens(model, processor, images) == baseline.measured
 
 
 def mean_tokens_unmerged(model, processor) -> float:

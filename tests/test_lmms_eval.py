@@ -5,8 +5,6 @@ HF LLaVA model; the accounting in the logged samples and the summary in the resu
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,12 @@ import pytest
 
 lmms_eval = pytest.importorskip("lmms_eval")  # the "eval" extra (part of "dev"); the README installs it
 
-from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, describe, load_results, load_samples, summarize,  # noqa: E402
-                           summary_of_results)
+from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results, load_samples,  # noqa: E402
+                           run_cli, run_rows, summarize, summary_of_results, task_docs)
 from tiny_models import tiny_vlm  # noqa: E402
 
 FAMILIES = {"llava": "dymu_llava", "onevision": "dymu_llava_onevision"}
-DOCS = 12  # questions in dymu_photos.jsonl
+DOCS = len(task_docs())  # 12 questions
 TAU = 0.5  # merges a few of the tiny towers' 16 patches per crop
 
 
@@ -36,13 +34,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def run_cli(model: str, model_args: str, batch_size: int, out: Path) -> tuple[list[dict], dict]:
-    """``python -m lmms_eval eval`` on dymu_photos; the logged samples (by doc id) and the results."""
-    command = [sys.executable, "-m", "lmms_eval", "eval", "--model", model, "--model_args", model_args,
-               "--tasks", "dymu_photos", "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
-               "--device", "cpu", "--output_path", str(out), "--log_samples"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def run(model: str, model_args: str, batch_size: int, out: Path) -> tuple[list[dict], dict]:
+    """lmms-eval's CLI on dymu_photos (``dymu_viz.eval.run_cli``): the logged samples by doc id, the results."""
+    run_cli(model, model_args, out, batch_size=batch_size, device="cpu")
     samples = sorted(load_samples(out), key=lambda s: s["doc_id"])
     assert [s["doc_id"] for s in samples] == list(range(DOCS))
     return samples, load_results(out)
@@ -50,7 +44,7 @@ def run_cli(model: str, model_args: str, batch_size: int, out: Path) -> tuple[li
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpoints, tmp_path):
-    samples, results = run_cli(FAMILIES[family], f"pretrained={checkpoints[family]},thresholds={TAU}", 2, tmp_path)
+    samples, results = run(FAMILIES[family], f"pretrained={checkpoints[family]},thresholds={TAU}", 2, tmp_path)
     assert results["results"]["dymu_photos"]["accuracy,none"] == np.mean([s["accuracy"] for s in samples])
     records = [s["dymu"] for s in samples]
     for sample, r in zip(samples, records):
@@ -61,6 +55,7 @@ def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpo
         assert r["encoder_tokens"] == sum(r["crop_tokens"]) and len(r["crop_tokens"]) >= 1
         assert r["kv_cache_entries"] == r["llm_compact_length"] + r["generated_tokens"] - 1  # the last token: not cached
         assert counts["output_tokens"] == r["output_tokens"] <= r["generated_tokens"]
+        assert r["batch_peak_mib"] is None  # CUDA only
         assert r["vision_flops"] > 0 and r["prefill_flops"] > 0 and min(r[f"batch_{s}_s"] for s in
                                                                        ("vision", "prefill", "decode")) > 0
     assert any(r["image_tokens"] < r["image_positions"] for r in records)  # DToMe merged something
@@ -71,12 +66,15 @@ def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpo
         expected = [values.mean(), values.std(), values.min(), np.median(values), values.max()]
         assert list(summary[key].values()) == pytest.approx(expected, rel=1e-12), key
     assert all(summary[key] == pytest.approx(stats) for key, stats in summarize(records).items())
+    row, = run_rows({"dymu": tmp_path})  # the notebook's table
+    assert row["accuracy"] == results["results"]["dymu_photos"]["accuracy,none"]
+    assert row["image_tokens"] == pytest.approx(summary["image_tokens"]["mean"]) and row["seconds"] > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mode_full_answers_what_lmms_eval_own_llava_hf_answers(family, checkpoints, tmp_path):
-    ours, _ = run_cli(FAMILIES[family], f"pretrained={checkpoints[family]},mode=full", 2, tmp_path / "dymu")
-    theirs, _ = run_cli("llava_hf", f"pretrained={checkpoints[family]},device_map=cpu", 1, tmp_path / "hf")
+    ours, _ = run(FAMILIES[family], f"pretrained={checkpoints[family]},mode=full", 2, tmp_path / "dymu")
+    theirs, _ = run("llava_hf", f"pretrained={checkpoints[family]},device_map=cpu", 1, tmp_path / "hf")
     assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in theirs]
     assert sum(len(s["filtered_resps"].split()) for s in ours) >= DOCS  # real answers, not empty strings
     assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
@@ -93,7 +91,10 @@ def evaluate(model_args: str, batch_size: int = 2) -> list[dict]:
 
 
 def test_matched_budget_baselines_run_in_the_harness(checkpoints):
-    pooled = evaluate(f"pretrained={checkpoints['llava']},pool=2x2")
+    from dymu_viz.vlm.baselines import Pool, ToMe
+
+    assert baseline_arg(ToMe((3, 3, 0))) == "tome=3/3/0" and baseline_arg(Pool(2, 2)) == "pool=2x2"
+    pooled = evaluate(f"pretrained={checkpoints['llava']},{baseline_arg(Pool(2, 2))}")
     assert all(s["token_counts"][0]["dymu"]["image_tokens"] == 4 for s in pooled)
     # ToMe: r = 3 in both tower layers LLaVA reads (vision_feature_layer -2 of 3): 16 - 6 = 10 tokens per image
     tome = evaluate(f"pretrained={checkpoints['llava']},tome=3/3/0", batch_size=3)

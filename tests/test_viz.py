@@ -293,3 +293,28 @@ def test_unit_merge_maps_fill_each_merged_token_of_the_unit_grid() -> None:
     assert shown.shape == merged.shape == (56, 84, 3)
     assert np.all(merged[5, 5] == np.round(shown[:, :56].reshape(-1, 3).mean(0)))  # the group's mean colour
     assert [ax.get_title() for ax in fig.axes] == ["ramp: 2 x 3 units", "2 tokens of 6"]
+
+
+EVAL_ROWS = [{"setting": "full", "accuracy": 0.5, "image_tokens": 576.0, "image_tokens_std": 0.0, "seconds": 0.4},
+             {"setting": "DyMU", "accuracy": 0.45, "image_tokens": 90.0, "image_tokens_std": 27.0, "seconds": 0.2}]
+
+
+def test_eval_tradeoff_puts_each_setting_at_its_tokens_and_seconds():
+    fig = viz.plot_eval_tradeoff(EVAL_ROWS)
+    tokens, seconds = fig.axes
+    assert [t.get_text() for t in tokens.get_legend().get_texts()] == ["full", "DyMU"]
+    assert [t.get_text() for t in seconds.texts] == ["full", "DyMU"]
+    xs = [line.get_xdata()[0] for line in seconds.lines]
+    assert xs == [0.4, 0.2]
+    assert tokens.get_xlabel().startswith("image tokens") and tokens.get_ylabel() == "accuracy"
+
+
+def test_token_extremes_shows_the_fewest_median_and_most():
+    images = [np.full((8, 8, 3), v, dtype=np.uint8) for v in (10, 20, 30, 40, 50)]
+    fig = viz.plot_token_extremes([30, 5, 90, 12, 40], images, ["a", "b", "c", "d", "e"])
+    hist, *thumbs = fig.axes
+    assert [ax.get_title() for ax in thumbs] == ["fewest: b, 5", "median: a, 30", "most: c, 90"]
+    assert thumbs[0].images[0].get_array()[0, 0, 0] == 20  # b's picture
+    assert "35.4 ± " in hist.get_title()
+    with pytest.raises(ValueError, match="2 names for 5 images"):
+        viz.plot_token_extremes([1, 2, 3, 4, 5], images, ["a", "b"])

@@ -11,7 +11,8 @@ group lmms-eval 0.7 reads (``lmms_eval.models``):
         --tasks gqa --batch_size 8 --log_samples --output_path logs/
 
 Every logged sample's ``token_counts`` carries DyMU's accounting under ``"dymu"`` (tower tokens
-per crop, compact / virtual LLM length, KV-cache entries, the batch's stage times, FLOPs), and the
+per crop, compact / virtual LLM length, KV-cache entries, the batch's stage times and CUDA peak
+memory, FLOPs), and the
 run's results JSON gets the summary (mean, std, min, median, max) under ``"throughput"``.
 ``TASKS_DIR`` holds ``dymu_photos``, an offline task over the bundled photos (``--include_path``).
 """
@@ -19,9 +20,12 @@ run's results JSON gets the summary (mean, std, min, median, max) under ``"throu
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -102,3 +106,70 @@ def summary_of_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     if missing:
         raise ValueError(f"the results carry no DyMU summary for {', '.join(missing)} (was the model dymu_*?)")
     return summary
+
+
+def run_cli(model: str, model_args: str, output_path: Union[str, Path], tasks: str = "dymu_photos",
+            batch_size: int = 2, device: Optional[str] = None, extra: Sequence[str] = (),
+            overwrite: bool = False) -> Path:
+    """Run ``python -m lmms_eval eval`` (logged samples on, ``TASKS_DIR`` included) into a new
+    ``output_path`` (an existing non-empty one is an error unless ``overwrite``: then it is
+    emptied first) and return it; a failed run raises with the end of its output."""
+    output_path = Path(output_path)
+    if output_path.exists() and any(output_path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{output_path} already holds a run; pass overwrite=True to replace it")
+        shutil.rmtree(output_path)
+    command = [sys.executable, "-m", "lmms_eval", "eval", "--model", model, "--model_args", model_args,
+               "--tasks", tasks, "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
+               "--output_path", str(output_path), "--log_samples", *(["--device", device] if device else []), *extra]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"lmms-eval exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
+    return Path(output_path)
+
+
+def baseline_arg(baseline: Any) -> str:
+    """The ``--model_args`` entry of a ``vlm.baselines`` ToMe / Pool (e.g. from ``match_budget``)."""
+    from ..vlm.baselines import Pool, ToMe
+
+    if isinstance(baseline, ToMe):
+        return "tome=" + "/".join(str(r) for r in baseline.r)
+    if isinstance(baseline, Pool):
+        return f"pool={baseline.rows}x{baseline.cols}"
+    raise TypeError(f"expected a ToMe or Pool baseline, got {type(baseline).__name__}")
+
+
+def task_docs(task: str = "dymu_photos") -> list[dict[str, Any]]:
+    """The questions of one of ``TASKS_DIR``'s tasks."""
+    path = TASKS_DIR / task / f"{task}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no task {task!r} in {TASKS_DIR}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sample_seconds(record: dict[str, Any]) -> float:
+    """A sample's share of its batch's vision + prefill + decode time."""
+    return sum(record[f"batch_{stage}_s"] for stage in ("vision", "prefill", "decode")) / record["batch_size"]
+
+
+def run_rows(runs: Mapping[str, Union[str, Path]], metric: str = "accuracy") -> list[dict[str, Any]]:
+    """One row per labelled run folder: the task metric's mean over the logged samples, mean ±
+    std image tokens, seconds per sample (its share of the batch), and GFLOPs per sample."""
+    rows = []
+    for label, folder in runs.items():
+        samples = load_samples(folder)
+        records = [s["dymu"] for s in samples]
+        tokens = describe(r["image_tokens"] for r in records)
+        flops = [sum(r[k] or 0 for k in ("vision_flops", "prefill_flops", "decode_flops")) for r in records]
+        rows.append({"setting": label, metric: statistics.fmean(s[metric] for s in samples),
+                     "image_tokens": tokens["mean"], "image_tokens_std": tokens["std"],
+                     "seconds": statistics.fmean(sample_seconds(r) for r in records),
+                     "gflops": statistics.fmean(flops) / 1e9, "samples": len(samples)})
+    return rows
+
+
+def rows_table(rows: Sequence[dict[str, Any]], metric: str = "accuracy") -> str:
+    lines = [f"| setting | {metric} | image tokens | s / sample | GFLOPs / sample |", "|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r[metric]:.3f} | {r['image_tokens']:.1f} ± {r['image_tokens_std']:.1f} | "
+              f"{r['seconds']:.3f} | {r['gflops']:.2f} |" for r in rows]
+    return "\n".join(lines)

@@ -172,7 +172,8 @@ class DyMULlava(lmms):
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_name()} answering")
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            visuals = [list(doc_to_visual[0](self.task_dict[t][s][d])) for t, s, d in zip(tasks, splits, doc_ids)]
+            visuals = [list(to_visual(self.task_dict[t][s][d]) or [])  # a batch may mix tasks with equal kwargs
+                       for to_visual, t, s, d in zip(doc_to_visual, tasks, splits, doc_ids)]
             results += self._generate(list(contexts), visuals, dict(all_kwargs[0]))
             bar.update(len(chunk))
         bar.close()
@@ -189,8 +190,12 @@ class DyMULlava(lmms):
         if temperature > 0:
             generate_kwargs.update(temperature=temperature, top_p=kwargs.get("top_p"))
         inputs = self._inputs(contexts, visuals)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         with forward_times(self.model) as times:
             out = vlm.generate(self.model, **inputs, **generate_kwargs)
+        peak_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20 if cuda else None  # None: no CPU figure
         texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         stages = times.stages()
         cfg = self.model.config.get_text_config()
@@ -202,7 +207,7 @@ class DyMULlava(lmms):
             output_tokens = new.index(stop) if stop in new else len(new)
             crops, vision = vision[:len(acc["crop_tokens"])], vision[len(acc["crop_tokens"]):]
             record = {**acc, **self.setting, "output_tokens": output_tokens, "batch_size": len(contexts),
-                      **{f"batch_{key}": value for key, value in stages.items()},
+                      **{f"batch_{key}": value for key, value in stages.items()}, "batch_peak_mib": peak_mib,
                       "vision_flops": sum(crops) if crops else None,
                       "prefill_flops": llm_prefill_flops(cfg, acc["llm_compact_length"], acc["llm_virtual_length"], 1),
                       "decode_flops": llm_decode_flops(cfg, max(output_tokens - 1, 0), acc["llm_virtual_length"])}
