@@ -120,6 +120,20 @@ def test_model_arguments_fail_clearly(checkpoints):
         DyMULlavaOneVision(pretrained=str(checkpoints["llava"]))
 
 
+def test_rows_table_flags_settings_slower_than_full():
+    from dymu_viz.eval import rows_table
+
+    rows = [{"setting": "full", "accuracy": 0.5, "image_tokens": 576.0, "image_tokens_std": 0.0, "seconds": 0.4,
+             "gflops": 50.0},
+            {"setting": "DyMU", "accuracy": 0.5, "image_tokens": 90.0, "image_tokens_std": 27.0, "seconds": 0.2,
+             "gflops": 20.0},
+            {"setting": "pool", "accuracy": 0.4, "image_tokens": 90.0, "image_tokens_std": 0.0, "seconds": 0.5,
+             "gflops": 48.0}]
+    lines = rows_table(rows).splitlines()
+    assert lines[2].endswith("| 1.00 |") and lines[3].endswith("| 0.50 |") and lines[4].endswith("| 1.25 SLOWER |")
+    assert "90.0 ± 27.0" in lines[3]
+
+
 def test_describe_is_population_statistics():
     assert describe([1, 2, 3, 10]) == pytest.approx({"mean": 4.0, "std": np.std([1, 2, 3, 10]), "min": 1,
                                                      "median": 2.5, "max": 10})

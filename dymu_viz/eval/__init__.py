@@ -168,8 +168,13 @@ def run_rows(runs: Mapping[str, Union[str, Path]], metric: str = "accuracy") -> 
     return rows
 
 
-def rows_table(rows: Sequence[dict[str, Any]], metric: str = "accuracy") -> str:
-    lines = [f"| setting | {metric} | image tokens | s / sample | GFLOPs / sample |", "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r[metric]:.3f} | {r['image_tokens']:.1f} ± {r['image_tokens_std']:.1f} | "
-              f"{r['seconds']:.3f} | {r['gflops']:.2f} |" for r in rows]
+def rows_table(rows: Sequence[dict[str, Any]], metric: str = "accuracy", reference: str = "full") -> str:
+    """Markdown of ``run_rows``; time against the ``reference`` row, flagged SLOWER when above it."""
+    base = next((r["seconds"] for r in rows if r["setting"] == reference), None)
+    lines = [f"| setting | {metric} | image tokens | s / sample | GFLOPs / sample | time vs {reference} |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "" if base is None else f"{r['seconds'] / base:.2f}" + (" SLOWER" if r["seconds"] > base else "")
+        lines.append(f"| {r['setting']} | {r[metric]:.3f} | {r['image_tokens']:.1f} ± {r['image_tokens_std']:.1f} | "
+                     f"{r['seconds']:.3f} | {r['gflops']:.2f} | {ratio} |")
     return "\n".join(lines)
