@@ -174,6 +174,9 @@ class DyMULlava(lmms):
             contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             visuals = [list(to_visual(self.task_dict[t][s][d]) or [])  # a batch may mix tasks with equal kwargs
                        for to_visual, t, s, d in zip(doc_to_visual, tasks, splits, doc_ids)]
+            if any(isinstance(v, str) for vs in visuals for v in vs):
+                raise ValueError(f"{self.model_name()} evaluates image tasks; {tasks[0]} gives video paths (video "
+                                 "merging is for Qwen2-VL: dymu_viz.vlm.qwen)")
             results += self._generate(list(contexts), visuals, dict(all_kwargs[0]))
             bar.update(len(chunk))
         bar.close()
