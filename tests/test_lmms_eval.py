@@ -34,9 +34,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def run(model: str, model_args: str, batch_size: int, out: Path) -> tuple[list[dict], dict]:
+def run(model: str, model_args: str, batch_size: int, out: Path, processes: int = 1) -> tuple[list[dict], dict]:
     """lmms-eval's CLI on dymu_photos (``dymu_viz.eval.run_cli``): the logged samples by doc id, the results."""
-    run_cli(model, model_args, out, batch_size=batch_size, device="cpu")
+    run_cli(model, model_args, out, batch_size=batch_size, device="cpu", processes=processes)
     samples = sorted(load_samples(out), key=lambda s: s["doc_id"])
     assert [s["doc_id"] for s in samples] == list(range(DOCS))
     return samples, load_results(out)
@@ -69,6 +69,17 @@ def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpo
     row, = run_rows({"dymu": tmp_path})  # the notebook's table
     assert row["accuracy"] == results["results"]["dymu_photos"]["accuracy,none"]
     assert row["image_tokens"] == pytest.approx(summary["image_tokens"]["mean"]) and row["seconds"] > 0
+
+
+def test_two_processes_log_every_sample_and_summarise_them_all(checkpoints, tmp_path):
+    """accelerate launch --num_processes 2 (data parallel, as on 8 GPUs): each process answers
+    its share; the summary covers every sample, and equals the one-process run's."""
+    args = f"pretrained={checkpoints['llava']},thresholds={TAU}"
+    one, one_results = run("dymu_llava", args, 2, tmp_path / "one")
+    two, two_results = run("dymu_llava", args, 2, tmp_path / "two", processes=2)
+    assert [s["filtered_resps"] for s in two] == [s["filtered_resps"] for s in one]
+    assert [s["dymu"]["image_tokens"] for s in two] == [s["dymu"]["image_tokens"] for s in one]
+    assert summary_of_results(two_results) == summary_of_results(one_results)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

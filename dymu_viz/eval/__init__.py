@@ -110,18 +110,23 @@ def summary_of_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def run_cli(model: str, model_args: str, output_path: Union[str, Path], tasks: str = "dymu_photos",
             batch_size: int = 2, device: Optional[str] = None, extra: Sequence[str] = (),
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, processes: int = 1) -> Path:
     """Run ``python -m lmms_eval eval`` (logged samples on, ``TASKS_DIR`` included) into a new
     ``output_path`` (an existing non-empty one is an error unless ``overwrite``: then it is
-    emptied first) and return it; a failed run raises with the end of its output."""
+    emptied first) and return it; a failed run raises with the end of its output. processes > 1:
+    data parallel through ``accelerate launch --num_processes`` (one GPU each; on ``device="cpu"``
+    CPU processes)."""
     output_path = Path(output_path)
     if output_path.exists() and any(output_path.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{output_path} already holds a run; pass overwrite=True to replace it")
         shutil.rmtree(output_path)
-    command = [sys.executable, "-m", "lmms_eval", "eval", "--model", model, "--model_args", model_args,
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+              *(["--cpu"] if device == "cpu" else []), "-m"] if processes > 1 else [sys.executable, "-m"]
+    command = [*launch, "lmms_eval", "eval", "--model", model, "--model_args", model_args,
                "--tasks", tasks, "--include_path", str(TASKS_DIR), "--batch_size", str(batch_size),
-               "--output_path", str(output_path), "--log_samples", *(["--device", device] if device else []), *extra]
+               "--output_path", str(output_path), "--log_samples",
+               *(["--device", device] if device and processes == 1 else []), *extra]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"lmms-eval exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
