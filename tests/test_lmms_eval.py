@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-lmms_eval = pytest.importorskip("lmms_eval")  # the "eval" extra (part of "dev"); the README installs it
-
 from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results, load_samples,  # noqa: E402
                            run_cli, run_rows, summarize, summary_of_results, task_docs)
 from tiny_models import tiny_vlm  # noqa: E402
@@ -114,6 +112,8 @@ def test_matched_budget_baselines_run_in_the_harness(checkpoints):
 
 
 def test_model_arguments_fail_clearly(checkpoints):
+    from transformers import LlavaForConditionalGeneration
+
     from dymu_viz.eval.harness import DyMULlava, DyMULlavaOneVision, parse_setting
 
     with pytest.raises(ValueError, match="give one of thresholds, tome and pool"):
@@ -129,6 +129,12 @@ def test_model_arguments_fail_clearly(checkpoints):
         DyMULlava(pretrained=str(checkpoints["llava"]), treshold=0.9)
     with pytest.raises(ValueError, match="runs LlavaOnevisionForConditionalGeneration"):
         DyMULlavaOneVision(pretrained=str(checkpoints["llava"]))
+    # weights=random: the hub id's classes at random, here with a 1-block tower, so the 24-layer
+    # published thresholds do not fit it
+    random = DyMULlava(pretrained="llava-hf/llava-1.5-7b-hf", weights="random", vision_layers=1)
+    assert isinstance(random.model, LlavaForConditionalGeneration) and random.model.dymu_vlm.mode == "vtu"
+    with pytest.raises(ValueError, match="have 24 layers but the encoder has 1"):
+        DyMULlava(pretrained="llava-hf/llava-1.5-7b-hf", weights="random", vision_layers=1, thresholds="low")
 
 
 def test_rows_table_flags_settings_slower_than_full():
