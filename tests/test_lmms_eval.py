@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results, load_samples,  # noqa: E402
                            run_cli, run_rows, summarize, summary_of_results, task_docs)
@@ -32,11 +33,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
-def run(model: str, model_args: str, batch_size: int, out: Path, processes: int = 1) -> tuple[list[dict], dict]:
-    """lmms-eval's CLI on dymu_photos (``dymu_viz.eval.run_cli``): the logged samples by doc id, the results."""
-    run_cli(model, model_args, out, batch_size=batch_size, device="cpu", processes=processes)
+def run(model: str, model_args: str, batch_size: int, out: Path, processes: int = 1,
+        docs: int = DOCS) -> tuple[list[dict], dict]:
+    """lmms-eval's CLI on dymu_photos (``dymu_viz.eval.run_cli``), its first ``docs`` questions:
+    the logged samples by doc id, and the results."""
+    run_cli(model, model_args, out, batch_size=batch_size, device="cpu", processes=processes,
+            extra=["--limit", str(docs)])
     samples = sorted(load_samples(out), key=lambda s: s["doc_id"])
-    assert [s["doc_id"] for s in samples] == list(range(DOCS))
+    assert [s["doc_id"] for s in samples] == list(range(docs))
     return samples, load_results(out)
 
 
@@ -70,11 +74,12 @@ def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpo
 
 
 def test_two_processes_log_every_sample_and_summarise_them_all(checkpoints, tmp_path):
-    """accelerate launch --num_processes 2 (data parallel, as on 8 GPUs): each process answers
-    its share; the summary covers every sample, and equals the one-process run's."""
+    """accelerate launch --num_processes 2 (data parallel, as on 8 GPUs) on 11 questions: each
+    process answers its share (lmms-eval pads the second with a copy); the summary covers every
+    sample once, and equals the one-process run's."""
     args = f"pretrained={checkpoints['llava']},thresholds={TAU}"
-    one, one_results = run("dymu_llava", args, 2, tmp_path / "one")
-    two, two_results = run("dymu_llava", args, 2, tmp_path / "two", processes=2)
+    one, one_results = run("dymu_llava", args, 2, tmp_path / "one", docs=DOCS - 1)
+    two, two_results = run("dymu_llava", args, 2, tmp_path / "two", processes=2, docs=DOCS - 1)
     assert [s["filtered_resps"] for s in two] == [s["filtered_resps"] for s in one]
     assert [s["dymu"]["image_tokens"] for s in two] == [s["dymu"]["image_tokens"] for s in one]
     assert summary_of_results(two_results) == summary_of_results(one_results)
@@ -89,14 +94,30 @@ def test_mode_full_answers_what_lmms_eval_own_llava_hf_answers(family, checkpoin
     assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
 
 
-def evaluate(model_args: str, batch_size: int = 2) -> list[dict]:
+def evaluate(model_args: str, batch_size: int = 2, gen_kwargs: str | None = None) -> list[dict]:
     """lmms-eval's simple_evaluate in this process (the CLI's own entry, without a new interpreter)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     results = simple_evaluate(model="dymu_llava", model_args=model_args, tasks=["dymu_photos"], batch_size=batch_size,
-                              device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(TASKS_DIR)))
+                              device="cpu", log_samples=True, gen_kwargs=gen_kwargs,
+                              task_manager=TaskManager(include_path=str(TASKS_DIR)))
     return sorted(results["samples"]["dymu_photos"], key=lambda s: s["doc_id"])
+
+
+def test_a_samples_record_does_not_depend_on_its_batch_or_beams(checkpoints):
+    """Per-sample figures are the sample's own: the same alone, in a batch of 3 (where others
+    run longer after it stops), and (the tower's) with 2 beams, whose rows repeat each crop."""
+    args = f"pretrained={checkpoints['llava']},thresholds={TAU}"
+    alone, batched = ([s["token_counts"][0]["dymu"] for s in evaluate(args, b)] for b in (1, 3))
+    assert any(r["generated_tokens"] < 8 for r in alone) and any(r["generated_tokens"] == 8 for r in alone)
+    own = ("image_tokens", "llm_compact_length", "generated_tokens", "output_tokens", "kv_cache_entries",
+           "kv_key_entries", "vision_flops", "prefill_flops", "decode_flops")
+    assert [[r[k] for k in own] for r in batched] == [[r[k] for k in own] for r in alone]
+    beams = [s["token_counts"][0]["dymu"] for s in evaluate(args, 2, "num_beams=2")]
+    assert all(r["num_beams"] == 2 for r in beams)
+    assert [r["vision_flops"] for r in beams] == [r["vision_flops"] for r in alone]
+    assert len({r["vision_flops"] for r in alone}) > 1  # the images differ, so a mix-up would show
 
 
 def test_matched_budget_baselines_run_in_the_harness(checkpoints):
@@ -125,6 +146,9 @@ def test_model_arguments_fail_clearly(checkpoints):
     with pytest.raises(ValueError, match="LLaVA-1.5's published DyMU-low"):
         parse_setting("onevision", "low", None, None)
     assert parse_setting("llava", "low", None, None).values[0] == 0.99609375
+    with pytest.raises(ValueError, match="--batch_size auto is not supported"):
+        DyMULlava(pretrained=str(checkpoints["llava"]), batch_size="auto:4")
+    assert parse_setting("llava", "None", None, None) is None
     with pytest.raises(ValueError, match="unknown model argument"):
         DyMULlava(pretrained=str(checkpoints["llava"]), treshold=0.9)
     with pytest.raises(ValueError, match="runs LlavaOnevisionForConditionalGeneration"):
@@ -178,11 +202,13 @@ def test_loglikelihood_is_the_vanilla_models_in_full_mode(family, checkpoints, n
     (logprob, greedy), = ours.loglikelihood([request])
 
     vanilla = AutoModelForImageTextToText.from_pretrained(checkpoints[family]).eval()
-    prompt = build_prompt(ours.processor, "What is shown?", 1, None)
-    start = ours.processor(images=[photo], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
-    whole = ours.processor(images=[photo], text=[prompt + " a cat"], return_tensors="pt")
-    logits = vanilla(**whole).logits[0, start - 1:-1].log_softmax(-1)
-    target = whole["input_ids"][0, start:]
+    prompt = ours.processor(images=[photo], text=[build_prompt(ours.processor, "What is shown?", 1, None)],
+                            return_tensors="pt")
+    target = ours.tokenizer(" a cat", add_special_tokens=False, return_tensors="pt").input_ids[0]
+    start = prompt["input_ids"].shape[1]
+    ids = torch.cat([prompt["input_ids"][0], target])[None]
+    images = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
+    logits = vanilla(input_ids=ids, **images).logits[0, start - 1:-1].log_softmax(-1)
     assert logprob == pytest.approx(float(logits.gather(1, target[:, None]).sum()), abs=1e-4)
     assert greedy == bool((logits.argmax(-1) == target).all())
 

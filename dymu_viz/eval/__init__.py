@@ -10,7 +10,7 @@ group lmms-eval 0.7 reads (``lmms_eval.models``):
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,thresholds=low,mode=vtu \\
         --tasks gqa --batch_size 8 --log_samples --output_path logs/
 
-Every logged sample's ``token_counts`` carries DyMU's accounting under ``"dymu"`` (tower tokens
+Every generated sample's ``token_counts`` carries DyMU's accounting under ``"dymu"`` (tower tokens
 per crop, compact / virtual LLM length, KV-cache entries, the batch's stage times and CUDA peak
 memory, FLOPs), and the
 run's results JSON gets the summary (mean, std, min, median, max) under ``"throughput"``.
@@ -164,6 +164,9 @@ def run_rows(runs: Mapping[str, Union[str, Path]], metric: str = "accuracy") -> 
     for label, folder in runs.items():
         samples = load_samples(folder)
         records = [s["dymu"] for s in samples]
+        if None in records:
+            raise ValueError(f"{folder}: some samples carry no DyMU record (a dymu_* model's generate_until run "
+                             "logs one per sample; loglikelihood tasks log none)")
         tokens = describe(r["image_tokens"] for r in records)
         flops = [sum(r[k] or 0 for k in ("vision_flops", "prefill_flops", "decode_flops")) for r in records]
         rows.append({"setting": label, metric: statistics.fmean(s[metric] for s in samples),

@@ -62,7 +62,7 @@ class DyMUTokenCounts(TokenCounts):
 def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
     """What ``patch_vlm`` gets from the model arguments: Thresholds, a float, ToMe, Pool or None."""
     given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool))
-             if value not in (None, "", "none")]
+             if value is not None and str(value).lower() not in ("", "none")]
     if len(given) > 1:
         raise ValueError(f"give one of thresholds, tome and pool, not {' and '.join(given)}")
     if tome not in (None, ""):
@@ -72,7 +72,7 @@ def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
         if not (rows.isdigit() and cols.isdigit()):
             raise ValueError(f"pool must be ROWSxCOLS, e.g. pool=10x9, got {pool!r}")
         return Pool(int(rows), int(cols))
-    if thresholds in (None, "", "none"):
+    if thresholds is None or str(thresholds).lower() in ("", "none"):
         return None
     text = str(thresholds)
     if text in PRESETS:
@@ -116,9 +116,12 @@ class DyMULlava(lmms):
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
                  mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
                  device: Optional[str] = None, batch_size: int = 1, chat_template: Optional[str] = None,
-                 download: bool = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
-                 **unknown: Any) -> None:
+                 download: Any = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
+                 max_batch_size: Optional[int] = None, **unknown: Any) -> None:
         super().__init__()
+        if str(batch_size).startswith("auto"):
+            raise ValueError("--batch_size auto is not supported: give a number (DyMU's batches are padded to their "
+                             "longest compact prompt)")
         if unknown:
             raise ValueError(f"unknown model argument(s) {', '.join(sorted(unknown))} for {type(self).__name__}")
         if weights not in ("pretrained", "random"):
@@ -131,7 +134,7 @@ class DyMULlava(lmms):
         device = device if self._world_size == 1 and device else str(self.accelerator.device)
         source = pretrained or self.default_pretrained
         loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
-                              None if dtype == "auto" else DTYPES[dtype], allow_download=str(download) != "False",
+                              None if dtype == "auto" else DTYPES[dtype], allow_download=str(download).lower() not in ("false", "0", "no"),
                               vision_layers=None if vision_layers is None else int(vision_layers))
         expected = FAMILY_CLASSES[self.family]
         if type(loaded.model).__name__ != expected:
@@ -156,10 +159,8 @@ class DyMULlava(lmms):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _inputs(self, contexts: list[str], visuals: list[list[Any]], continuations: Optional[list[str]] = None
-                ) -> dict[str, Any]:
+    def _inputs(self, contexts: list[str], visuals: list[list[Any]]) -> dict[str, Any]:
         prompts = [build_prompt(self.processor, c, len(v), self.chat_template) for c, v in zip(contexts, visuals)]
-        prompts = [p + c for p, c in zip(prompts, continuations)] if continuations else prompts
         # nested per prompt, so that OneVision's processor counts each sample's images
         images = visuals if all(visuals) else [im for v in visuals for im in v] or None
         inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
@@ -177,11 +178,20 @@ class DyMULlava(lmms):
             if any(isinstance(v, str) for vs in visuals for v in vs):
                 raise ValueError(f"{self.model_name()} evaluates image tasks; {tasks[0]} gives video paths (video "
                                  "merging is for Qwen2-VL: dymu_viz.vlm.qwen)")
-            results += self._generate(list(contexts), visuals, dict(all_kwargs[0]))
+            batches = [(list(contexts), visuals)]
+            if self.family == "onevision" and any(visuals) and not all(visuals):
+                # OneVision's processor counts images per sample only when every sample has one
+                batches = [([c], [v]) for c, v in zip(contexts, visuals)]
+            for batch_contexts, batch_visuals in batches:
+                results += self._generate(batch_contexts, batch_visuals, dict(all_kwargs[0]))
             bar.update(len(chunk))
         bar.close()
+        results = collator.get_original(results)
+        # lmms-eval pads the last ranks with copies of a request: they are not samples
+        self.records = [r.token_counts.dymu for r, q in zip(results, requests)
+                        if not (q.metadata or {}).get("__padding_only__")]
         self._report()
-        return collator.get_original(results)
+        return results
 
     def _generate(self, contexts: list[str], visuals: list[list[Any]], kwargs: dict[str, Any]) -> list[GenerationResult]:
         until = kwargs.pop("until", None) or [self.tokenizer.decode(self.tokenizer.eos_token_id)]
@@ -202,19 +212,23 @@ class DyMULlava(lmms):
         texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         stages = times.stages()
         cfg = self.model.config.get_text_config()
-        vision = tower_crop_flops(self.model)
+        vision = tower_crop_flops(self.model)  # per crop; with beams each sample's crops come once per beam
+        beams, stop = generate_kwargs["num_beams"], self.tokenizer.eos_token_id
         results = []
         for row, (acc, text) in enumerate(zip(out.accounting, texts)):
             new = out.sequences[row].tolist()
-            stop = self.tokenizer.eos_token_id
             output_tokens = new.index(stop) if stop in new else len(new)
-            crops, vision = vision[:len(acc["crop_tokens"])], vision[len(acc["crop_tokens"]):]
-            record = {**acc, **self.setting, "output_tokens": output_tokens, "batch_size": len(contexts),
+            own = output_tokens + (stop in new)  # tokens this sample generated, its EOS included
+            crops, vision = vision[:len(acc["crop_tokens"])], vision[len(acc["crop_tokens"]) * beams:]
+            # the cache entries of its own tokens (not the padding steps after it finished; the last token is not cached)
+            entries = acc["llm_compact_length"] + own - 1
+            record = {**acc, **self.setting, "output_tokens": output_tokens, "generated_tokens": own,
+                      "kv_cache_entries": entries, "kv_key_entries": acc["kv_key_entries"] - acc["kv_cache_entries"] + entries,
+                      "batch_size": len(contexts), "num_beams": beams,
                       **{f"batch_{key}": value for key, value in stages.items()}, "batch_peak_mib": peak_mib,
                       "vision_flops": sum(crops) if crops else None,
                       "prefill_flops": llm_prefill_flops(cfg, acc["llm_compact_length"], acc["llm_virtual_length"], 1),
-                      "decode_flops": llm_decode_flops(cfg, max(output_tokens - 1, 0), acc["llm_virtual_length"])}
-            self.records.append(record)
+                      "decode_flops": llm_decode_flops(cfg, max(own - 1, 0), acc["llm_virtual_length"])}
             results.append(GenerationResult(cut_at_stop(text, until),
                                             DyMUTokenCounts(acc["llm_compact_length"], output_tokens, record)))
         return results
@@ -240,12 +254,16 @@ class DyMULlava(lmms):
             continuation = continuation if isinstance(continuation, str) else \
                 continuation(self.task_dict[task][split][doc_id])
             visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]))
-            start = self._inputs([context], [visuals])["input_ids"].shape[1]
-            inputs = self._inputs([context], [visuals], [continuation])
-            ids = inputs.pop("input_ids")
+            inputs = self._inputs([context], [visuals])
+            prompt = inputs.pop("input_ids")
+            # the continuation tokenized on its own, so that no token straddles the boundary
+            target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            ids = torch.cat([prompt, target[None].to(prompt.device)], 1)
+            inputs["attention_mask"] = torch.ones_like(ids)
             logits, _ = vlm.logits(self.model, ids, **inputs)
+            start = prompt.shape[1]
             logprobs = torch.log_softmax(logits[0, start - 1:-1].float(), dim=-1)
-            target = ids[0, start:]
+            target = target.to(logprobs.device)
             results.append((float(logprobs.gather(1, target[:, None]).sum()),
                             bool((logprobs.argmax(-1) == target).all())))
         return results
