@@ -141,6 +141,18 @@ class VTUTrack:
         self.cos: Optional[Tensor] = None  # (B, slots so far, D)
         self.sin: Optional[Tensor] = None
         self.per_forward: dict[Any, Any] = {}  # what every layer of the current forward shares
+        self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # see ``scratch``
+
+    def scratch(self, like: Tensor, numel: int) -> Tensor:
+        """A flat tensor of numel elements in like's dtype and device that the layers of every
+        forward of this generation reuse (each layer is done with it before the next starts):
+        on a CPU a fresh tensor of a decode step's size costs page faults at every layer, which
+        cost as much as the work on it. Grown with headroom for the slots decode steps add."""
+        key = (like.device, like.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = like.new_empty(numel + numel // 4)
+        return buffer[:numel]
 
     def append(self, block: VirtualLayout, n_new: int) -> None:
         """Add ``n_new`` compact tokens whose virtual slots are ``block`` (the newest queries)."""
@@ -282,6 +294,30 @@ class VTUState:
             n = self.track.query_slots
             self.track.per_forward[key] = rotation(cos[:, None, -n:], sin[:, None, -n:], scale)
         return self.track.per_forward[key]
+
+    def step_keys(self, key: Tensor, pair_ordered: bool) -> Tensor:
+        """Compact cache, a decode step: the cached compact keys (B, Hkv, P, D) expanded to every
+        virtual slot and rotated there, (B, Hkv, V, D) in pair order. The slot index and the
+        rotation are built once per forward for every layer; on a CPU without autograd the slots
+        are written into the track's scratch buffer and rotated in place (no allocation)."""
+        if not pair_ordered:
+            key = pair_order(key).flatten(-2)
+        B, H, P, D = key.shape
+        shared = self.track.per_forward
+        if ("step_keys", H, P) not in shared:
+            src = self.track.layout.src.to(key.device)
+            heads = torch.arange(B * H, device=key.device).view(B, H, 1) * P
+            cos, sin = self.rope(key)
+            shared["step_keys", H, P] = (heads + src[:, None, :]).reshape(-1), rotation(cos[:, None], sin[:, None])
+        index, factor = shared["step_keys", H, P]
+        rows = key.reshape(B * H * P, D)
+        in_place = not (torch.is_grad_enabled() and key.requires_grad)
+        out = self.track.scratch(key, index.numel() * D).view(-1, D) if in_place and key.device.type == "cpu" else None
+        slots = torch.index_select(rows, 0, index, out=out).view(B, H, -1, D // 2, 2)
+        if in_place and isinstance(factor, Tensor):
+            torch.view_as_complex(slots).mul_(factor)
+            return slots.view(B, H, -1, D)
+        return apply_rotation(slots, factor).view(B, H, -1, D)
 
     def new_slot_keys(self, k: Tensor) -> Tensor:
         """Decode-fast cache: the new compact keys k (B, Hkv, q_len, D), pair order, expanded to
@@ -486,8 +522,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     soft_dtype = torch.float32 if state.kernel == "eager" else torch.promote_types(query.dtype, torch.float32)
     if plain and q_len == 1 and sliding_window is None:  # a decode step
         if not fast:  # the compact cache's keys, expanded and rotated for this step
-            cos, sin = state.rope(query)
-            key = gather_rotated(key, layout.src.to(query.device), cos, sin, pair_ordered)
+            key = state.step_keys(key, pair_ordered)
             query = query if pair_ordered else pair_order(query).flatten(-2)
         return _decode_step(state, query, key, value, scale, groups, soft_dtype), None
 

@@ -272,7 +272,8 @@ def test_cached_greedy_decoding_equals_recomputation_and_cache_bytes_follow_the_
     virtual = model.model.dymu_vtu.track.layout.src.shape[1]
     assert model.model.dymu_vtu.track.unpadded == (case == "unpadded")
     steps, P, B = 16, ids.shape[1], ids.shape[0]
-    # greedy decoding with the cache, fp64 logits kept (generate's are cast to float32)
+    # greedy decoding with the cache, fp64 logits kept (generate's are cast to float32); no
+    # autograd (this module's fixture), as under generate: compact-cache steps work in place
     out = model(input_ids=ids, attention_mask=mask)
     cached, cache, step_mask = [out.logits[:, -1]], out.past_key_values, mask
     for t in range(steps - 1):
@@ -295,6 +296,32 @@ def test_cached_greedy_decoding_equals_recomputation_and_cache_bytes_follow_the_
     expected = cache_bytes_formula(policy, layers=2, rows=B, kv_heads=2, head_dim=16, compact=P + fed,
                                    virtual=virtual + fed, element_size=8)
     assert cache_bytes(cache) == expected
+
+
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+def test_decode_steps_with_autograd_equal_without_and_backpropagate(policy):
+    """With autograd on, a decode step allocates what it needs (no shared scratch buffer, no
+    in-place rotation of a tensor backward needs): the logits equal the no-grad ones and a
+    gradient reaches the weights through the cached keys."""
+    model = tiny_llama(torch.float64)
+    patch_llm(model, cache=policy)
+    samples = [merged_sample(seed=0, n_compact=7, n_virtual=16), merged_sample(seed=1, n_compact=4, n_virtual=9)]
+    logits = {}
+    for grad in (False, True):
+        ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
+        with torch.set_grad_enabled(grad):
+            out = model(input_ids=ids, attention_mask=mask)
+            step = torch.cat([mask, torch.ones(len(samples), 1, dtype=torch.long)], 1)
+            for _ in range(3):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=step,
+                            past_key_values=out.past_key_values)
+                step = torch.cat([step, torch.ones(len(samples), 1, dtype=torch.long)], 1)
+        logits[grad] = out.logits
+    assert torch.allclose(logits[True], logits[False], atol=1e-12, rtol=0)
+    with torch.enable_grad():  # this module runs under no_grad (its fixture)
+        logits[True].sum().backward()
+    grad = model.model.layers[0].self_attn.k_proj.weight.grad
+    assert grad is not None and bool(grad.abs().sum() > 0)
 
 
 def routes_of(model, run) -> dict[str, int]:
