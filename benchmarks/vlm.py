@@ -21,11 +21,14 @@ ratios. Targets: VTU time / full time <= 1.1 x the FLOP ratio; KV bytes ratio = 
 VTU / FLOP-equivalent is VTU's own overhead; FLOP-equivalent / bound is what the hardware adds
 (matrix products over fewer rows run at a lower rate per row, notably on CPU).
 
-Then, per mode but FLOP-equivalent, ``--decode`` single-token steps on that cache, timed per step,
-at batch 1 and 8 (``--batch-sizes``): full (full-length cache), VTU with its two cache policies
-("compact": compact un-rotated keys re-expanded and re-rotated every step; "decode_fast": keys
-expanded and rotated once, compact values), and w/o VTU (compact cache). The end-to-end figure
-is prefill + all decode steps, the time a user waits for an answer of ``--decode`` tokens.
+Then ``--decode`` single-token steps after a prefill, at batch 1 and 8 (``--batch-sizes``), for
+full (full-length cache), VTU with its two cache policies ("compact": compact un-rotated keys
+re-expanded and re-rotated every step; "decode_fast": keys expanded and rotated once, compact
+values) and w/o VTU (compact cache). Each mode has its own decoder (the VTU ones share the
+unpatched decoder's weights) and cache, so their steps run interleaved, step by step: a step
+ratio is the median over the steps of step-to-step ratios (the median over repetitions of that),
+which cancels the machine's drifts and hiccups. The end-to-end figure is prefill + the sum of
+all decode steps, the time a user waits for an answer of ``--decode`` tokens.
 
 Peak memory of one prefill: on GPU, torch's peak allocated bytes; on CPU (``--memory``), the
 growth of the resident set's peak during one prefill (Linux VmHWM, reset just before it), each
@@ -97,6 +100,19 @@ def flop_equivalent_attention(module: torch.nn.Module, query: torch.Tensor, key:
     q, k, v = (t.transpose(1, 2) for t in fixed)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     return out.transpose(1, 2)[:, :q_len], None
+
+
+def shared_copy(model: LlamaModel) -> LlamaModel:
+    """A second decoder of model's architecture and config holding the very same weight and
+    buffer tensors (no copy), so that it can be patched on its own."""
+    with torch.device("meta"):
+        copy = LlamaModel(model.config.__class__.from_dict(model.config.to_dict()))
+    copy.load_state_dict(model.state_dict(), assign=True)
+    for name, buffer in model.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        setattr(copy.get_submodule(owner), attr, buffer)
+    copy.config._attn_implementation = model.config._attn_implementation
+    return copy.eval()
 
 
 def use_mode(model: LlamaModel, mode: str) -> None:
@@ -176,27 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg, virtual = model.config, full_embeds.shape[1]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    def run(embeds: torch.Tensor, layout: VirtualLayout | None, decode: int) -> tuple[float, int, int, float]:
-        """Prefill seconds, KV bytes after it, peak memory, then seconds per decode step (of
-        `decode` steps; 0 for none)."""
+    def prefill(decoder: LlamaModel, embeds: torch.Tensor, layout: VirtualLayout | None) -> tuple[float, DynamicCache, int]:
+        """Seconds of one prefill of decoder (its VTU layout set first), its cache, peak memory."""
         if layout is not None:
-            model.dymu_vtu.start(layout, embeds.shape[1])
+            decoder.dymu_vtu.start(layout, embeds.shape[1])
         cache = DynamicCache()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         sync()
         start = time.perf_counter()
-        model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         sync()
-        prefill = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
-        kv = cache_bytes(cache)
-        step_embeds = embeds[:, -1:]
+        return time.perf_counter() - start, cache, peak
+
+    def step(decoder: LlamaModel, cache: DynamicCache, embeds: torch.Tensor) -> float:
+        """Seconds of one decode step (one new token per row) on cache."""
         start = time.perf_counter()
-        for _ in range(decode):
-            model(inputs_embeds=step_embeds, past_key_values=cache, use_cache=True)
+        decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         sync()
-        return prefill, kv, peak, (time.perf_counter() - start) / max(decode, 1)
+        return time.perf_counter() - start
 
     def paired(times: dict[str, list[float]], num: str, den: str = "full") -> float:
         """Median of per-repetition ratios: each repetition runs the modes back to back, so a
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.warmup + args.reps):
             for mode in times:
                 use_mode(model, mode)
-                t, kv[mode], peak[mode], _ = run(*inputs_for(mode, n, full_embeds), 0)
+                t, cache, peak[mode] = prefill(model, *inputs_for(mode, n, full_embeds))
+                kv[mode] = cache_bytes(cache)
                 if rep >= args.warmup:
                     times[mode].append(t)
         if args.memory and args.device == "cpu":
@@ -231,23 +247,34 @@ def main(argv: list[str] | None = None) -> int:
 
     decode_rows = []
     decode_modes = ("full", "vtu", "vtu_fast", "compact")
+    use_mode(model, "full")  # full and w/o VTU: the unpatched decoder; VTU: copies sharing its weights
+    decoders = {"full": model, "compact": model, "vtu": shared_copy(model), "vtu_fast": shared_copy(model)}
+    patch_llm(decoders["vtu"], cache="compact")
+    patch_llm(decoders["vtu_fast"], cache="decode_fast")
     for batch in args.batch_sizes if args.decode else []:
         embeds_b = full_embeds.expand(batch, -1, -1).contiguous()
         for n in LEVELS:
-            prefill_t = {m: [] for m in decode_modes}
             step_t = {m: [] for m in decode_modes}
+            step_r = {m: [] for m in decode_modes}
             total_t = {m: [] for m in decode_modes}
             for rep in range(args.warmup + args.reps):
+                inputs = {mode: inputs_for(mode, n, embeds_b) for mode in decode_modes}
+                pre, caches = {}, {}
                 for mode in decode_modes:
-                    use_mode(model, mode)
-                    t, _, _, step = run(*inputs_for(mode, n, embeds_b), args.decode)
-                    if rep >= args.warmup:
-                        prefill_t[mode].append(t)
-                        step_t[mode].append(step)
-                        total_t[mode].append(t + args.decode * step)
+                    pre[mode], caches[mode], _ = prefill(decoders[mode], *inputs[mode])
+                steps: dict[str, list[float]] = {m: [] for m in decode_modes}
+                for _ in range(args.decode):  # the modes' steps interleaved: paired step by step
+                    for mode in decode_modes:
+                        steps[mode].append(step(decoders[mode], caches[mode], inputs[mode][0][:, -1:]))
+                del caches
+                if rep >= args.warmup:
+                    for mode in decode_modes:
+                        step_t[mode].append(statistics.median(steps[mode]))
+                        step_r[mode].append(statistics.median(a / b for a, b in zip(steps[mode], steps["full"])))
+                        total_t[mode].append(pre[mode] + sum(steps[mode]))
             row = {"batch": batch, "image_tokens": n, "decode_steps": args.decode,
                    "step_seconds": {m: statistics.median(v) for m, v in step_t.items()},
-                   "step_ratio": {m: paired(step_t, m) for m in decode_modes[1:]},
+                   "step_ratio": {m: statistics.median(step_r[m]) for m in decode_modes[1:]},
                    "end_to_end_seconds": {m: statistics.median(v) for m, v in total_t.items()},
                    "end_to_end_ratio": {m: paired(total_t, m) for m in decode_modes[1:]}}
             decode_rows.append(row)

@@ -152,10 +152,13 @@ def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
 
 
-def valid_rows(size: Tensor) -> Optional[Tensor]:
-    """Flat (B*N) indices of the valid tokens, or None when nothing is padded."""
+def valid_rows(size: Tensor, padded: Optional[bool] = None) -> Optional[Tensor]:
+    """Flat (B*N) indices of the valid tokens, or None when nothing is padded (``padded``: whether
+    anything is, when the caller knows; else a host sync finds out)."""
     valid = size > 0
-    return None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)
+    if padded is None:
+        padded = not bool(valid.all())
+    return valid.flatten().nonzero().squeeze(1) if padded else None
 
 
 def rowwise(fn: Callable[[Tensor], Tensor], x: Tensor, rows: Optional[Tensor]) -> Tensor:
@@ -201,9 +204,12 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
             best, dst = merge.bipartite_scores(k.mean(1), size, protected)
             src, tau = config.select(i, best, size, protected)
         batch_thresholds.append(tau)
-        if src is not None and bool(src.any()):
-            x, size, groups = merge.merge_tokens(x, size, groups, src, dst, best, protected)
-            merged, rows = True, valid_rows(size)
+        if src is not None:  # one host sync per layer: the token counts decide the next shapes
+            kept = merge.survivor_counts(src, size)
+            merges, longest, shortest = torch.stack([src.any().long(), kept.max(), kept.min()]).tolist()
+            if merges:
+                x, size, groups = merge.merge_tokens(x, size, groups, src, dst, best, protected, n_new=longest)
+                merged, rows = True, valid_rows(size, padded=shortest < longest)
 
         x = x + rowwise(lambda t: mlp_branch(blk, t), x, rows)
         layer_sizes.append(size)

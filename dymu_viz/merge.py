@@ -119,19 +119,27 @@ def survivor_rows(src: Tensor, best: Tensor, size: Tensor, protected: int) -> Te
     return torch.where(src.any(-1, keepdim=True), rows, unchanged)
 
 
+def survivor_counts(src: Tensor, size: Tensor) -> Tensor:
+    """Tokens each image keeps after merging the selected sources src (B, Na): (B,). Every
+    selection picks valid A slots only (padding scores -inf), so this is valid - sources."""
+    return (size > 0).sum(-1) - src.sum(-1)
+
+
 def merge_tokens(x: Tensor, size: Tensor, groups: Tensor, src: Tensor, dst: Tensor, best: Tensor,
-                 protected: int) -> tuple[Tensor, Tensor, Tensor]:
+                 protected: int, n_new: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Size-weighted merge of every selected A token into its B partner, in the reference order.
 
     x: (B, N, C); size: (B, N); groups: (B, N0); src, best, dst: (B, Na) from the selection and
     bipartite_scores. Returns x: (B, N', C), size: (B, N'), groups: (B, N0) with
-    N' = the largest surviving count (padded originals: N in, N' out). Features are averaged
-    in at least float32.
+    N' = the largest surviving count, ``survivor_counts(src, size).max()``, which a caller that
+    already read it passes as n_new (no host sync here then). Padded originals: N in, N' out.
+    Features are averaged in at least float32.
     """
     B, N, C = x.shape
     pos = survivor_rows(src, best, size, protected)  # (B, N), -1 = not a survivor
     survive = pos >= 0
-    n_new = int(survive.sum(-1).max())
+    if n_new is None:
+        n_new = int(survive.sum(-1).max())
     dump = n_new  # one scratch row that collects padding; dropped below
     keep = torch.where(survive, pos, dump)
     dst_row = keep[:, 1::2].gather(1, dst)  # (B, Na): new row of each A token's partner

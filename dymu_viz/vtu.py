@@ -20,7 +20,8 @@ the compact values. What the KV cache keeps is a policy (``cache_bytes_formula``
 * "decode_fast" (default): keys of every virtual slot, rotated once when their token arrives
   (by the RoPE hook), and compact values: decode steps cost no more than the unmerged model's;
 * "compact": compact, un-rotated keys and values, the least memory; every decode step expands
-  and rotates the keys again.
+  and rotates the keys again (slot index and rotation built once per step for all layers; on a
+  CPU into a scratch buffer the layers share, rotated in place).
 
 Sliding-window layers (Qwen2 with use_sliding_window) keep their window, measured in virtual
 positions; their cache keeps every compact token.

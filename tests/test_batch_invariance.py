@@ -142,3 +142,41 @@ def test_pooled_output_ignores_padding_content() -> None:
     garbage[result.padding_mask] = 1e3 * torch.randn_like(garbage[result.padding_mask])
     result.tokens = garbage
     torch.testing.assert_close(model.dymu.adapter.pool(result), pooled, atol=1e-5, rtol=1e-5)
+
+
+HOST_READS = ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero")
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf_siglip"])
+def test_threshold_blocks_read_the_host_once_per_layer(monkeypatch, family) -> None:
+    """The token counts decide the next layer's shapes, so every merging layer must read them
+    once; nothing else in the block loop waits for the device (each read is a host sync on a
+    GPU). A padded batch also lists its valid rows (nonzero) after a layer that merges."""
+    from dymu_viz.adapters import base
+    model = BUILDERS[family]()
+    size, patch = GEOMETRY[family]
+    x = redundancy_images(size, patch)
+    dymu_viz.patch(model, thresholds=THRESHOLDS)
+    reads: list[str] = []
+    run_blocks = base.run_blocks
+
+    def reading(name: str):
+        original = getattr(torch.Tensor, name)
+        return lambda self, *args, **kwargs: (reads.append(name), original(self, *args, **kwargs))[1]
+
+    def counted(*args, **kwargs):  # the block loop with every host read of a tensor recorded
+        with pytest.MonkeyPatch.context() as reads_patch:
+            for name in HOST_READS:
+                reads_patch.setattr(torch.Tensor, name, reading(name))
+            return run_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(base, "run_blocks", counted)
+    alone = dymu_viz.encode(model, x[1:2])  # noise: merges in some layers; every layer can merge
+    layers = len(THRESHOLDS)
+    assert reads == ["tolist"] * layers, reads
+    reads.clear()
+    batch = dymu_viz.encode(model, x)
+    merging = int((batch.counts[:, 1:] < batch.counts[:, :-1]).any(0).sum())
+    assert merging > 0 and reads.count("tolist") == layers and reads.count("nonzero") == merging
+    assert len(reads) == layers + merging, reads
+    assert torch.equal(batch.counts[1], alone.counts[0])

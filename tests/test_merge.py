@@ -291,7 +291,11 @@ def test_pure_merge_chain_mixed_rules_variable_counts(n, protected):
         # padded slots are never selected
         a_slots = torch.arange(best.shape[1]) * 2
         assert not (src & (a_slots[None] >= n_valid_rows(size)[:, None])).any()
+        kept = M.survivor_counts(src, size)  # what the encoder reads in its one sync per layer
+        given = M.merge_tokens(x, size, groups, src, dst, best, protected, n_new=int(kept.max()))
         x, size, groups = M.merge_tokens(x, size, groups, src, dst, best, protected)
+        assert all(torch.equal(a, b) for a, b in zip(given, (x, size, groups)))
+        assert torch.equal(kept, n_valid_rows(size))
         assert torch.equal(size.sum(-1), torch.full((B,), float(n), dtype=F64))
         check_provenance(x0, x, size, groups, n)
         # valid rows form a prefix

@@ -220,8 +220,8 @@ def test_calibration_residual_is_the_reference_batched_order(monkeypatch, model_
 
     merge_tokens = merge.merge_tokens
 
-    def merge_then_divide(x, size, groups, src, dst, best, protected):
-        x, size, groups = merge_tokens(x, size, groups, src, dst, best, protected)
+    def merge_then_divide(x, size, groups, src, dst, best, protected, n_new=None):
+        x, size, groups = merge_tokens(x, size, groups, src, dst, best, protected, n_new)
         return x * (size / (size + 1e-4))[..., None].to(x.dtype), size, groups
 
     monkeypatch.setattr(merge, "survivor_rows", reference_batched_rows)
