@@ -6,7 +6,6 @@ benchmarks, never asserted."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dymu_viz import sample_photos, vlm
 from dymu_viz.stats import encoder_flops

@@ -13,10 +13,10 @@ from dymu_viz.vtu import CACHE_POLICIES, VirtualLayout, cache_bytes, cache_bytes
 VOCAB = 128
 
 
-def tiny_llama(dtype=torch.float64, attn="sdpa", seed=0, kv_heads=2):
+def tiny_llama(dtype=torch.float64, attn="sdpa", seed=0, kv_heads=2, layers=2):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=kv_heads,
-                      num_hidden_layers=2, vocab_size=VOCAB, attn_implementation=attn)
+                      num_hidden_layers=layers, vocab_size=VOCAB, attn_implementation=attn)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -322,6 +322,38 @@ def test_decode_steps_with_autograd_equal_without_and_backpropagate(policy):
         logits[True].sum().backward()
     grad = model.model.layers[0].self_attn.k_proj.weight.grad
     assert grad is not None and bool(grad.abs().sum() > 0)
+
+
+HOST_READS = ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero")
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+def test_no_host_read_per_layer(policy, kernel):
+    """VTU's attention never waits for the device inside a layer (each tensor read by the host is
+    a sync on a GPU): the reads of a prefill and of decode steps (left padded, GQA) are the same
+    for 2 and 4 layers, so none of them is per layer."""
+    samples = [merged_sample(seed=0, n_compact=7, n_virtual=16), merged_sample(seed=1, n_compact=4, n_virtual=9)]
+    reads: dict[int, list[str]] = {}
+    for layers in (2, 4):
+        model = tiny_llama(attn=kernel, layers=layers)
+        patch_llm(model, kernel, cache=policy)
+        ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
+        reads[layers] = []
+
+        def reading(name: str, log: list = reads[layers]):
+            original = getattr(torch.Tensor, name)
+            return lambda self, *args, **kwargs: (log.append(name), original(self, *args, **kwargs))[1]
+
+        with pytest.MonkeyPatch.context() as m:
+            for name in HOST_READS:
+                m.setattr(torch.Tensor, name, reading(name))
+            out = model(input_ids=ids, attention_mask=mask)
+            for _ in range(3):
+                mask = torch.cat([mask, torch.ones(len(samples), 1, dtype=torch.long)], 1)
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask,
+                            past_key_values=out.past_key_values)
+    assert reads[2] == reads[4], (reads[2], reads[4])
 
 
 def routes_of(model, run) -> dict[str, int]:
