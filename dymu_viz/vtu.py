@@ -304,13 +304,13 @@ class VTUState:
         if not pair_ordered:
             key = pair_order(key).flatten(-2)
         B, H, P, D = key.shape
-        shared = self.track.per_forward
-        if ("step_keys", H, P) not in shared:
+        shared, cached = self.track.per_forward, ("step_keys", H, P, key.device, key.dtype)  # layers may differ
+        if cached not in shared:
             src = self.track.layout.src.to(key.device)
             heads = torch.arange(B * H, device=key.device).view(B, H, 1) * P
             cos, sin = self.rope(key)
-            shared["step_keys", H, P] = (heads + src[:, None, :]).reshape(-1), rotation(cos[:, None], sin[:, None])
-        index, factor = shared["step_keys", H, P]
+            shared[cached] = (heads + src[:, None, :]).reshape(-1), rotation(cos[:, None], sin[:, None])
+        index, factor = shared[cached]
         rows = key.reshape(B * H * P, D)
         in_place = not (torch.is_grad_enabled() and key.requires_grad)
         out = self.track.scratch(key, index.numel() * D).view(-1, D) if in_place and key.device.type == "cpu" else None
