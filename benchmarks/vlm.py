@@ -39,6 +39,7 @@ leave the resident set.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -106,13 +107,12 @@ def shared_copy(model: LlamaModel) -> LlamaModel:
     """A second decoder of model's architecture and config holding the very same weight and
     buffer tensors (no copy), so that it can be patched on its own."""
     with torch.device("meta"):
-        copy = LlamaModel(model.config.__class__.from_dict(model.config.to_dict()))
-    copy.load_state_dict(model.state_dict(), assign=True)
-    for name, buffer in model.named_buffers():
+        twin = LlamaModel(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict(), assign=True)
+    for name, buffer in model.named_buffers():  # the non-persistent ones (RoPE's inv_freq) too
         owner, _, attr = name.rpartition(".")
-        setattr(copy.get_submodule(owner), attr, buffer)
-    copy.config._attn_implementation = model.config._attn_implementation
-    return copy.eval()
+        setattr(twin.get_submodule(owner), attr, buffer)
+    return twin.eval()
 
 
 def use_mode(model: LlamaModel, mode: str) -> None:

@@ -300,7 +300,9 @@ class VTUState:
         """Compact cache, a decode step: the cached compact keys (B, Hkv, P, D) expanded to every
         virtual slot and rotated there, (B, Hkv, V, D) in pair order. The slot index and the
         rotation are built once per forward for every layer; on a CPU without autograd the slots
-        are written into the track's scratch buffer and rotated in place (no allocation)."""
+        are written into the track's scratch buffer and rotated in place (no allocation). With
+        autograd on, they are fresh: the scores' backward keeps them (for the query's gradient
+        even when the keys need none), so a later layer must not overwrite them."""
         if not pair_ordered:
             key = pair_order(key).flatten(-2)
         B, H, P, D = key.shape
@@ -312,7 +314,7 @@ class VTUState:
             shared[cached] = (heads + src[:, None, :]).reshape(-1), rotation(cos[:, None], sin[:, None])
         index, factor = shared[cached]
         rows = key.reshape(B * H * P, D)
-        in_place = not (torch.is_grad_enabled() and key.requires_grad)
+        in_place = not torch.is_grad_enabled()
         out = self.track.scratch(key, index.numel() * D).view(-1, D) if in_place and key.device.type == "cpu" else None
         slots = torch.index_select(rows, 0, index, out=out).view(B, H, -1, D // 2, 2)
         if in_place and isinstance(factor, Tensor):

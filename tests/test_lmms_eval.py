@@ -149,6 +149,7 @@ def test_model_arguments_fail_clearly(checkpoints):
     with pytest.raises(ValueError, match="--batch_size auto is not supported"):
         DyMULlava(pretrained=str(checkpoints["llava"]), batch_size="auto:4")
     assert parse_setting("llava", "None", None, None) is None
+    assert parse_setting("llava", None, "none", "NONE") is None
     with pytest.raises(ValueError, match="unknown model argument"):
         DyMULlava(pretrained=str(checkpoints["llava"]), treshold=0.9)
     with pytest.raises(ValueError, match="runs LlavaOnevisionForConditionalGeneration"):

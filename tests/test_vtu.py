@@ -324,6 +324,29 @@ def test_decode_steps_with_autograd_equal_without_and_backpropagate(policy):
     assert grad is not None and bool(grad.abs().sum() > 0)
 
 
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+def test_training_only_the_last_query_projection_backpropagates_through_decode_steps(policy):
+    """Keys that need no gradient still feed a query that does: the scores' backward keeps every
+    step's keys, so they must not live in a buffer the next step overwrites (which autograd
+    reports as an in-place modification)."""
+    model = tiny_llama(torch.float64)
+    model.requires_grad_(False)
+    trained = model.model.layers[-1].self_attn.q_proj.weight
+    trained.requires_grad_(True)
+    patch_llm(model, cache=policy)
+    ids, mask = _prefill(model, [merged_sample(seed=0)[0]], [merged_sample(seed=0)[1]])
+    with torch.enable_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        loss = out.logits[:, -1].sum()
+        for _ in range(3):  # a loss over every step's logits: each step's graph is kept
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=out.past_key_values)
+            assert not out.past_key_values.layers[-1].keys.requires_grad
+            loss = loss + out.logits[:, -1].sum()
+        loss.backward()
+    assert trained.grad is not None and bool(trained.grad.abs().sum() > 0)
+
+
 HOST_READS = ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero")
 
 

@@ -59,20 +59,24 @@ class DyMUTokenCounts(TokenCounts):
         return {**super().to_dict(), "dymu": self.dymu}
 
 
+def _given(value: Any) -> bool:
+    """A model argument counts as given unless absent, empty or "none" (any case)."""
+    return value is not None and str(value).lower() not in ("", "none")
+
+
 def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
     """What ``patch_vlm`` gets from the model arguments: Thresholds, a float, ToMe, Pool or None."""
-    given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool))
-             if value is not None and str(value).lower() not in ("", "none")]
+    given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool)) if _given(value)]
     if len(given) > 1:
         raise ValueError(f"give one of thresholds, tome and pool, not {' and '.join(given)}")
-    if tome not in (None, ""):
+    if _given(tome):
         return ToMe(tuple(int(r) for r in str(tome).split("/")))
-    if pool not in (None, ""):
+    if _given(pool):
         rows, _, cols = str(pool).lower().partition("x")
         if not (rows.isdigit() and cols.isdigit()):
             raise ValueError(f"pool must be ROWSxCOLS, e.g. pool=10x9, got {pool!r}")
         return Pool(int(rows), int(cols))
-    if thresholds is None or str(thresholds).lower() in ("", "none"):
+    if not _given(thresholds):
         return None
     text = str(thresholds)
     if text in PRESETS:
@@ -134,7 +138,8 @@ class DyMULlava(lmms):
         device = device if self._world_size == 1 and device else str(self.accelerator.device)
         source = pretrained or self.default_pretrained
         loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
-                              None if dtype == "auto" else DTYPES[dtype], allow_download=str(download).lower() not in ("false", "0", "no"),
+                              None if dtype == "auto" else DTYPES[dtype],
+                              allow_download=str(download).lower() not in ("false", "0", "no"),
                               vision_layers=None if vision_layers is None else int(vision_layers))
         expected = FAMILY_CLASSES[self.family]
         if type(loaded.model).__name__ != expected:
