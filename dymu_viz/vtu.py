@@ -212,6 +212,7 @@ class VTUState:
         self.cache = cache
         self.track: Optional[VTUTrack] = None
         self.pair_ordered = False  # the layer's q / k (and cached keys) come in pair order
+        self.query_rotated = False  # the RoPE hook rotated the layer's q (a decode step)
         self.hook_seen = False  # the model's attention has called the hooked apply_rotary_pos_emb
         self.routes: collections.Counter[str] = collections.Counter()
         self.rotate_half_checked = False
@@ -286,14 +287,24 @@ class VTUState:
             track.sin = sin if track.sin is None else torch.cat([track.sin, sin.to(track.sin)], 1)
         return track.cos.to(like.device, like.dtype), track.sin.to(like.device, like.dtype)
 
-    def plain_rotation(self, like: Tensor, scale: float = 1.0) -> Any:
-        """The rotation of the newest (plain) slots, (B, 1, n, D/2), times ``scale`` (folded into
-        the queries' rotation), computed once per forward and shared by every layer."""
-        key = ("plain_rotation", like.dtype, like.device, scale)
+    def plain_rotation(self, like: Tensor) -> Any:
+        """The rotation of the newest (plain) slots, (B, 1, n, D/2), computed once per forward
+        and shared by every layer."""
+        key = ("plain_rotation", like.dtype, like.device)
         if key not in self.track.per_forward:
             cos, sin = self.rope(like)
             n = self.track.query_slots
-            self.track.per_forward[key] = rotation(cos[:, None, -n:], sin[:, None, -n:], scale)
+            self.track.per_forward[key] = rotation(cos[:, None, -n:], sin[:, None, -n:])
+        return self.track.per_forward[key]
+
+    def step_matrix(self, like: Tensor) -> Tensor:
+        """A decode step's RoPE and pair ordering as one matrix per row, (B, 1, D, D) (see
+        ``rotation_matrix``): the new token's q and k each take one product instead of a copy
+        into pair order and a rotation. Built once per forward and shared by every layer."""
+        key = ("step_matrix", like.dtype, like.device)
+        if key not in self.track.per_forward:
+            cos, sin = self.rope(like)
+            self.track.per_forward[key] = rotation_matrix(cos[:, -1:], sin[:, -1:])
         return self.track.per_forward[key]
 
     def step_keys(self, key: Tensor, pair_ordered: bool) -> Tensor:
@@ -344,15 +355,33 @@ def natural_order(x: Tensor) -> Tensor:
     return x.unflatten(-1, (x.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
-def rotation(cos: Tensor, sin: Tensor, scale: float = 1.0) -> Any:
+def rotation(cos: Tensor, sin: Tensor) -> Any:
     """HF's RoPE as a factor for pair-ordered x: cos, sin (..., D) -> e^{i theta} (..., D/2),
     complex for float32 / float64 (one multiply), else the (cos, sin) halves (the real form:
-    no complex half / bfloat16 product everywhere); times ``scale``."""
+    no complex half / bfloat16 product everywhere)."""
     half = cos.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]
-    if scale != 1.0:
-        c, s = c * scale, s * scale
     return torch.complex(c, s) if cos.dtype in (torch.float32, torch.float64) else (c, s)
+
+
+def rotation_matrix(cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's RoPE followed by pair ordering as one linear map: cos, sin (..., D) -> m (..., D, D)
+    with x @ m = (x * cos + rotate_half(x) * sin) in pair order, for x (D,) in natural order:
+    (x @ m)[2i] = x_i cos_i - x_{i+D/2} sin_i, (x @ m)[2i+1] = x_{i+D/2} cos_i + x_i sin_i."""
+    D = cos.shape[-1]
+    half = D // 2
+    c, s = cos[..., :half], sin[..., :half]
+    m = cos.new_zeros((*cos.shape[:-1], D, D))
+    i = torch.arange(half, device=cos.device)
+    m[..., i, 2 * i], m[..., i + half, 2 * i] = c, -s
+    m[..., i + half, 2 * i + 1], m[..., i, 2 * i + 1] = c, s
+    return m
+
+
+def rotate_by_matrix(x: Tensor, m: Tensor) -> Tensor:
+    """x (B, H, n, D) in natural order (HF's q / k, laid out (B, n, H, D)), m (B, n, D, D) from
+    ``rotation_matrix``: x rotated, in pair order, (B, H, n, D) laid out (B, n, H, D)."""
+    return (x.transpose(1, 2) @ m).transpose(1, 2)
 
 
 def apply_rotation(x: Tensor, factor: Any) -> Tensor:
@@ -493,10 +522,15 @@ def _sdpa(state: VTUState, q: Tensor, k: Tensor, v: Tensor, layout: VirtualLayou
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, window), scale=scale)
 
 
-def _grouped(a: Tensor, b: Tensor, groups: int) -> Tensor:
-    """a (B, H, M, K) @ b (B, Hkv, K, N) with H = Hkv * groups (GQA), without repeating b."""
+def _grouped(a: Tensor, b: Tensor, groups: int, scale: float = 1.0) -> Tensor:
+    """a (B, H, M, K) @ b (B, Hkv, K, N), times scale, with H = Hkv * groups (GQA), without
+    repeating b: one batched product over the B * Hkv key / value heads."""
     B, H, M, K = a.shape
-    return (a.reshape(B, H // groups, groups * M, K) @ b).reshape(B, H, M, -1)
+    Hkv, N = b.shape[1], b.shape[-1]
+    a3, b3 = a.reshape(B * Hkv, groups * M, K), b.reshape(B * Hkv, K, N)
+    if scale == 1.0:
+        return torch.bmm(a3, b3).view(B, H, M, N)
+    return torch.baddbmm(a3.new_empty(()), a3, b3, beta=0, alpha=scale).view(B, H, M, N)
 
 
 def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -514,6 +548,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     sum_p softmax_p v_src(p) = sum_c (sum_{p in c} softmax_p) v_c, so no value is expanded."""
     state: VTUState = module.dymu_vtu
     pair_ordered, state.pair_ordered = state.pair_ordered, False  # set by the RoPE hook, for this call
+    rotated, state.query_rotated = state.query_rotated, False  # likewise: the decode step's q is rotated
     if state.cache == "decode_fast" and not pair_ordered:
         state.without_rope_hook()
     fast = state.cache == "decode_fast"
@@ -527,7 +562,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         if not fast:  # the compact cache's keys, expanded and rotated for this step
             key = state.step_keys(key, pair_ordered)
             query = query if pair_ordered else pair_order(query).flatten(-2)
-        return _decode_step(state, query, key, value, scale, groups, soft_dtype), None
+        return _decode_step(state, query, key, value, scale, groups, soft_dtype, rotated), None
 
     layout = layout.to(query.device)  # a model split over devices (device_map) runs layers elsewhere
     q_src = layout.src[:, -n_query_slots:] - (kv_len - q_len)  # query slot -> row of `query`
@@ -544,7 +579,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
         v = repeat(gather_slots(value, k_src))
         scores = exact_scores(query, repeat(key), q_src, k_src, cos_q, sin_q, cos, sin) * scale
     else:
-        q = rotate_plain(query, state.plain_rotation(query)) if plain_q else \
+        q = query if rotated else rotate_plain(query, state.plain_rotation(query)) if plain_q else \
             gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
         k = key if fast else gather_rotated(key, k_src, cos, sin, pair_ordered)
         if state.kernel == "sdpa" and (prefill or not fast):
@@ -552,7 +587,7 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
                         n_query_slots, scale)
             return _merge_copies(out, q_src, q_valid, q_len, state.backend, plain_q), None
         if fast:
-            scores = _grouped(q, k.transpose(-1, -2), groups) * scale
+            scores = _grouped(q, k.transpose(-1, -2), groups, scale)
         else:
             v = repeat(gather_slots(value, k_src))
             scores = q @ repeat(k).transpose(-1, -2) * scale
@@ -569,13 +604,13 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
 
 
 def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, scale: float, groups: int,
-                 soft_dtype: torch.dtype) -> Tensor:
+                 soft_dtype: torch.dtype, rotated: bool) -> Tensor:
     """One new plain token per row, with few operations: the query rotated by its slot's factor
-    (scale folded in), scores against the rotated keys of every virtual slot, padding slots
-    masked, probabilities summed into the compact rows, times the compact values (no value is
-    expanded). query (B, H, 1, D) pair order; key (B, Hkv, V, D) rotated, pair order (the
-    decode-fast cache's, or the compact cache's expanded for this step); value (B, Hkv, P, D).
-    Returns (B, 1, H, D)."""
+    (unless the RoPE hook did), scaled scores against the rotated keys of every virtual slot,
+    padding slots masked, probabilities summed into the compact rows, times the compact values
+    (no value is expanded). query (B, H, 1, D) pair order; key (B, Hkv, V, D) rotated, pair order
+    (the decode-fast cache's, or the compact cache's expanded for this step); value
+    (B, Hkv, P, D). Returns (B, 1, H, D)."""
     track = state.track
     B, H = query.shape[:2]
     shared = track.per_forward
@@ -583,8 +618,8 @@ def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, sca
         src = track.layout.src.to(query.device)
         shared["slot_index"] = src[:, None, None, :].expand(B, H, 1, src.shape[1])
         shared["padding"] = None if track.unpadded else ~track.layout.valid.to(query.device)[:, None, None, :]
-    q = rotate_plain(query, state.plain_rotation(query, scale))
-    scores = _grouped(q, key.transpose(-1, -2), groups)  # (B, H, 1, V)
+    q = query if rotated else rotate_plain(query, state.plain_rotation(query))
+    scores = _grouped(q, key.transpose(-1, -2), groups, scale)  # (B, H, 1, V)
     if shared["padding"] is not None:
         scores = scores.masked_fill(shared["padding"], torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1, dtype=soft_dtype).to(value.dtype)
@@ -623,16 +658,23 @@ def _rope_hook(apply: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tup
     """apply_rotary_pos_emb that, for VTU's identity cos, hands q and k back in pair order (one
     copy each at compact length, which the cache then keeps) instead of multiplying them by 1,
     and tells the layer's attention call so; with the decode-fast cache, k comes back expanded
-    to the new virtual slots and rotated there (what that cache keeps). Every other call is the
-    original."""
+    to the new virtual slots and rotated there (what that cache keeps). In a decode step (one
+    plain token per row; not for the "exact" kernel, which needs q un-rotated) q, and k for the
+    decode-fast cache, are rotated here, each by one product with ``step_matrix``. Every other
+    call is the original."""
     @functools.wraps(apply)
     def hooked(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         state = getattr(cos, "dymu_vtu", None)
         if state is None:
             return apply(q, k, cos, sin, *args, **kwargs)
         state.pair_ordered = state.hook_seen = True
+        fast = state.cache == "decode_fast"
+        if state.track.plain_tail and state.track.query_slots == 1 and state.kernel != "exact":  # decode steps
+            m = state.step_matrix(q)  # one product each: rotated and in pair order
+            state.query_rotated = True
+            return rotate_by_matrix(q, m), (rotate_by_matrix(k, m) if fast else pair_order(k).flatten(-2))
         q, k = pair_order(q).flatten(-2), pair_order(k).flatten(-2)
-        return q, (state.new_slot_keys(k) if state.cache == "decode_fast" else k)
+        return q, (state.new_slot_keys(k) if fast else k)
     hooked.dymu_original = apply
     return hooked
 

@@ -143,6 +143,28 @@ def test_gather_rotated_is_hf_rope_of_the_expansion_in_pair_order(dtype, tol, la
     assert torch.allclose(scores, expected, atol=10 * tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_rotation_matrix_is_hf_rope_then_pair_order(dtype, tol):
+    """A decode step's q and k (HF's (B, 1, H, D) seen as (B, H, 1, D)) rotated by one product
+    each: HF's RoPE followed by pair ordering, in HF's layout."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from dymu_viz.vtu import pair_order, rotate_by_matrix, rotation_matrix
+    model = tiny_llama(torch.float32)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(3, 1, 4, 16, generator=g).to(dtype), torch.randn(3, 1, 2, 16, generator=g).to(dtype)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    pos = torch.tensor([[7], [300], [0]])
+    cos, sin = (t.to(dtype) for t in model.model.rotary_emb(q.float(), pos))
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    m = rotation_matrix(cos, sin)
+    assert m.shape == (3, 1, 16, 16)
+    for x, ref in ((q, q_ref), (k, k_ref)):
+        out = rotate_by_matrix(x, m)
+        assert out.shape == ref.shape
+        assert torch.allclose(out.double(), pair_order(ref).flatten(-2).double(), atol=tol, rtol=0)
+
+
 def test_non_rotate_half_rope_is_refused():
     model = tiny_llama(torch.float64)
     state = patch_llm(model)
