@@ -72,10 +72,12 @@ FLOP_EQUIVALENT = "dymu_flop_equivalent"
 
 def mapping(n_image: int, seed: int = 0) -> torch.Tensor:
     """Virtual position -> compact index for text, an image of IMAGE positions merged to
-    n_image tokens, text."""
+    n_image tokens (a random surjection; with nothing merged, every patch its own token in
+    order, as DyMU leaves it), text."""
     g = torch.Generator().manual_seed(seed)
     image = torch.cat([torch.arange(n_image), torch.randint(0, n_image, (IMAGE - n_image,), generator=g)])
-    image = image[torch.randperm(IMAGE, generator=g)]
+    if n_image < IMAGE:
+        image = image[torch.randperm(IMAGE, generator=g)]
     return torch.cat([torch.arange(BEFORE), BEFORE + image, torch.arange(BEFORE + n_image, BEFORE + n_image + AFTER)])
 
 

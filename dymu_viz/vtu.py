@@ -123,6 +123,15 @@ class VirtualLayout:
         return torch.where(self.valid, self.rope_positions(), -1).amax(dim=(0, 2)) + 1
 
 
+def is_identity(block: VirtualLayout, first: int, n: int) -> bool:
+    """Whether block, n compact tokens from compact index first on, has one slot per token, in
+    order: slot v copies row first + v (padding slots aside). One host sync."""
+    if block.src.shape[1] != n:
+        return False
+    expected = torch.arange(first, first + n, device=block.src.device)
+    return bool(((block.src == expected) | ~block.valid).all())
+
+
 class VTUTrack:
     """One generation's virtual sequence: the layout of every compact token fed so far, how many
     compact tokens it covers, how many trailing slots hold the newest tokens (the queries of the
@@ -134,6 +143,7 @@ class VTUTrack:
         self.layout, self.n_compact, self.query_slots = layout, n_compact, layout.src.shape[1]
         self.unfed = n_compact  # compact tokens appended but not fed to the decoder yet
         self.unpadded = bool(layout.valid.all())
+        self.identity = is_identity(layout, 0, n_compact)  # slot v copies compact row v (nothing merged)
         self.checked = False  # the newest slots were checked to point at the newest tokens
         self.plain_tail = False  # the newest slots are plain tokens, one slot each, in order
         empty = torch.zeros(layout.src.shape[0], dtype=torch.long, device=layout.src.device)
@@ -157,6 +167,7 @@ class VTUTrack:
 
     def append(self, block: VirtualLayout, n_new: int) -> None:
         """Add ``n_new`` compact tokens whose virtual slots are ``block`` (the newest queries)."""
+        self.identity = self.identity and is_identity(block, self.n_compact, n_new)
         self.layout = self.layout.append(block)
         self.n_compact += n_new
         self.unfed += n_new
@@ -309,7 +320,8 @@ class VTUState:
 
     def step_keys(self, key: Tensor, pair_ordered: bool) -> Tensor:
         """Compact cache, a decode step: the cached compact keys (B, Hkv, P, D) expanded to every
-        virtual slot and rotated there, (B, Hkv, V, D) in pair order. The slot index and the
+        virtual slot (no gather when nothing is merged) and rotated there, (B, Hkv, V, D) in pair
+        order. The slot index and the
         rotation are built once per forward for every layer; on a CPU without autograd the slots
         are written into the track's scratch buffer and rotated in place (no allocation). With
         autograd on, they are fresh: the scores' backward keeps them (for the query's gradient
@@ -324,14 +336,20 @@ class VTUState:
             cos, sin = self.rope(key)
             shared[cached] = (heads + src[:, None, :]).reshape(-1), rotation(cos[:, None], sin[:, None])
         index, factor = shared[cached]
-        rows = key.reshape(B * H * P, D)
-        in_place = not torch.is_grad_enabled()
-        out = self.track.scratch(key, index.numel() * D).view(-1, D) if in_place and key.device.type == "cpu" else None
-        slots = torch.index_select(rows, 0, index, out=out).view(B, H, -1, D // 2, 2)
-        if in_place and isinstance(factor, Tensor):
-            torch.view_as_complex(slots).mul_(factor)
-            return slots.view(B, H, -1, D)
-        return apply_rotation(slots, factor).view(B, H, -1, D)
+        V = index.numel() // (B * H)
+        no_grad = not torch.is_grad_enabled()
+        out = self.track.scratch(key, B * H * V * D).view(B, H, V, D // 2, 2) \
+            if no_grad and key.device.type == "cpu" else None
+        if self.track.identity:  # slot v is compact row v: rotated as they are, no gather
+            slots = key.reshape(B, H, V, D // 2, 2)
+        else:
+            slots = torch.index_select(key.reshape(B * H * P, D), 0, index,
+                                       out=None if out is None else out.view(-1, D)).view(B, H, V, D // 2, 2)
+            out = slots if no_grad else None  # a copy of the keys (scratch or fresh): rotated in place
+        if out is not None and isinstance(factor, Tensor):
+            torch.mul(torch.view_as_complex(slots), factor, out=torch.view_as_complex(out))
+            return out.view(B, H, V, D)
+        return apply_rotation(slots, factor).view(B, H, V, D)
 
     def new_slot_keys(self, k: Tensor) -> Tensor:
         """Decode-fast cache: the new compact keys k (B, Hkv, q_len, D), pair order, expanded to
@@ -498,28 +516,24 @@ def _allowed(layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor, window: Opti
     return allowed | ~q_valid[:, None, :, None]
 
 
-def _sdpa(state: VTUState, q: Tensor, k: Tensor, v: Tensor, layout: VirtualLayout, q_pos: Tensor, q_valid: Tensor,
-          window: Optional[int], unpadded: bool, n_query_slots: int, scale: float) -> Tensor:
+def _sdpa(state: VTUState, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False,
+          allowed: Optional[Tensor] = None) -> Tensor:
     """SDPA over the virtual slots, on a path that keeps a fused kernel (route counted):
 
-    * "causal" / "no_mask": nothing padded and no window, and the queries are the whole sequence
-      (causal) or one new token (no mask): no mask tensor, GQA native (``enable_gqa``);
-    * "mask_repeat_kv" / "mask": otherwise an explicit boolean mask; with GQA, K / V are
+    * "causal" / "no_mask": no mask tensor (``allowed`` None; causal or not), GQA native
+      (``enable_gqa``);
+    * "mask_repeat_kv" / "mask": the boolean mask ``allowed`` (B, 1, Vq, V); with GQA, K / V are
       repeated per query head first, because SDPA given both a mask and ``enable_gqa`` falls
-      back to the math kernel, which materialises (B, H, V, V).
-
-    SDPA's is_causal aligns the diagonal top-left, so several new tokens after cached ones take
-    the mask path."""
+      back to the math kernel, which materialises (B, H, Vq, V)."""
     groups = q.shape[1] // k.shape[1]
-    prefill, single = n_query_slots == layout.src.shape[1], n_query_slots == 1
-    if window is None and unpadded and (prefill or single):
-        state.routes["causal" if prefill and not single else "no_mask"] += 1
+    if allowed is None:
+        state.routes["causal" if causal else "no_mask"] += 1
         gqa = {"enable_gqa": True} if groups > 1 else {}
-        return F.scaled_dot_product_attention(q, k, v, is_causal=prefill and not single, scale=scale, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     state.routes["mask_repeat_kv" if groups > 1 else "mask"] += 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(layout, q_pos, q_valid, window), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
 def _grouped(a: Tensor, b: Tensor, groups: int, scale: float = 1.0) -> Tensor:
@@ -583,8 +597,13 @@ def vtu_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
             gather_rotated(query, q_src, cos_q, sin_q, pair_ordered)
         k = key if fast else gather_rotated(key, k_src, cos, sin, pair_ordered)
         if state.kernel == "sdpa" and (prefill or not fast):
-            out = _sdpa(state, q, k, gather_slots(value, k_src), layout, q_pos, q_valid, sliding_window, unpadded,
-                        n_query_slots, scale)
+            # no mask when nothing is padded and there is no window, and the queries are the whole
+            # sequence (causal) or one new token; SDPA's is_causal aligns the diagonal top-left, so
+            # several new tokens after cached ones take the mask
+            single = n_query_slots == 1
+            bare = sliding_window is None and unpadded and (prefill or single)
+            allowed = None if bare else _allowed(layout, q_pos, q_valid, sliding_window)
+            out = _sdpa(state, q, k, gather_slots(value, k_src), scale, prefill and not single, allowed)
             return _merge_copies(out, q_src, q_valid, q_len, state.backend, plain_q), None
         if fast:
             scores = _grouped(q, k.transpose(-1, -2), groups, scale)
@@ -608,7 +627,9 @@ def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, sca
     """One new plain token per row, with few operations: the query rotated by its slot's factor
     (unless the RoPE hook did), scaled scores against the rotated keys of every virtual slot,
     padding slots masked, probabilities summed into the compact rows, times the compact values
-    (no value is expanded). query (B, H, 1, D) pair order; key (B, Hkv, V, D) rotated, pair order
+    (no value is expanded). When nothing is merged (``VTUTrack.identity``: a text-only prompt,
+    an image no layer merged) and the kernel is "sdpa", one SDPA call over keys and values as
+    they are (unless a padded batch meets GQA). query (B, H, 1, D) pair order; key (B, Hkv, V, D) rotated, pair order
     (the decode-fast cache's, or the compact cache's expanded for this step); value
     (B, Hkv, P, D). Returns (B, 1, H, D)."""
     track = state.track
@@ -619,6 +640,11 @@ def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, sca
         shared["slot_index"] = src[:, None, None, :].expand(B, H, 1, src.shape[1])
         shared["padding"] = None if track.unpadded else ~track.layout.valid.to(query.device)[:, None, None, :]
     q = query if rotated else rotate_plain(query, state.plain_rotation(query))
+    if track.identity and state.kernel == "sdpa" and (shared["padding"] is None or groups == 1):
+        # slot v is compact row v: the cache is a plain one (a padded GQA batch would repeat K / V
+        # for SDPA's fused kernel, more than the products below cost)
+        allowed = None if shared["padding"] is None else ~shared["padding"]
+        return _sdpa(state, q, key, value, scale, allowed=allowed).transpose(1, 2)
     scores = _grouped(q, key.transpose(-1, -2), groups, scale)  # (B, H, 1, V)
     if shared["padding"] is not None:
         scores = scores.masked_fill(shared["padding"], torch.finfo(scores.dtype).min)

@@ -276,9 +276,17 @@ def test_batch_of_three_equals_each_alone():
         assert torch.allclose(batched[b, -len(i):], alone, atol=1e-10, rtol=0)
 
 
-# (seed, compact image tokens, virtual image positions) per sample; different virtual lengths pad
+# (seed, compact image tokens, virtual image positions) per sample; different virtual lengths pad;
+# "unmerged" cases map every token to its own slot in order (a text-only prompt, nothing merged)
 CASES = {"unpadded": ("llama", [(0, 7, 16)]), "left_padded": ("llama", [(0, 7, 16), (1, 4, 9)]),
-         "sliding_window": ("sliding_qwen2", [(0, 7, 16), (1, 4, 9)])}
+         "sliding_window": ("sliding_qwen2", [(0, 7, 16), (1, 4, 9)]),
+         "unmerged_unpadded": ("llama", [(0, 7, 7)]), "unmerged_left_padded": ("llama", [(0, 7, 7), (1, 4, 4)])}
+
+
+def case_samples(specs, unmerged: bool):
+    """(compact ids, mapping) per sample of a case; unmerged: the identity mapping."""
+    samples = [merged_sample(seed=s, n_compact=c, n_virtual=v) for s, c, v in specs]
+    return [(i, torch.arange(len(i))) for i, _ in samples] if unmerged else samples
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -288,11 +296,12 @@ def test_cached_greedy_decoding_equals_recomputation_and_cache_bytes_follow_the_
     make, specs = CASES[case]
     model = tiny_llama(torch.float64, attn="eager" if kernel == "eager" else "sdpa") if make == "llama" else \
         tiny_sliding_qwen2(attn="eager" if kernel == "eager" else "sdpa", window=6)
-    patch_llm(model, kernel, cache=policy)
-    samples = [merged_sample(seed=s, n_compact=c, n_virtual=v) for s, c, v in specs]
+    state = patch_llm(model, kernel, cache=policy)
+    samples = case_samples(specs, case.startswith("unmerged"))
     ids, mask = _prefill(model, [s[0] for s in samples], [s[1] for s in samples])
-    virtual = model.model.dymu_vtu.track.layout.src.shape[1]
-    assert model.model.dymu_vtu.track.unpadded == (case == "unpadded")
+    virtual = state.track.layout.src.shape[1]
+    assert state.track.unpadded == case.endswith("unpadded")
+    assert state.track.identity == case.startswith("unmerged")
     steps, P, B = 16, ids.shape[1], ids.shape[0]
     # greedy decoding with the cache, fp64 logits kept (generate's are cast to float32); no
     # autograd (this module's fixture), as under generate: compact-cache steps work in place
@@ -451,6 +460,63 @@ def test_sdpa_route_per_case():
     fast = model(input_ids=ids, attention_mask=mask).past_key_values
     assert routes_of(model, lambda: model(input_ids=step, past_key_values=fast)) == {"slot_probabilities": 2}
     assert state.cache == "decode_fast"
+    # nothing merged (a text-only prompt): a decode step is one SDPA call over the cache as it is,
+    # under either policy; a padded batch takes the mask, or with GQA the slot probabilities
+    # (SDPA's fused kernel would need K / V repeated)
+    unmerged = [(s[0], torch.arange(len(s[0]))) for s in samples]
+    steps = torch.tensor([[3], [4]])
+    for policy in CACHE_POLICIES:
+        patch_llm(model, cache=policy)
+        ids4, mask4 = _prefill(model, [i], [torch.arange(len(i))])
+        cache4 = model(input_ids=ids4, attention_mask=mask4).past_key_values
+        assert routes_of(model, lambda: model(input_ids=step, past_key_values=cache4)) == {"no_mask": 2}
+        for decoder, expected in ((model, {"slot_probabilities": 2}), (mha, {"mask": 2})):
+            patch_llm(decoder, cache=policy)
+            ids5, mask5 = _prefill(decoder, *zip(*unmerged))
+            cache5 = decoder(input_ids=ids5, attention_mask=mask5).past_key_values
+            mask5 = torch.cat([mask5, torch.ones(2, 1, dtype=torch.long)], 1)
+            assert routes_of(decoder, lambda: decoder(input_ids=steps, attention_mask=mask5,
+                                                      past_key_values=cache5)) == expected
+
+
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+def test_merged_turn_after_an_unmerged_one_equals_recomputation(policy):
+    """A text-only turn (every token its own slot: decode steps take SDPA over the cache as it
+    is), then a turn with a merged image appended to the same cache: the track is no longer the
+    identity, and every logit still equals a recomputation of the whole sequence."""
+    model = tiny_llama(torch.float64)
+    state = patch_llm(model, cache=policy)
+    g = torch.Generator().manual_seed(7)
+    text = torch.randint(0, VOCAB, (1, 6), generator=g)
+    state.start(VirtualLayout.from_mappings([torch.arange(6)]), 6)
+    out = model(input_ids=text)
+    seq, maps = text, [torch.arange(6)]
+    for _ in range(2):  # decode steps, plain tokens
+        token = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, past_key_values=out.past_key_values)
+        seq, maps = torch.cat([seq, token], 1), maps + [torch.tensor([seq.shape[1]])]
+    assert state.track.identity
+    ids, mapping = merged_sample(seed=3)  # 16 compact tokens on 25 slots
+    first = seq.shape[1]
+    slots = len(mapping)  # slot order continues the sequence
+    block = VirtualLayout((first + mapping)[None], torch.arange(first, first + slots)[None],
+                          torch.ones(1, slots, dtype=torch.bool))
+    state.track.append(block, len(ids))
+    assert not state.track.identity
+    out = model(input_ids=ids[None], past_key_values=out.past_key_values)
+    seq, maps = torch.cat([seq, ids[None]], 1), maps + [first + mapping]
+    cached = []
+    for _ in range(3):
+        cached.append(out.logits[:, -1])
+        token = cached[-1].argmax(-1)[:, None]
+        out = model(input_ids=token, past_key_values=out.past_key_values)
+        seq, maps = torch.cat([seq, token], 1), maps + [torch.tensor([seq.shape[1]])]
+    cached.append(out.logits[:, -1])
+    for t in range(4):  # recompute: the whole sequence, the layout of every token so far
+        n = seq.shape[1] - 3 + t
+        state.start(VirtualLayout.from_mappings([torch.cat(maps)[:len(torch.cat(maps)) - 3 + t]]), n)
+        logits = model(input_ids=seq[:, :n], use_cache=False).logits[:, -1]
+        assert torch.allclose(logits, cached[t], atol=1e-10, rtol=0), (t, float((logits - cached[t]).abs().max()))
 
 
 def test_errors():
