@@ -149,8 +149,8 @@ class VTUTrack:
         empty = torch.zeros(layout.src.shape[0], dtype=torch.long, device=layout.src.device)
         self.next_pos = layout.next_positions() if layout.src.shape[1] else empty  # slot order
         self.next_rope = layout.next_rope_positions() if layout.src.shape[1] else empty  # RoPE position
-        self.cos: Optional[Tensor] = None  # (B, slots so far, D)
-        self.sin: Optional[Tensor] = None
+        self.rope_chunks: list[tuple[Tensor, Tensor]] = []  # cos, sin (B, slots, D) of consecutive slots
+        self.rope_done = 0  # slots whose cos / sin are computed
         self.per_forward: dict[Any, Any] = {}  # what every layer of the current forward shares
         self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # see ``scratch``
 
@@ -200,8 +200,7 @@ class VTUTrack:
         self.layout = self.layout.select_rows(index)
         self.next_pos, self.next_rope = self.next_pos[index], self.next_rope[index]
         self.per_forward = {}
-        if self.cos is not None:
-            self.cos, self.sin = self.cos[index.to(self.cos.device)], self.sin[index.to(self.sin.device)]
+        self.rope_chunks = [(c[index.to(c.device)], s[index.to(s.device)]) for c, s in self.rope_chunks]
 
 
 class VTUState:
@@ -278,14 +277,12 @@ class VTUState:
             track.checked = True
         return track.layout, track.query_slots, track.unpadded, track.plain_tail
 
-    def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, V, D) of every slot of the track, in like's dtype and device; the slots
-        appended since the last call are the only ones computed. VTU supports rotate_half RoPE,
-        whose two halves of D repeat the frequencies."""
+    def _rope_new_slots(self, like: Tensor) -> None:
+        """cos / sin of the slots appended since the last call, kept as the track's newest chunk.
+        VTU supports rotate_half RoPE, whose two halves of D repeat the frequencies."""
         track = self.track
-        done = 0 if track.cos is None else track.cos.shape[1]
-        if done < track.layout.pos.shape[1]:
-            layout = track.layout
+        if track.rope_done < track.layout.pos.shape[1]:
+            layout, done = track.layout, track.rope_done
             positions = layout.pos[:, done:] if layout.rope_pos is None else layout.rope_pos[:, :, done:]
             cos, sin = self.rotary(like, positions.to(like.device))
             half = cos.shape[-1] // 2
@@ -294,18 +291,36 @@ class VTUState:
                     raise ValueError("VTU supports rotate_half RoPE (HF's default: the same frequencies in both "
                                      "halves of the head dim); this model's rotary embedding differs")
                 self.rotate_half_checked = True
-            track.cos = cos if track.cos is None else torch.cat([track.cos, cos.to(track.cos)], 1)
-            track.sin = sin if track.sin is None else torch.cat([track.sin, sin.to(track.sin)], 1)
-        return track.cos.to(like.device, like.dtype), track.sin.to(like.device, like.dtype)
+            track.rope_chunks.append((cos, sin))
+            track.rope_done = layout.pos.shape[1]
+
+    def rope(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, V, D) of every slot of the track, in like's dtype and device; the slots
+        appended since the last call are the only ones computed (the chunks are joined here)."""
+        self._rope_new_slots(like)
+        chunks = self.track.rope_chunks
+        if len(chunks) > 1:
+            first = chunks[0][0]
+            chunks[:] = [tuple(torch.cat([chunk[i].to(first) for chunk in chunks], 1) for i in (0, 1))]
+        cos, sin = chunks[0]
+        return cos.to(like.device, like.dtype), sin.to(like.device, like.dtype)
+
+    def rope_tail(self, like: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, n, D) of the newest n slots, without joining the earlier chunks: a
+        decode-fast step rotates only its own slot."""
+        self._rope_new_slots(like)
+        cos, sin = self.track.rope_chunks[-1]
+        if cos.shape[1] < n:
+            cos, sin = self.rope(like)
+        return cos[:, -n:].to(like.device, like.dtype), sin[:, -n:].to(like.device, like.dtype)
 
     def plain_rotation(self, like: Tensor) -> Any:
         """The rotation of the newest (plain) slots, (B, 1, n, D/2), computed once per forward
         and shared by every layer."""
         key = ("plain_rotation", like.dtype, like.device)
         if key not in self.track.per_forward:
-            cos, sin = self.rope(like)
-            n = self.track.query_slots
-            self.track.per_forward[key] = rotation(cos[:, None, -n:], sin[:, None, -n:])
+            cos, sin = self.rope_tail(like, self.track.query_slots)
+            self.track.per_forward[key] = rotation(cos[:, None], sin[:, None])
         return self.track.per_forward[key]
 
     def step_matrix(self, like: Tensor) -> Tensor:
@@ -314,8 +329,7 @@ class VTUState:
         into pair order and a rotation. Built once per forward and shared by every layer."""
         key = ("step_matrix", like.dtype, like.device)
         if key not in self.track.per_forward:
-            cos, sin = self.rope(like)
-            self.track.per_forward[key] = rotation_matrix(cos[:, -1:], sin[:, -1:])
+            self.track.per_forward[key] = rotation_matrix(*self.rope_tail(like, 1))
         return self.track.per_forward[key]
 
     def step_keys(self, key: Tensor, pair_ordered: bool) -> Tensor:
@@ -358,9 +372,9 @@ class VTUState:
         n = track.query_slots
         if track.plain_tail:  # one slot per new token, in order: rotate in place of a gather
             return rotate_plain(k, self.plain_rotation(k))
-        cos, sin = self.rope(k)
+        cos, sin = self.rope_tail(k, n)
         src = (track.layout.src[:, -n:].to(k.device) - (track.n_compact - q_len)).clamp(0, q_len - 1)
-        return gather_rotated(k, src, cos[:, -n:], sin[:, -n:], pair_ordered=True)
+        return gather_rotated(k, src, cos, sin, pair_ordered=True)
 
 
 def pair_order(x: Tensor) -> Tensor:
@@ -389,11 +403,18 @@ def rotation_matrix(cos: Tensor, sin: Tensor) -> Tensor:
     D = cos.shape[-1]
     half = D // 2
     c, s = cos[..., :half], sin[..., :half]
-    m = cos.new_zeros((*cos.shape[:-1], D, D))
-    i = torch.arange(half, device=cos.device)
-    m[..., i, 2 * i], m[..., i + half, 2 * i] = c, -s
-    m[..., i + half, 2 * i + 1], m[..., i, 2 * i + 1] = c, s
-    return m
+    m = cos.new_zeros((*cos.shape[:-1], D * D))
+    m[..., _rotation_entries(D, cos.device)] = torch.cat([c, -s, c, s], -1)
+    return m.view(*cos.shape[:-1], D, D)
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_entries(D: int, device: torch.device) -> Tensor:
+    """Where ``rotation_matrix`` puts cos, -sin, cos, sin in the flattened (D, D) matrix:
+    (row, column) -> row * D + column."""
+    i = torch.arange(D // 2, device=device)
+    half = D // 2
+    return torch.cat([i * D + 2 * i, (i + half) * D + 2 * i, (i + half) * D + 2 * i + 1, i * D + 2 * i + 1])
 
 
 def rotate_by_matrix(x: Tensor, m: Tensor) -> Tensor:
@@ -670,13 +691,21 @@ def _merge_copies(out: Tensor, q_src: Tensor, q_valid: Tensor, q_len: int, backe
 def _identity_rotary(original: Callable[..., tuple[Tensor, Tensor]], state: "VTUState") -> Callable[..., tuple[Tensor, Tensor]]:
     """A rotary forward returning cos = 1, sin = 0 in the original's shape and dtype; cos
     carries the VTU state, for the modeling module's hooked apply_rotary_pos_emb (_rope_hook).
-    It runs once per decoder forward, which is where the forward's new tokens meet the track."""
+    It runs once per decoder forward, which is where the forward's new tokens meet the track.
+    The newest pair is kept and handed out again while the call's shapes stay the same (every
+    decode step after the first): the real rotary runs in ``VTUState.rope``, on virtual slots."""
+    newest: dict[Any, tuple[Tensor, Tensor]] = {}
+
     def forward(x: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         state.begin_forward(position_ids.shape[-1])
-        cos, sin = original(x, position_ids, *args, **kwargs)
-        cos = torch.ones_like(cos)
-        cos.dymu_vtu = state
-        return cos, torch.zeros_like(sin)
+        key = (tuple(position_ids.shape), x.dtype, x.device)
+        if key not in newest:
+            cos, sin = original(x, position_ids, *args, **kwargs)
+            cos = torch.ones_like(cos)
+            cos.dymu_vtu = state
+            newest.clear()
+            newest[key] = cos, torch.zeros_like(sin)
+        return newest[key]
     return forward
 
 
