@@ -335,11 +335,11 @@ class VTUState:
     def step_keys(self, key: Tensor, pair_ordered: bool) -> Tensor:
         """Compact cache, a decode step: the cached compact keys (B, Hkv, P, D) expanded to every
         virtual slot (no gather when nothing is merged) and rotated there, (B, Hkv, V, D) in pair
-        order. The slot index and the
-        rotation are built once per forward for every layer; on a CPU without autograd the slots
-        are written into the track's scratch buffer and rotated in place (no allocation). With
-        autograd on, they are fresh: the scores' backward keeps them (for the query's gradient
-        even when the keys need none), so a later layer must not overwrite them."""
+        order. The slot index and the rotation are built once per forward for every layer; on a
+        CPU without autograd the slots are written into the track's scratch buffer and rotated in
+        place (no allocation). With autograd on, they are fresh: the scores' backward keeps them
+        (for the query's gradient even when the keys need none), so a later layer must not
+        overwrite them."""
         if not pair_ordered:
             key = pair_order(key).flatten(-2)
         B, H, P, D = key.shape
@@ -650,9 +650,9 @@ def _decode_step(state: VTUState, query: Tensor, key: Tensor, value: Tensor, sca
     padding slots masked, probabilities summed into the compact rows, times the compact values
     (no value is expanded). When nothing is merged (``VTUTrack.identity``: a text-only prompt,
     an image no layer merged) and the kernel is "sdpa", one SDPA call over keys and values as
-    they are (unless a padded batch meets GQA). query (B, H, 1, D) pair order; key (B, Hkv, V, D) rotated, pair order
-    (the decode-fast cache's, or the compact cache's expanded for this step); value
-    (B, Hkv, P, D). Returns (B, 1, H, D)."""
+    they are (unless a padded batch meets GQA). query (B, H, 1, D) pair order; key
+    (B, Hkv, V, D) rotated, pair order (the decode-fast cache's, or the compact cache's
+    expanded for this step); value (B, Hkv, P, D). Returns (B, 1, H, D)."""
     track = state.track
     B, H = query.shape[:2]
     shared = track.per_forward
