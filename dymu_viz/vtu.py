@@ -15,10 +15,13 @@ function then, in every layer:
 
 A decode step (one new token per row) skips the value expansion: its attention probabilities
 over the virtual slots are summed into the compact tokens the slots copy and multiplied with
-the compact values. What the KV cache keeps is a policy (``cache_bytes_formula``):
+the compact values (or, when nothing is merged, one SDPA call over the cache as it is). Its new
+token's q and k are rotated in the RoPE hook by one matrix product each. What the KV cache
+keeps is a policy (``cache_bytes_formula``):
 
 * "decode_fast" (default): keys of every virtual slot, rotated once when their token arrives
-  (by the RoPE hook), and compact values: decode steps cost no more than the unmerged model's;
+  (by the RoPE hook), and compact values: decode steps cost about the unmerged model's (less
+  with many rows or few image tokens, where reading the smaller cache dominates);
 * "compact": compact, un-rotated keys and values, the least memory; every decode step expands
   and rotates the keys again (slot index and rotation built once per step for all layers; on a
   CPU into a scratch buffer the layers share, rotated in place).
@@ -764,7 +767,7 @@ def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native", c
     kernel: "sdpa" (default), "eager" (HF eager semantics) or "exact" (Eq. 10 reference);
     backend: how copies are averaged, "native" or "torch_scatter"; cache: what the KV cache
     keeps (see ``cache_bytes_formula``): "decode_fast" (default: keys expanded to the virtual
-    slots and rotated once, compact values; decode steps as fast as the unmerged model's) or
+    slots and rotated once, compact values; decode steps about as fast as the unmerged model's) or
     "compact" (un-rotated compact keys and values, the least memory; each decode step expands
     and rotates the keys again). A model whose attention does not call its modeling module's
     apply_rotary_pos_emb gets "compact", with a warning, at its first forward."""
