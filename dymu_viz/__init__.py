@@ -2,7 +2,7 @@
 HF transformers vision encoders, with visualizers and notebooks."""
 
 from .calibrate import calibrate, find_thresholds
-from .data import sample_photos, shapes_image
+from .data import calibration_photos, sample_photos, shapes_image
 from .encoder import EncoderResult, MergeConfig
 from .models import load_encoder, load_tokenizer
 from .patch import DyMUState, encode, get_state, patch, unpatch
@@ -12,7 +12,7 @@ from .thresholds import Thresholds
 __version__ = "0.1.0"
 
 __all__ = [
-    "DyMUState", "EncoderResult", "MergeConfig", "Thresholds", "calibrate", "encode", "find_thresholds",
+    "DyMUState", "EncoderResult", "MergeConfig", "Thresholds", "calibrate", "calibration_photos", "encode", "find_thresholds",
     "get_state", "kout_r_total", "load_encoder", "load_tokenizer", "make_schedule", "parse_r", "patch",
     "sample_photos", "shapes_image", "token_counts", "unpatch",
 ]

@@ -18,14 +18,12 @@ from typing import Optional, Sequence
 import torch
 
 from .calibrate import find_thresholds
-from .data import sample_photos, shapes_image
-from .models import known_models, load_encoder
+from .data import calibration_photos, sample_photos, shapes_image
+from .models import DTYPES, known_models, load_encoder
 from .patch import encode, patch
 from .thresholds import Thresholds
 from .stats import count_table, quarter_layers
 from .viz import display_image, normalisation_of, plot_merge_maps
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _model_arguments(p: argparse.ArgumentParser, **model: object) -> None:
@@ -245,9 +243,11 @@ def run_demo(args: argparse.Namespace) -> int:
             thresholds = Thresholds.load(args.thresholds)
             print(f"thresholds: {args.thresholds} ({thresholds.layers} layers)")
         else:
-            thresholds = find_thresholds(loaded.model, [pixels], target=args.target, schedule=args.schedule,
+            calibration = calibration_photos()  # never the images encoded: see data.CALIBRATION_PHOTOS
+            batch = torch.stack([loaded.preprocess(im) for im in calibration.values()]).to(args.device, DTYPES[args.dtype])
+            thresholds = find_thresholds(loaded.model, [batch], target=args.target, schedule=args.schedule,
                                          name=loaded.name)
-            print(f"thresholds: calibrated on these {len(names)} images as one batch "
+            print(f"thresholds: calibrated on the {len(calibration)} bundled calibration pictures as one batch "
                   f"(target {args.target}, {args.schedule} schedule, r per layer {thresholds.r[0]}...)")
         patch(loaded.model, thresholds)
         results = [encode(loaded.model, batch) for batch in batches]

@@ -88,7 +88,11 @@ class EncoderResult:
     layer_sizes / layer_groups: the same after every block (L+1 entries, first = input);
     hidden_states: L+1 padded (B, N_l, C) block outputs when requested, else None;
     pooled: the model's pooled output (None where the family has none);
-    batch_thresholds: per layer, the calibration value of this batch (calibrate mode).
+    batch_thresholds: per layer, the calibration value of this batch (calibrate mode);
+    margins: (B, L) threshold mode: per image and block, the distance of the edge score closest
+    to that block's threshold (``merge.threshold_margin``; +inf where the block compared no
+    edge). Rounding differences smaller than an image's smallest margin (another CPU's kernels,
+    another batch) cannot change which of its edges beat a threshold; None in other modes.
     """
 
     tokens: Tensor
@@ -102,6 +106,7 @@ class EncoderResult:
     hidden_states: Optional[tuple[Tensor, ...]] = None
     pooled: Optional[Tensor] = None
     batch_thresholds: list[Optional[float]] = field(default_factory=list)
+    margins: Optional[Tensor] = None
 
     @property
     def padding_mask(self) -> Tensor:
@@ -120,7 +125,8 @@ class EncoderResult:
             self, tokens=self.tokens[one], sizes=self.sizes[one], groups=self.groups[one], counts=self.counts[one],
             layer_sizes=[s[one] for s in self.layer_sizes], layer_groups=[g[one] for g in self.layer_groups],
             hidden_states=None if self.hidden_states is None else tuple(h[one] for h in self.hidden_states),
-            pooled=None if self.pooled is None else self.pooled[one])
+            pooled=None if self.pooled is None else self.pooled[one],
+            margins=None if self.margins is None else self.margins[one])
 
     def image_tokens(self, b: int) -> Tensor:
         """(n_b, C) the valid output tokens of image b."""
@@ -191,6 +197,8 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
     layer_sizes, layer_groups = [size], [groups]
     hidden = [x] if output_hidden_states else None
     batch_thresholds: list[Optional[float]] = []
+    margins = torch.full((B, len(blocks)), torch.inf, device=x.device, dtype=merge.score_dtype(x.dtype)) \
+        if config.mode == "threshold" else None
     merged, rows = False, None
     for i, blk in enumerate(blocks):
         qkv = rowwise(lambda t: blk.qkv(blk.norm1(t)), x, rows)  # (B, N, 3, heads, head_dim)
@@ -203,6 +211,8 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
         if config.mode != "off" and x.shape[1] - protected >= 2:  # the longest image can still merge
             best, dst = merge.bipartite_scores(k.mean(1), size, protected)
             src, tau = config.select(i, best, size, protected)
+            if margins is not None and src is not None:
+                margins[:, i] = merge.threshold_margin(best, config.thresholds[i])
         batch_thresholds.append(tau)
         if src is not None:  # one host sync per layer: the token counts decide the next shapes
             kept = merge.survivor_counts(src, size)
@@ -221,5 +231,5 @@ def run_blocks(x: Tensor, blocks: Sequence[BlockParts], config: MergeConfig, pro
         tokens=x, sizes=size, groups=groups, counts=counts, layer_sizes=layer_sizes,
         layer_groups=layer_groups, protected=protected, grid=grid,
         hidden_states=tuple(hidden) if hidden is not None else None,
-        batch_thresholds=batch_thresholds if config.mode == "calibrate" else [],
+        batch_thresholds=batch_thresholds if config.mode == "calibrate" else [], margins=margins,
     )

@@ -75,6 +75,14 @@ def select_threshold(best: Tensor, size: Tensor, tau: float, protected: int) -> 
     return (best > tau) & (edge_ranks(best) < cap[:, None])
 
 
+def threshold_margin(best: Tensor, tau: float) -> Tensor:
+    """How close each image's closest edge came to the threshold: min |best - tau| over its
+    valid A edges (+inf when it has none). (B,) in the scores' dtype. An edge whose score
+    rounds differently on another machine (other CPU kernels, another batch shape) by less
+    than this cannot change its side of the strict ``>``."""
+    return (best - tau).abs().masked_fill(~torch.isfinite(best), torch.inf).amin(-1)
+
+
 def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int,
                      total: int | None = None) -> tuple[Tensor, float | None]:
     """Calibration: the B*r best edges of the whole batch (spec section 3.2), or the ``total``

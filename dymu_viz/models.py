@@ -35,6 +35,9 @@ import torch
 from torch import nn
 
 # open_clip model name -> default pretrained tag.
+# dtype names accepted by the CLI and the lmms-eval models (float64: the same counts on every CPU)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
 OPEN_CLIP_MODELS = {
     "ViT-L-14-336": "openai",
     "ViT-L-14": "openai",

@@ -18,6 +18,8 @@ from dymu_viz import merge
 from tiny_models import (PROTECTED, family_outputs, make_hf_clip, make_hf_siglip, make_open_clip, make_timm_map,
                          redundancy_images)
 
+pytestmark = pytest.mark.exact_counts  # asserts exact counts / groups / thresholds: also run under baseline CPU kernels
+
 
 @pytest.fixture(autouse=True)
 def _no_grad():

@@ -21,6 +21,8 @@ from dymu_viz.cli import main
 from dymu_viz.data import sample_photos, shapes_image
 from tiny_models import make_hf_clip, make_hf_siglip, redundancy_images
 
+pytestmark = pytest.mark.exact_counts  # asserts exact counts / groups / thresholds: also run under baseline CPU kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,7 +10,7 @@ import torch
 import dymu_viz
 from dymu_viz.models import load_encoder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exact_counts]  # exact_counts: also run under baseline CPU kernels
 
 
 @pytest.fixture(scope="module")

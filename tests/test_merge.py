@@ -15,6 +15,8 @@ import torch
 
 from dymu_viz import merge as M
 
+pytestmark = pytest.mark.exact_counts  # asserts exact counts / groups / thresholds: also run under baseline CPU kernels
+
 B, C = 3, 64
 # (N, protected): CLIP-B/16-224 and CLIP-L/14-336 with CLS; SigLIP-B/16-224 and so400m without.
 LAYOUTS = [(197, 1), (577, 1), (196, 0), (729, 0)]

@@ -21,6 +21,8 @@ import dymu_viz
 from dymu_viz import Thresholds, vlm
 from tiny_models import TINY_VLM_TEXT, TINY_VLM_VISION, make_hf_clip, make_hf_siglip, make_open_clip, make_timm_map
 
+pytestmark = pytest.mark.exact_counts  # asserts exact counts / groups / thresholds: also run under baseline CPU kernels
+
 OPENAI = "module.visual.transformer.resblocks.{}.threshold"
 TIMM = "module.visual.trunk.blocks.{}.threshold"
 HF = "module.vision_model.encoder.layers.{}.threshold"

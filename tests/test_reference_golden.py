@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +25,11 @@ import dymu_viz
 from dymu_viz.data import PHOTOS
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "reference_dtome.json"
-pytestmark = pytest.mark.skipif(not GOLDEN.is_file(), reason="the shared golden files are not next to the project")
+if not GOLDEN.is_file() and os.environ.get("CI"):
+    raise RuntimeError(f"CI runs with ../shared beside the project, but {GOLDEN.name} is not in ../shared/golden: "
+                       "the reference-fidelity tests must run in CI, not skip")
+pytestmark = [pytest.mark.skipif(not GOLDEN.is_file(), reason="the shared golden files are not next to the project"),
+              pytest.mark.exact_counts]
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +65,13 @@ def reference_tower(name: str):
     visual = model.visual.eval()
     checksum = sum(float(t.double().sum()) for t in visual.state_dict().values())
     expected = golden()["models"][name]["weights_checksum_sum_of_visual_state_dict_float64"]
-    assert checksum == pytest.approx(expected, rel=1e-12, abs=1e-6), "the rebuilt tower's weights differ"
+    # torch's CPU normal_ draws float32 samples with vectorized (AVX2 / AVX-512) or scalar code,
+    # which differ in the last bit: under ATEN_CPU_CAPABILITY=default the rebuilt weights are the
+    # golden ones to float32 rounding (checksum ~1e-8 apart), not bitwise. Every golden count still
+    # holds there (CI's second leg runs this file under those kernels).
+    vectorized = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    assert checksum == pytest.approx(expected, rel=1e-12 if vectorized else 1e-7, abs=1e-6), \
+        "the rebuilt tower's weights differ"
     return visual, preprocess
 
 

@@ -18,6 +18,8 @@ import dymu_viz
 from dymu_viz import viz, widgets
 from tiny_models import make_open_clip
 
+pytestmark = pytest.mark.exact_counts  # asserts exact counts / groups / thresholds: also run under baseline CPU kernels
+
 PREPROCESS = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
 
 

@@ -35,6 +35,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
 from .. import vlm
+from ..models import DTYPES
 from ..thresholds import Thresholds
 from ..vlm.baselines import Pool, ToMe
 from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
@@ -44,7 +45,6 @@ IMAGE_TOKEN = "<image>"
 PRESETS = {"low": "ViT-L-14-336-tome-72out"}  # the paper's DyMU-low for LLaVA-1.5 (dymu-spec section 3.4)
 CALIBRATE_HINT = {"mid": "192out", "high": "384out"}
 FAMILY_CLASSES = {"llava": "LlavaForConditionalGeneration", "onevision": "LlavaOnevisionForConditionalGeneration"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DyMUTokenCounts(TokenCounts):
