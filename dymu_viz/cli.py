@@ -188,8 +188,7 @@ def _calibrate_rounds_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_calibrate_rounds(args: argparse.Namespace) -> int:
     from .dataset import list_images
-    from .vlm import load_vlm
-    from .vlm.qwen import QWEN_FAMILIES, calibrate_rounds
+    from .vlm import FAMILIES, family_of, load_vlm
 
     device, rank, dtype = _start_processes(args)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -199,13 +198,16 @@ def run_calibrate_rounds(args: argparse.Namespace) -> int:
         paths, skipped = list_images(args.json or args.folder, args.image_root)
         torch.manual_seed(args.seed)
         loaded = load_vlm(args.model, args.pretrained, device, dtype, args.download, vision_layers=args.vision_layers)
-        if type(loaded.model).__name__ not in QWEN_FAMILIES:
+        family = family_of(loaded.model)
+        if not family.rounds:
+            served = [c for f in FAMILIES.values() if f.rounds for c in f.classes]
             raise ValueError(f"{args.model} is a {type(loaded.model).__name__}; calibrate-rounds is for "
-                             f"{', '.join(QWEN_FAMILIES)} (use calibrate for encoder towers)")
+                             f"{', '.join(served)} (use calibrate for encoder towers)")
         say(f"model     : {loaded.name}\nweights   : {loaded.weights}\ndata      : {len(paths)} images "
             f"({skipped} JSON entries without an image skipped)")
-        thresholds = calibrate_rounds(loaded.model, loaded.processor, paths, args.keep, args.rounds, args.batch_size,
-                                      progress=not args.quiet, metric=args.metric, window=args.window)
+        thresholds = family.calibrate_rounds(loaded.model, loaded.processor, paths, args.keep, args.rounds,
+                                             args.batch_size, progress=not args.quiet, metric=args.metric,
+                                             window=args.window)
         if rank == 0:
             thresholds.model = loaded.name
             thresholds.save(args.out)

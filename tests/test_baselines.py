@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dymu_viz import sample_photos, vlm
 from dymu_viz.eval import task_docs
 from dymu_viz.vlm.baselines import Pool, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups, tome_r
-from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, tiny_qwen, tiny_vlm
+from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, encode_images, tiny_qwen, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -48,7 +48,7 @@ def test_pooled_features_equal_avg_pool2d_of_the_tower_output(cells: int) -> Non
     grid = tower_output(model, pixels).permute(0, 3, 1, 2)  # (B, C, 8, 8)
     expected = model.model.multi_modal_projector(F.avg_pool2d(grid, 8 // cells).flatten(2).transpose(1, 2))
     vlm.patch_vlm(model, Pool(cells, cells))
-    tokens = vlm.pipeline.llava_images(model, pixels)
+    tokens = encode_images(model, pixel_values=pixels)
     for b, image in enumerate(tokens):
         assert torch.allclose(image.features, expected[b], atol=1e-5, rtol=0)
         assert torch.equal(image.mapping, pool_groups(8, cells, cells, torch.device("cpu")))
@@ -92,7 +92,7 @@ def test_baselines_generate_with_their_counts_in_the_accounting(family: str) -> 
     vlm.patch_vlm(model, Pool(3, 4), mode="compact")
     model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert all(count == 12 for a in model.dymu_vlm.last for count in a["crop_tokens"])
-    images = vlm.pipeline._images_of(model)(model, inputs["pixel_values"], image_sizes=inputs.get("image_sizes"))
+    images = encode_images(model, pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes"))
     assert [a["image_tokens"] for a in model.dymu_vlm.last] == [len(t.features) for t in images]
 
 

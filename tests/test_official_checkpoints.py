@@ -19,6 +19,7 @@ from torch import nn
 
 import dymu_viz
 from dymu_viz import Thresholds, vlm
+from dymu_viz.vlm.tower import tower_features
 from tiny_models import TINY_VLM_TEXT, TINY_VLM_VISION, make_hf_clip, make_hf_siglip, make_open_clip, make_timm_map
 
 pytestmark = pytest.mark.exact_counts  # asserts exact counts / groups / thresholds: also run under baseline CPU kernels
@@ -127,7 +128,7 @@ def test_clip_l_files_on_llava_1_5_use_23_layers(tmp_path, name: str) -> None:
     write_reference_file(tmp_path / "t.pth", name, key, r)
     model = tiny_llava(vision_layers=24)
     vlm.patch_vlm(model, Thresholds.load(tmp_path / "t.pth"))
-    features = vlm.common.tower_features(model, torch.randn(1, 3, 56, 56))
+    features = tower_features(model, torch.randn(1, 3, 56, 56))
     assert len(features) == 1
     assert len(model.model.vision_tower.dymu.last.counts[0]) == 24  # input + 23 blocks
 

@@ -112,7 +112,7 @@ def test_generate_matches_step_by_step_recomputation():
 def test_compact_mode_is_the_w_o_vtu_ablation():
     """The unpatched LLM on [text, compact image tokens in order of their first patch, text] at
     consecutive positions."""
-    from dymu_viz.vlm.common import llava_images
+    from dymu_viz.vlm.families.llava import llava_images
     model = tiny_llava(torch.float64)
     vlm.patch_vlm(model, thresholds=0.2, mode="compact")
     ids, mask = prompts(n_before=(3,), n_after=(4,))

@@ -99,8 +99,8 @@ def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
     """With merging, a downsampled slot is either a pure copy of one compact row (all the grid
     tokens it blends are copies of that row) or a token of its own equal to vanilla's blend of the
     merged tower output; every virtual slot's feature equals vanilla packing of the merged grid."""
-    from dymu_viz.vlm.common import tower_features
-    from dymu_viz.vlm.onevision import onevision_images
+    from dymu_viz.vlm.families.onevision import onevision_images
+    from dymu_viz.vlm.tower import tower_features
 
     model = tiny_onevision()
     model.config.vision_aspect_ratio = "anyres_max_1"  # every tile-grid slot blends grid tokens

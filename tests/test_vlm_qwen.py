@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dymu_viz.vlm.forward
 from dymu_viz import Thresholds, vlm
 from dymu_viz.data import sample_photos, shapes_image
 from dymu_viz.merge import merge_tokens
@@ -146,7 +147,8 @@ def test_one_layer_vtu_attention_is_the_scatter_mean_of_vanilla_and_text_rows_ar
 
 def _compact_rows(model, inputs, images):
     """(B, L) compact row of every input position, as the pipeline lays the chunk out."""
-    chunk = vlm.pipeline.compact_chunk(model, inputs["input_ids"], inputs["attention_mask"], images)
+    media = {model.config.image_token_id: ("image", "<|image_pad|>", images)}
+    chunk = vlm.pipeline.compact_chunk(model, inputs["input_ids"], inputs["attention_mask"], media)
     return chunk.rows
 
 
@@ -163,7 +165,7 @@ def test_one_dimensional_virtual_positions_are_wrong_for_qwen(version: str, monk
     vlm.patch_vlm(model, [0.0] * 3)
     text = mask.bool() & (inputs["input_ids"] != model.config.image_token_id)
     assert torch.allclose(model(**inputs).logits[text], ref[text], atol=1e-10, rtol=0)
-    monkeypatch.setattr(vlm.pipeline, "chunk_rope", lambda *a, **k: None)  # falls back to slot order
+    monkeypatch.setattr(dymu_viz.vlm.forward, "chunk_rope", lambda *a, **k: None)  # falls back to slot order
     wrong = model(**inputs).logits[text]
     assert (wrong - ref[text]).abs().max() > 1e-3
 
@@ -624,7 +626,7 @@ def test_the_rounds_metric_follows_the_calibration_and_is_checked() -> None:
     with pytest.raises(ValueError, match="unknown unit metric"):
         vlm.patch_vlm(model, [0.5], metric="values")
     llava = vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", vision_layers=1, text_width=64).model
-    with pytest.raises(ValueError, match="LLaVA towers merge on their own keys"):
+    with pytest.raises(ValueError, match="tower merges on its own keys"):
         vlm.patch_vlm(llava, 0.9, metric="keys")
 
 

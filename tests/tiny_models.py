@@ -167,11 +167,11 @@ def tiny_vlm(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
                               SiglipVisionConfig)
-    from dymu_viz.vlm.standin import standin_processor
+    from dymu_viz.vlm.families import llava as llava_family, onevision
 
     llava = family == "llava"
-    processor = standin_processor(family, 56, patch_size, "default" if llava else "full",
-                                  None if llava else TINY_PINPOINTS, None if llava else "anyres_max_9")
+    processor = llava_family.standin_processor(56, patch_size, "default") if llava else \
+        onevision.standin_processor(56, patch_size, "full", TINY_PINPOINTS, "anyres_max_9")
     tok = processor.tokenizer
     text = dict(TINY_VLM_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     vision = dict(TINY_VLM_VISION, num_hidden_layers=vision_layers, patch_size=patch_size)
@@ -201,9 +201,9 @@ def tiny_qwen(version: str = "2.5", dtype: torch.dtype = torch.float32, attn: st
               seed: int = 0, text_layers: int = 2) -> tuple[nn.Module, Any]:
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
-    from dymu_viz.vlm.standin import qwen_standin_processor
+    from dymu_viz.vlm.families.qwen2_vl import standin_processor
 
-    processor = qwen_standin_processor(version, min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    processor = standin_processor(version, min_pixels=28 * 28, max_pixels=28 * 28 * 64)
     tok = processor.tokenizer
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -227,6 +227,15 @@ def tiny_qwen(version: str = "2.5", dtype: torch.dtype = torch.float32, attn: st
     model.config.vision_config._attn_implementation = "sdpa"
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, processor
+
+
+def encode_images(model: nn.Module, **arguments: Any) -> list:
+    """The ``ImageTokens`` of every image in the forward ``arguments`` (pixel_values, ...), as the
+    patched model's family makes them with its current settings."""
+    from dymu_viz import vlm
+
+    family = vlm.family_of(model)
+    return family.encode(model, model.dymu_vlm.settings, family.inputs[0], arguments)
 
 
 def check_half_precision(model: nn.Module, inputs: dict, dtype: torch.dtype) -> None:

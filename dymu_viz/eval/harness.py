@@ -37,14 +37,12 @@ from tqdm import tqdm
 from .. import vlm
 from ..models import DTYPES
 from ..thresholds import Thresholds
-from ..vlm.baselines import Pool, ToMe
+from ..vlm.family import FAMILIES, family_named
+from ..vlm.reductions import Pool, ToMe
 from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
 from . import flat_summary, summarize, summary_table
 
-IMAGE_TOKEN = "<image>"
-PRESETS = {"low": "ViT-L-14-336-tome-72out"}  # the paper's DyMU-low for LLaVA-1.5 (dymu-spec section 3.4)
 CALIBRATE_HINT = {"mid": "192out", "high": "384out"}
-FAMILY_CLASSES = {"llava": "LlavaForConditionalGeneration", "onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 class DyMUTokenCounts(TokenCounts):
@@ -64,8 +62,10 @@ def _given(value: Any) -> bool:
     return value is not None and str(value).lower() not in ("", "none")
 
 
-def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
-    """What ``patch_vlm`` gets from the model arguments: Thresholds, a float, ToMe, Pool or None."""
+def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any) -> Any:
+    """What ``patch_vlm`` gets from the model arguments of the family ``family_name``:
+    Thresholds, a float, ToMe, Pool or None."""
+    family = family_named(family_name)
     given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool)) if _given(value)]
     if len(given) > 1:
         raise ValueError(f"give one of thresholds, tome and pool, not {' and '.join(given)}")
@@ -79,11 +79,12 @@ def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
     if not _given(thresholds):
         return None
     text = str(thresholds)
-    if text in PRESETS:
-        if family != "llava":
-            raise ValueError(f"thresholds={text} is LLaVA-1.5's published DyMU-low; for OneVision pass a thresholds "
-                             "file calibrated on its SigLIP tower (dymu-viz calibrate)")
-        return Thresholds.published(PRESETS[text])
+    if text in family.presets:
+        return Thresholds.published(family.presets[text])
+    elsewhere = [f.title for f in FAMILIES.values() if text in f.presets]
+    if elsewhere:
+        raise ValueError(f"thresholds={text} is {' and '.join(elsewhere)}'s published DyMU-{text}; for {family.title} pass "
+                         "a thresholds file calibrated on its tower (dymu-viz calibrate)")
     if text in CALIBRATE_HINT:
         raise ValueError(f"no published thresholds for DyMU-{text}: calibrate them once (dymu-viz calibrate --target "
                          f"{CALIBRATE_HINT[text]} --out FILE, see the README) and pass thresholds=FILE")
@@ -93,11 +94,12 @@ def parse_setting(family: str, thresholds: Any, tome: Any, pool: Any) -> Any:
         return Thresholds.load(text)
 
 
-def build_prompt(processor: Any, context: str, n_images: int, chat_template: Optional[str]) -> str:
+def build_prompt(processor: Any, context: str, n_images: int, chat_template: Optional[str],
+                 placeholder: str = "<image>") -> str:
     """The user turn lmms-eval's chat models build (the images, then the question) through the
-    processor's chat template (or ``chat_template``); a question that already holds ``<image>``
-    placeholders keeps them where they are."""
-    images = [] if IMAGE_TOKEN in context else [{"type": "image"}] * n_images
+    processor's chat template (or ``chat_template``); a question that already holds image
+    ``placeholder``s keeps them where they are."""
+    images = [] if placeholder in context else [{"type": "image"}] * n_images
     turn = [{"role": "user", "content": images + [{"type": "text", "text": context}]}]
     return processor.apply_chat_template(turn, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
 
@@ -110,12 +112,12 @@ def cut_at_stop(text: str, until: list[str]) -> str:
     return text
 
 
-class DyMULlava(lmms):
-    """``--model dymu_llava``: HF LLaVA-1.5 with DyMU (module docstring: the arguments)."""
+class DyMUModel(lmms):
+    """An lmms-eval model for the VLM family named ``family`` (a subclass per family sets it; the
+    module docstring lists the arguments)."""
 
     is_simple = True
-    family = "llava"
-    default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    family = ""
 
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
                  mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
@@ -132,18 +134,19 @@ class DyMULlava(lmms):
             raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        family = family_named(self.family)
         setting = parse_setting(self.family, thresholds, tome, pool)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = device if self._world_size == 1 and device else str(self.accelerator.device)
-        source = pretrained or self.default_pretrained
+        source = pretrained or family.default_pretrained
         loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
                               None if dtype == "auto" else DTYPES[dtype],
                               allow_download=str(download).lower() not in ("false", "0", "no"),
                               vision_layers=None if vision_layers is None else int(vision_layers))
-        expected = FAMILY_CLASSES[self.family]
-        if type(loaded.model).__name__ != expected:
-            raise ValueError(f"{source} is a {type(loaded.model).__name__}; --model {self.model_name()} runs {expected}")
+        if type(loaded.model).__name__ not in family.classes:
+            raise ValueError(f"{source} is a {type(loaded.model).__name__}; --model {self.model_name()} runs "
+                             f"{', '.join(family.classes)}")
         self.model, self.processor, self.tokenizer = loaded.model, loaded.processor, loaded.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.batch_size_per_gpu, self.chat_template = int(batch_size), chat_template
@@ -154,7 +157,7 @@ class DyMULlava(lmms):
 
     @classmethod
     def model_name(cls) -> str:
-        return "dymu_llava" if cls.family == "llava" else "dymu_llava_onevision"
+        return family_named(cls.family).lmms_name
 
     @property
     def batch_size(self) -> int:
@@ -165,8 +168,10 @@ class DyMULlava(lmms):
         return next(self.model.parameters()).device
 
     def _inputs(self, contexts: list[str], visuals: list[list[Any]]) -> dict[str, Any]:
-        prompts = [build_prompt(self.processor, c, len(v), self.chat_template) for c, v in zip(contexts, visuals)]
-        # nested per prompt, so that OneVision's processor counts each sample's images
+        placeholder = family_named(self.family).placeholder("image")
+        prompts = [build_prompt(self.processor, c, len(v), self.chat_template, placeholder)
+                   for c, v in zip(contexts, visuals)]
+        # nested per prompt, so that a processor that reads images per prompt counts each sample's
         images = visuals if all(visuals) else [im for v in visuals for im in v] or None
         inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -184,8 +189,8 @@ class DyMULlava(lmms):
                 raise ValueError(f"{self.model_name()} evaluates image tasks; {tasks[0]} gives video paths (video "
                                  "merging is for Qwen2-VL: dymu_viz.vlm.qwen)")
             batches = [(list(contexts), visuals)]
-            if self.family == "onevision" and any(visuals) and not all(visuals):
-                # OneVision's processor counts images per sample only when every sample has one
+            if family_named(self.family).nests_images and any(visuals) and not all(visuals):
+                # such a processor counts images per sample only when every sample has one
                 batches = [([c], [v]) for c, v in zip(contexts, visuals)]
             for batch_contexts, batch_visuals in batches:
                 results += self._generate(batch_contexts, batch_visuals, dict(all_kwargs[0]))
@@ -277,8 +282,13 @@ class DyMULlava(lmms):
         raise NotImplementedError(f"{self.model_name()} answers single-round tasks only")
 
 
-class DyMULlavaOneVision(DyMULlava):
+class DyMULlava(DyMUModel):
+    """``--model dymu_llava``: HF LLaVA-1.5 with DyMU."""
+
+    family = "llava"
+
+
+class DyMULlavaOneVision(DyMUModel):
     """``--model dymu_llava_onevision``: HF LLaVA-OneVision with DyMU (anyres crops, batched)."""
 
     family = "onevision"
-    default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"

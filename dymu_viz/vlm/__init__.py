@@ -1,10 +1,15 @@
-"""DyMU in vision-language models: DToMe in the vision tower, VTU in the RoPE LLM."""
+"""DyMU in vision-language models: DToMe in the vision tower, VTU in the RoPE LLM.
 
+One module per model family under ``families/`` (each registers itself with ``family``); the
+pipeline asks the model's family for everything that differs between them."""
+
+from . import families  # noqa: F401  (registers every family)
 from .cache import DyMUCache
-from .common import ImageTokens
+from .family import FAMILIES, VLMFamily, family_of
 from .models import LoadedVLM, load_vlm
-from . import baselines, costs, pipeline, qwen
+from .tokens import ImageTokens
+from . import baselines, costs, pipeline, qwen  # noqa: F401  (dymu_viz.vlm.baselines, ... as attributes)
 from .pipeline import MODES, GenerateOutput, VLMState, chat, generate, logits, patch_vlm, unpatch_vlm
 
-__all__ = ["MODES", "DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMState", "chat", "generate", "load_vlm",
-           "logits", "patch_vlm", "unpatch_vlm"]
+__all__ = ["FAMILIES", "MODES", "DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMFamily", "VLMState",
+           "chat", "family_of", "generate", "load_vlm", "logits", "patch_vlm", "unpatch_vlm"]

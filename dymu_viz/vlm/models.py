@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .standin import qwen_standin_processor, standin_processor
+from .families import llava, onevision, qwen2_vl
 
 _ANYRES_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 
@@ -79,10 +79,13 @@ def build_processor(model_id: str) -> Any:
     size and the stand-in word-level tokenizer (random-init models only)."""
     spec = _spec(model_id)
     if spec.family.startswith("qwen"):  # HF's default resolution range: 4 to 1280 units of 28 x 28 px
-        return qwen_standin_processor(spec.family.removeprefix("qwen"))
-    return standin_processor(spec.family, spec.vision["image_size"], spec.vision["patch_size"],
-                             spec.settings["vision_feature_select_strategy"],
-                             spec.settings.get("image_grid_pinpoints"), spec.settings.get("vision_aspect_ratio"))
+        return qwen2_vl.standin_processor(spec.family.removeprefix("qwen"))
+    size, patch, strategy = spec.vision["image_size"], spec.vision["patch_size"], \
+        spec.settings["vision_feature_select_strategy"]
+    if spec.family == "llava":
+        return llava.standin_processor(size, patch, strategy)
+    return onevision.standin_processor(size, patch, strategy, spec.settings["image_grid_pinpoints"],
+                                       spec.settings["vision_aspect_ratio"])
 
 
 @dataclass

@@ -96,7 +96,7 @@ def find_decoder(model: nn.Module) -> nn.Module:
         if hasattr(module, "rotary_emb") and hasattr(module, "layers"):
             return module
     raise ValueError(f"{type(model).__name__} has no RoPE decoder (no module with rotary_emb and layers); "
-                     "VTU needs a rotary-position LLM such as Llama or Qwen2")
+                     "VTU needs a rotary-position decoder LLM")
 
 
 def patch_llm(model: nn.Module, kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast") -> VTUState:

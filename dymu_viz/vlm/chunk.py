@@ -1,0 +1,182 @@
+"""One forward's input in compact form: the placeholders of ``input_ids`` replaced by each
+item's compact tokens (``compact_chunk``), the virtual slots VTU attends over (``virtual_block``)
+and, for multi-row RoPE, their positions (``chunk_rope``, ``compact_rope``). Nothing here knows a
+family: the family's items and positions come in as arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..vtu import VirtualLayout, VTUTrack
+from .cache import GenerationState
+from .family import VLMFamily
+from .tokens import ImageTokens
+
+Media = tuple[str, str, list[ImageTokens]]  # (kind, its placeholder as written, the items)
+
+
+@dataclass
+class Chunk:
+    """The compact form of one forward's input_ids (B, L): embeds (B, P, D) and mask (B, P),
+    left-padded; slots: per row, the compact row (0..P-1) of each of its virtual slots, in order;
+    rows: (B, L) the compact row standing at every input position; accounting per row."""
+
+    embeds: Tensor
+    mask: Tensor
+    slots: list[Tensor]
+    rows: Tensor
+    accounting: list[dict[str, Any]]
+
+
+def runs_of(flags: Tensor) -> list[tuple[int, int]]:
+    """[begin, end) of every run of True in a 1-D bool tensor."""
+    edges = torch.diff(torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)]).long())
+    return list(zip(edges.eq(1).nonzero().squeeze(1).tolist(), edges.eq(-1).nonzero().squeeze(1).tolist()))
+
+
+def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict[int, Media]) -> Chunk:
+    """Replace the placeholders of input_ids (B, L) by compact tokens: ``media`` maps a
+    placeholder id to (kind, its placeholder as written in prompts, the items' ``ImageTokens``);
+    placeholders of ids not in ``media`` are ordinary tokens.
+
+    Items are assigned to their placeholders as HF does (row by row, left to right); each takes
+    as many placeholders as it has virtual positions (the processor's expansion), or a single
+    placeholder standing for all of them. Positions with mask 0 are dropped (padding)."""
+    B, L = input_ids.shape
+    device = input_ids.device
+    text = model.get_input_embeddings()(input_ids)  # (B, L, D); placeholder rows are replaced
+    feeds = {token: iter(enumerate(items)) for token, (_, _, items) in media.items()}
+    rows_feats, rows_slots, accounting = [], [], []
+    rows = torch.zeros((B, L), dtype=torch.long, device=device)
+    for b in range(B):
+        valid = mask[b].bool()
+        placeholders = {token: (input_ids[b] == token) & valid for token in media}
+        is_image = torch.stack(list(placeholders.values())).any(0) if placeholders else torch.zeros_like(valid)
+        runs = sorted((begin, end, token) for token, flags in placeholders.items() for begin, end in runs_of(flags))
+        feats, slots, n, cursor = [], [], 0, 0
+        acc = row_accounting()
+        for begin, end, token in runs + [(L, L, None)]:
+            between = (valid[cursor:begin] & ~is_image[cursor:begin]).nonzero().squeeze(1) + cursor
+            k = len(between)
+            feats.append(text[b, between])
+            slots.append(n + torch.arange(k, device=device))
+            rows[b, between] = n + torch.arange(k, device=device)
+            n, acc["text_tokens"] = n + k, acc["text_tokens"] + k
+            p = begin
+            while p < end:
+                kind, written, items = media[token]
+                i, image = next(feeds[token], (None, None))
+                if image is None:
+                    raise ValueError(f"{len(items)} {kind}s given but the prompts hold more {kind} placeholders; "
+                                     f"give one {kind} per {written} in the prompts")
+                V = len(image.mapping)
+                take = 1 if (end - p == 1 and V != 1) else V
+                if end - p < take:
+                    raise ValueError(f"{kind} {i} has {V} positions but only {end - p} {kind} placeholders are left "
+                                     "where it goes; expand prompts with the model's own processor")
+                mapping = image.mapping.to(device)
+                feats.append(image.features.to(text.device, text.dtype))
+                slots.append(n + mapping)
+                rows[b, p:p + take] = n + (mapping if take == V else mapping[:1])
+                n += len(image.features)
+                acc["crop_tokens"] += image.crop_tokens
+                acc["image_tokens"] += len(image.features)
+                acc["image_positions"] += V
+                p += take
+            cursor = end
+        acc["encoder_tokens"] = sum(acc["crop_tokens"])
+        rows_feats.append(torch.cat(feats))
+        rows_slots.append(torch.cat(slots))
+        accounting.append(acc)
+    for token, (kind, written, items) in media.items():
+        left = sum(1 for _ in feeds[token])
+        if left:
+            raise ValueError(f"{len(items)} {kind}s given but the prompts hold {kind} placeholders for "
+                             f"{len(items) - left}; give one {kind} per {written} in the prompts")
+    P = max(len(f) for f in rows_feats)
+    embeds = text.new_zeros((B, P, text.shape[-1]))
+    compact_mask = torch.zeros((B, P), dtype=torch.long, device=device)
+    for b, f in enumerate(rows_feats):
+        pad = P - len(f)
+        embeds[b, pad:], compact_mask[b, pad:] = f, 1
+        rows_slots[b] = rows_slots[b] + pad
+        rows[b] = torch.where(mask[b].bool(), rows[b] + pad, P - 1)
+    return Chunk(embeds, compact_mask, rows_slots, rows, accounting)
+
+
+def plain_chunk(model: nn.Module, input_ids: Tensor) -> Chunk:
+    """A chunk of text tokens with no padding (decode steps): compact = input."""
+    B, L = input_ids.shape
+    arange = torch.arange(L, device=input_ids.device)
+    return Chunk(model.get_input_embeddings()(input_ids), torch.ones_like(input_ids), [arange] * B,
+                 arange.expand(B, L), [row_accounting(L) for _ in range(B)])
+
+
+def row_accounting(text_tokens: int = 0) -> dict[str, Any]:
+    """One prompt row's accounting before its images are counted in."""
+    return {"encoder_tokens": 0, "crop_tokens": [], "image_tokens": 0, "image_positions": 0, "text_tokens": text_tokens}
+
+
+def virtual_block(chunk: Chunk, track: VTUTrack, first_row: int,
+                  slot_rope: Optional[list[Tensor]] = None) -> VirtualLayout:
+    """The chunk's virtual slots as a layout block: global compact rows (first_row + row),
+    slot order continuing each row's sequence, left padding with invalid slots; slot_rope: per
+    row, the (3, slots) M-RoPE positions of its slots (Qwen2-VL), else RoPE follows slot order."""
+    B, device = len(chunk.slots), chunk.mask.device
+    S = max(len(s) for s in chunk.slots)
+    start = track.layout.next_positions() if track.layout.src.shape[1] else torch.zeros(B, dtype=torch.long,
+                                                                                           device=device)
+    src = torch.full((B, S), first_row, dtype=torch.long, device=device)
+    pos = torch.zeros_like(src)
+    valid = torch.zeros_like(src, dtype=torch.bool)
+    rope = None if slot_rope is None else torch.zeros((3, B, S), dtype=torch.long, device=device)
+    for b, slots in enumerate(chunk.slots):
+        n = len(slots)
+        src[b, S - n:] = first_row + slots
+        pos[b, S - n:] = start[b] + torch.arange(n, device=device)
+        valid[b, S - n:] = True
+        if rope is not None:
+            rope[:, b, S - n:] = slot_rope[b]
+    return VirtualLayout(src, pos, valid, rope)
+
+
+def chunk_rope(family: VLMFamily, model: nn.Module, gen: GenerationState, chunk: Chunk, input_ids: Tensor,
+               mask: Tensor, arguments: dict[str, Any], plain: bool) -> Optional[list[Tensor]]:
+    """Multi-row RoPE (M-RoPE): per row, the (3, slots) positions of the chunk's virtual slots
+    (its valid input positions, numbered by the family as the unpatched model numbers them,
+    continuing where the row left off); advances ``gen.next_rope`` to one past each row's
+    largest position. None for a family whose RoPE follows the slot order."""
+    B, L = input_ids.shape
+    start = gen.next_rope if gen.next_rope is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    if plain and gen.next_rope is not None:  # decode steps: no padding, no images; no per-row indexing (no host syncs)
+        gen.next_rope = start + L
+        return list((start[:, None] + torch.arange(L, device=input_ids.device))[None].expand(3, B, L).unbind(1))
+    rope = family.positions(model, input_ids, mask, start, arguments)
+    if rope is None:
+        return None
+    per_row = [rope[:, b, mask[b].bool()] for b in range(B)]
+    for b, (r, slots) in enumerate(zip(per_row, chunk.slots)):
+        if r.shape[1] != len(slots):
+            raise ValueError(f"row {b}: {len(slots)} virtual slots but {r.shape[1]} input tokens; this model needs "
+                             "every image's full run of placeholders (use the model's own processor)")
+    gen.next_rope = torch.stack([r.amax() + 1 if r.numel() else s for r, s in zip(per_row, start)])
+    return per_row
+
+
+def compact_rope(chunk: Chunk, slot_rope: list[Tensor]) -> Tensor:
+    """(3, B, P) M-RoPE position of every compact row of the chunk without VTU ("compact" and
+    "full" modes): the position of its first virtual slot (with no merging, its own position:
+    vanilla). Padding rows get 0."""
+    B, P = chunk.mask.shape
+    out = torch.zeros((3, B, P), dtype=torch.long, device=chunk.mask.device)
+    for b, (slots, rope) in enumerate(zip(chunk.slots, slot_rope)):
+        n = len(slots)
+        first = torch.full((P,), n, dtype=torch.long, device=slots.device)
+        first = first.scatter_reduce(0, slots, torch.arange(n, device=slots.device), reduce="amin")
+        used = first < n
+        out[:, b, used] = rope[:, first[used]].to(out.device)
+    return out

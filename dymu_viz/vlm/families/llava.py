@@ -1,0 +1,63 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one 336 px crop per image through the DToMe
+CLIP tower, read one block early (``vision_feature_layer``); the virtual image is its patch grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..family import VisualInput, register
+from ..standin import CLIP_MEAN, CLIP_STD, build_tokenizer
+from ..tokens import ImageTokens
+from ..tower import TowerFamily, TowerSettings, tower_features
+
+
+def llava_images(model: nn.Module, pixel_values: Tensor, pool: Any = None, **kwargs: Any) -> list[ImageTokens]:
+    """LLaVA-1.5: one image, one tower pass; the virtual image is its patch grid."""
+    if pixel_values.dim() != 4:
+        raise ValueError(f"LLaVA pixel_values must be (images, 3, H, W), got {tuple(pixel_values.shape)}")
+    return [ImageTokens(f, m, [len(f)]).in_slot_order() for f, m in tower_features(model, pixel_values, pool)]
+
+
+# The stand-in's chat template, written after the real processor's prompt format.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def standin_tokenizer() -> Any:
+    """Llama's special tokens (BOS ``<s>`` before every text) and the ``<image>`` placeholder."""
+    return build_tokenizer(dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"),
+                           {"image_token": "<image>"}, ["user", "assistant"], bos=True)
+
+
+def standin_processor(size: int, patch: int, select_strategy: str) -> Any:
+    """``LlavaProcessor`` with HF's CLIP image processor at ``size`` px and the stand-in
+    tokenizer (random-init models only; see ``dymu_viz.vlm.standin``)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return LlavaProcessor(image_processor=images, tokenizer=standin_tokenizer(), patch_size=patch,
+                          image_token="<image>", vision_feature_select_strategy=select_strategy,
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+class Llava(TowerFamily):
+    name = "llava"
+    title = "LLaVA-1.5"
+    classes = ("LlavaForConditionalGeneration",)
+    config_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
+    lmms_name = "dymu_llava"
+    default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    presets = {"low": "ViT-L-14-336-tome-72out"}  # the paper's DyMU-low for LLaVA-1.5 (dymu-spec section 3.4)
+
+    def encode(self, model: nn.Module, settings: TowerSettings, visual: VisualInput,
+               arguments: dict[str, Any]) -> list[ImageTokens]:
+        return llava_images(model, arguments[visual.pixels], settings.pool)
+
+
+register(Llava())

@@ -1,0 +1,185 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): AnyRes crops through the
+batched DToMe tower, and the *vanilla* OneVision layout (base crop, then the unpadded tile grid
+with a newline token after every row) as the virtual sequence.
+
+The layout is obtained by running HF's own ``pack_image_features`` on compact-row *indices*
+instead of features: reshaping, unpadding and flattening only move entries, so every virtual
+slot comes out holding the compact row it copies, and newline slots come out as -1. Each newline
+becomes its own compact token. Compact rows that no slot copies (tokens of the padding that
+unpadding removes) are dropped. With no merging this reproduces vanilla OneVision exactly.
+
+Large images: when the unpadded grid exceeds ``anyres_max_N`` tiles' worth of tokens, OneVision
+shrinks it with bilinear interpolation, so a slot can blend up to four grid tokens. The index
+pass carries a second channel, index², and a slot whose blend has zero variance copies a single
+compact row as above. A slot that blends *different* compact rows (it straddles a group border)
+becomes a compact token of its own, holding exactly the feature vanilla OneVision computes from
+the merged tower's output. So the layout stays exact -- with no merging it is vanilla OneVision --
+and the cost is one extra compact token per border-straddling slot.
+
+Images per prompt: as in HF, an image of a prompt with several images is its base crop only (no
+AnyRes tiles). ``batch_num_images`` says how many each prompt holds when the processor got the
+images nested per prompt; given a flat list it says 1 per image (every image tiled).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...thresholds import Thresholds
+from ..family import IMAGES, VisualInput, register
+from ..standin import CHATML_ROLES, CHATML_SPECIALS, build_tokenizer
+from ..tokens import ImageTokens
+from ..tower import TowerFamily, TowerSettings, tower_features
+from ..reductions import Pool
+
+NEWLINE = -1.0
+MIXED = 1e-6  # index variance above which a downsampled slot blends different compact rows
+VIDEOS = VisualInput("video", "video_token_id", "pixel_values_videos")
+
+
+def tiled_flags(batch_num_images: Optional[Tensor], n_images: int) -> list[bool]:
+    """Per image, whether it goes in with its AnyRes tiles: as in HF, when its prompt holds it
+    alone (``batch_num_images``: images per prompt, or 1 per image for a flat list)."""
+    tiled = [True] * n_images if batch_num_images is None else \
+        [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+    if len(tiled) != n_images:
+        raise ValueError(f"batch_num_images counts {len(tiled)} images but image_sizes has {n_images}")
+    return tiled
+
+
+def crop_counts(model: nn.Module, image_sizes: Tensor, tiled: list[bool]) -> list[int]:
+    """Crops per image: base crop and tiles when tiled, else the base crop alone."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    cfg = model.config
+    return [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if tile else 1
+            for size, tile in zip(image_sizes, tiled)]
+
+
+def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Optional[Tensor] = None,
+                     batch_num_images: Optional[Tensor] = None, pool: Optional[Pool] = None,
+                     **kwargs: Any) -> list[ImageTokens]:
+    """Per image: compact features (n, D) -- every crop's merged tokens, one token per newline and
+    one per blended slot -- and the mapping (V_img,) from each vanilla-layout position to its
+    compact row. batch_num_images: see the module docstring; pool: the pooling baseline."""
+    if image_sizes is None:
+        raise ValueError("LLaVA-OneVision needs image_sizes (the original (H, W) of every image)")
+    n_crops = crop_counts(model, image_sizes, tiled_flags(batch_num_images, len(image_sizes)))
+    if pixel_values.dim() != 5:
+        raise ValueError(f"LLaVA-OneVision pixel_values must be (images, crops, 3, H, W), got {tuple(pixel_values.shape)}")
+    crops = torch.cat([pix[:n] for pix, n in zip(pixel_values, n_crops)])
+    per_crop = tower_features(model, crops, pool)
+    out, first = [], 0
+    for i, n in enumerate(n_crops):
+        segments = per_crop[first:first + n]
+        first += n
+        feats = torch.cat([f for f, _ in segments])
+        offsets = torch.tensor([0] + [len(f) for f, _ in segments[:-1]], device=feats.device).cumsum(0)
+        grid = torch.stack([m + o for (_, m), o in zip(segments, offsets)])  # (crops, positions) compact rows
+        powers = torch.tensor([1.0, 2.0], dtype=torch.float64, device=grid.device)
+        newline_index = torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64, device=grid.device)
+        slots = pack(model, grid.to(torch.float64)[..., None] ** powers, image_sizes[i], newline_index)
+        index, variance = slots[:, 0], slots[:, 1] - slots[:, 0] ** 2
+        newline, mixed = index == NEWLINE, variance > MIXED
+        mapping = index.round().long()
+        own = newline | mixed  # slots that get a compact token of their own, in slot order
+        if mixed.any():  # bilinear downsampling blended different rows: vanilla's blend, as it is
+            extra = pack(model, feats[grid], image_sizes[i], model.model.image_newline)[own]
+        else:
+            extra = model.model.image_newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
+        mapping[own] = len(feats) + torch.arange(int(own.sum()), device=mapping.device)
+        used, mapping = torch.unique(mapping, return_inverse=True)  # drop rows no slot copies (unpadded away)
+        image = ImageTokens(torch.cat([feats, extra])[used], mapping, [len(f) for f, _ in segments])
+        out.append(image.in_slot_order())
+    return out
+
+
+def pack(model: nn.Module, grid: Tensor, image_size: Tensor, newline: Tensor) -> Tensor:
+    """HF's vanilla packing of one image's crops (crops, positions, C) -> (slots, C)."""
+    packed, _ = model.model.pack_image_features([grid], image_size[None], image_newline=newline,
+                                                vision_aspect_ratio=model.config.vision_aspect_ratio)
+    return packed[0]
+
+
+def layout_lengths(model: nn.Module, image_sizes: Tensor, batch_num_images: Optional[Tensor]) -> list[int]:
+    """The vanilla layout's length of every image (its placeholders), from the sizes alone:
+    HF's packing run on a one-channel grid of zeros."""
+    vision = model.config.vision_config
+    positions = (vision.image_size // vision.patch_size) ** 2
+    tiled = tiled_flags(batch_num_images, len(image_sizes))
+    zero = torch.zeros(1, dtype=torch.float64, device=image_sizes.device)
+    return [len(pack(model, zero.new_zeros((n, positions, 1)), size, zero))
+            for n, size in zip(crop_counts(model, image_sizes, tiled), image_sizes)]
+
+
+# The stand-in's chat template (ChatML), written after the real processor's prompt format: a
+# sample's images adjacent, <image><image>, then the text.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ '\n' + c['text'] }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def standin_processor(size: int, patch: int, select_strategy: str, pinpoints: list[list[int]],
+                      aspect_ratio: Optional[str]) -> Any:
+    """``LlavaOnevisionProcessor`` with HF's own image and video processors at ``size`` px and the
+    stand-in tokenizer (random-init models only; see ``dymu_viz.vlm.standin``)."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images = LlavaOnevisionImageProcessor(size={"height": size, "width": size}, **norm, image_grid_pinpoints=pinpoints)
+    videos = LlavaOnevisionVideoProcessor(size={"height": size, "width": size}, **norm)
+    tokenizer = build_tokenizer(CHATML_SPECIALS, {"image_token": "<image>", "video_token": "<video>",
+                                                  "im_start": "<|im_start|>"}, CHATML_ROLES)
+    return LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                                   num_image_tokens=(size // patch) ** 2,
+                                   vision_feature_select_strategy=select_strategy, vision_aspect_ratio=aspect_ratio,
+                                   chat_template=CHAT_TEMPLATE)
+
+
+class OneVision(TowerFamily):
+    name = "onevision"
+    title = "LLaVA-OneVision"
+    classes = ("LlavaOnevisionForConditionalGeneration",)
+    inputs = (IMAGES, VIDEOS)
+    placeholders = {"image": "<image>", "video": "<video>"}
+    config_arguments = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
+    lmms_name = "dymu_llava_onevision"
+    default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    nests_images = True
+
+    def tower_thresholds(self, model: nn.Module, thresholds: Any) -> Any:
+        """LLaVA-OneVision's tower is SO400M with its last layer deleted (26 of 27 layers), and the
+        reference's SO400M threshold files have 27 values, of which its tower uses the first 26. Such
+        a file is mapped the same way here, with a warning that says so; any other depth mismatch
+        stays an error (raised by ``patch``)."""
+        if thresholds is None or isinstance(thresholds, (int, float)):
+            return thresholds
+        depth = model.config.vision_config.num_hidden_layers
+        if len(thresholds.values if isinstance(thresholds, Thresholds) else thresholds) != depth + 1:
+            return thresholds
+        warnings.warn(f"{depth + 1}-layer thresholds on LLaVA-OneVision's {depth}-layer tower: layers 0-{depth - 1} "
+                      f"are used and the last threshold is not, as in the reference (its tower drops SO400M's last "
+                      f"layer too); pass thresholds.truncated({depth}) to map it yourself", stacklevel=4)
+        return thresholds.truncated(depth) if isinstance(thresholds, Thresholds) else list(thresholds)[:depth]
+
+    def encode(self, model: nn.Module, settings: TowerSettings, visual: VisualInput,
+               arguments: dict[str, Any]) -> list[ImageTokens]:
+        if visual.kind == "video":
+            raise NotImplementedError("DyMU does not support OneVision video inputs (pixel_values_videos) yet: "
+                                      "OneVision pools its frames 2 x 2 before the LLM, which is not reproduced exactly")
+        return onevision_images(model, arguments[visual.pixels], arguments.get("image_sizes"),
+                                arguments.get("batch_num_images"), settings.pool)
+
+    def item_lengths(self, model: nn.Module, visual: VisualInput, arguments: dict[str, Any]) -> list[int]:
+        if visual.kind == "video":
+            return super().item_lengths(model, visual, arguments)
+        return layout_lengths(model, arguments["image_sizes"], arguments.get("batch_num_images"))
+
+
+register(OneVision())

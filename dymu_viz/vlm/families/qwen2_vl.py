@@ -1,0 +1,568 @@
+"""Qwen2-VL and Qwen2.5-VL: DToMe on the visual tokens after the PatchMerger, and the 3-row
+M-RoPE positions VTU needs.
+
+The vision tower runs as HF runs it (window attention, cu_seqlens, FlashAttention, 2-D RoPE
+all untouched). Its output is one token per 2 x 2 patch *unit*, in raster order per image.
+DToMe then merges units in threshold *rounds*: each round is one bipartite matching of the
+existing ``merge.py`` (every edge above the round's threshold, at most half the tokens), on a
+padded batch of images of any sizes. The similarity metric is the pre-RoPE keys of the last
+full-attention ViT block, averaged over heads and concatenated over the unit's four patches;
+merged tokens carry the size-weighted mean of both features and metric into the next round.
+
+Options: the metric (``METRICS``), restricted matching inside windows of units for very large
+images (``window_order``), and for videos, after each time step's rounds, merging across
+neighbouring time steps (``merge_time_steps``, threshold from ``calibrate_temporal``).
+
+The virtual sequence is the one vanilla HF builds: every unit at its own (t, h, w) position
+from the model's ``get_rope_index``; text after an image continues at max + 1 (HF's rule).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ...calibrate import dist_info, gather_objects, mean_thresholds
+from ...dataset import load_rgb
+from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_threshold
+from ...thresholds import Thresholds
+from ..family import VisualInput, VLMFamily, register
+from ..reductions import Pool, ToMe
+from ..standin import CHATML_ROLES, CHATML_SPECIALS, build_tokenizer
+from ..tokens import ImageTokens
+
+QWEN_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+ROUNDS_KIND = "qwen_unit_rounds"  # Thresholds.metadata["kind"] of calibrated rounds
+# Similarity metrics of the rounds: "keys" (pre-RoPE keys of the last full-attention ViT block,
+# head-averaged, a unit's 4 patches concatenated; the default), "blocks" (the same keys, but round
+# k reads those of its own full-attention block, spread over the tower's depth: ``metric_blocks``)
+# or "features" (the merger's output units themselves: no hook, so it also fits precomputed
+# features).
+METRICS = ("keys", "blocks", "features")
+
+
+def full_attention_blocks(visual: nn.Module) -> list[int]:
+    """The ViT blocks that attend over the whole image: Qwen2.5-VL's ``fullatt_block_indexes``;
+    every Qwen2-VL block."""
+    return sorted(getattr(visual, "fullatt_block_indexes", None) or range(len(visual.blocks)))
+
+
+def metric_blocks(visual: nn.Module, metric: str, rounds: int) -> list[int]:
+    """The blocks whose keys each round matches on: the last full-attention block for every round
+    ("keys"), or round k's share of the full-attention blocks, ending at the last ("blocks": 4
+    rounds on Qwen2.5-VL-7B read blocks 7, 15, 23, 31; on Qwen2-VL's 32 full blocks the same)."""
+    full = full_attention_blocks(visual)
+    if metric == "keys":
+        return [full[-1]]
+    return [full[math.ceil(len(full) * (k + 1) / rounds) - 1] for k in range(rounds)]
+
+
+@contextmanager
+def _metric_in_pooler_output(visual: nn.Module, blocks: Sequence[int]) -> Iterator[None]:
+    """While open, the tower's merger returns [unit feature | unit keys of each of ``blocks``]
+    (U, D + len(blocks) * 4 * head_dim): the model itself then puts both in raster order
+    (Qwen2.5-VL's window order is undone after the merger) and splits them per image."""
+    keys: dict[int, Tensor] = {}
+    heads = visual.config.num_heads
+
+    def keep_keys(block: int) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, args: Any, qkv: Tensor) -> None:
+            keys[block] = qkv.view(qkv.shape[0], 3, heads, -1)[:, 1].mean(1)  # (patches, head_dim), pre-RoPE
+        return hook
+
+    def append_metric(module: nn.Module, args: Any, units: Tensor) -> Tensor:
+        # a unit's 4 patches are consecutive rows, as the merger groups them
+        per_block = [keys[b].reshape(units.shape[0], -1).to(units.dtype) for b in blocks]
+        keys.clear()
+        return torch.cat([units, *per_block], -1)
+
+    hooks = [visual.blocks[b].attn.qkv.register_forward_hook(keep_keys(b)) for b in sorted(set(blocks))]
+    hooks.append(visual.merger.register_forward_hook(append_metric))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, video: bool = False,
+                metric: str = "keys", rounds: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """Per image (or video): (unit features (U, D) exactly as vanilla's ``get_image_features``
+    (``get_video_features``) gives them, unit metric (U, M): see ``METRICS``; with "blocks" the
+    ``rounds`` rounds' metrics side by side, (U, rounds * M)), units in raster order (a video's
+    time steps one after the other)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
+    features = model.model.get_video_features if video else model.model.get_image_features
+    if metric == "features":
+        return [(u, u) for u in features(pixel_values, grid_thw).pooler_output]
+    D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
+    with _metric_in_pooler_output(model.model.visual, metric_blocks(model.model.visual, metric, rounds)):
+        per_item = features(pixel_values, grid_thw).pooler_output
+    return [(u[:, :D], u[:, D:]) for u in per_item]
+
+
+def metric_views(metric: str, rounds: int) -> int:
+    """How many per-round parts the metric of ``tower_units`` holds side by side."""
+    return rounds if metric == "blocks" else 1
+
+
+Selection = Callable[[int, Tensor, Tensor], Tensor]  # (round, best, size) -> src, as in merge.py
+
+
+def merge_rounds(x: Tensor, metric: Tensor, size: Tensor, rounds: int,
+                 select: Selection, views: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """DToMe rounds on a padded batch of unit rows: x (B, U, D), metric (B, U, M), size (B, U)
+    1 for a unit, 0 for padding. The metric holds ``views`` equal parts side by side; round k
+    matches bipartitely on part k % views and merges the edges ``select(k, best, size)`` picks
+    (features and metric averaged by size). Stops early once every image is down to one token.
+    Returns x (B, N, D), size (B, N) and groups (B, U): the row each unit ends in (N for padding
+    units)."""
+    B, U, D = x.shape
+    M = metric.shape[-1] // views
+    groups = torch.where(size > 0, torch.arange(U, device=x.device).expand(B, U), U)
+    both = torch.cat([x, metric.to(x.dtype)], -1)
+    for k in range(rounds):
+        if both.shape[1] < 2:
+            break
+        part = D + k % views * M
+        best, dst = bipartite_scores(both[..., part:part + M], size)
+        src = select(k, best, size)
+        if bool(src.any()):
+            both, size, groups = merge_tokens(both, size, groups, src, dst, best, protected=0)
+    return both[..., :D], size, groups
+
+
+def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[float],
+                views: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Inference rounds: round k merges every edge scoring above thresholds[k] (at most half the
+    tokens of each image). Shapes and views as in ``merge_rounds``."""
+    return merge_rounds(x, metric, size, len(thresholds),
+                        lambda k, best, size: select_threshold(best, size, float(thresholds[k]), protected=0), views)
+
+
+def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (features, metric) -> padded x (B, U, D), metric (B, U, M), size (B, U)."""
+    x = nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
+    metric = nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
+    counts = torch.tensor([len(f) for f, _ in units], device=x.device)
+    return x, metric, (torch.arange(x.shape[1], device=x.device) < counts[:, None]).long()
+
+
+def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float, rounds: int,
+                       views: int = 1) -> tuple[list[Optional[float]], list[int]]:
+    """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
+    current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
+    Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
+    edge left, clamped >= 0; None when none was left or the round did not run) and the merges."""
+    values: list[Optional[float]] = [None] * rounds
+    merges = [0] * rounds
+
+    def batch_top(k: int, best: Tensor, size: Tensor) -> Tensor:
+        src, values[k] = select_batch_top(best, size, 0, protected=0, total=int(fraction * int((size > 0).sum())))
+        merges[k] = int(src.sum())
+        return src
+
+    merge_rounds(x, metric, size, rounds, batch_top, views)
+    return values, merges
+
+
+@torch.no_grad()
+def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
+                     batch_size: int = 4, progress: bool = True, metric: str = "keys",
+                     window: Optional[int] = None) -> Thresholds:
+    """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL tower, found on
+    ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
+    every round merges 1 - keep^(1 / rounds) of the current tokens (at most half, so keep >=
+    2^-rounds). Batch thresholds are averaged over batches as for the encoders. Under torchrun
+    each process takes every world-th batch; the result does not depend on the process count.
+    Unreadable images are skipped and named in ``metadata["failures"]``. metric: see ``METRICS``
+    and window (see ``qwen_images``) are recorded in the metadata; ``patch_vlm`` then uses them."""
+    from tqdm.auto import tqdm
+
+    if not 2.0 ** -rounds <= keep <= 1.0:
+        raise ValueError(f"keep must be between 2^-{rounds} = {2.0 ** -rounds:g} (every round halves) and 1, got {keep}")
+    if not images:
+        raise ValueError("calibration got no images")
+    rank, world = dist_info()
+    fraction = 1.0 - keep ** (1.0 / rounds)
+    per_batch, merged, failures, used = {}, [0] * rounds, [], 0
+    device = next(model.parameters()).device
+    starts = list(range(0, len(images), batch_size))
+    mine = [j for j in range(len(starts)) if j % world == rank]
+    for j in tqdm(mine, desc="calibrating rounds", disable=not progress or rank != 0):
+        batch = []
+        for i in range(starts[j], min(starts[j] + batch_size, len(images))):
+            try:
+                batch.append(images[i] if hasattr(images[i], "convert") else load_rgb(images[i]))
+            except Exception as err:  # a broken file must not stop a long run: report it
+                failures.append((i, f"{type(err).__name__}: {err}"))
+        if not batch:
+            continue
+        pixels = processor.image_processor(images=batch, return_tensors="pt")
+        grid = pixels["image_grid_thw"].to(device)
+        units = tower_units(model, pixels["pixel_values"].to(device), grid, metric=metric, rounds=rounds)
+        pieces, _ = split_pieces(units, [1] * len(units), unit_grids(model, grid), window)
+        per_batch[j], merges = calibration_rounds(*padded_units(pieces), fraction, rounds, metric_views(metric, rounds))
+        merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
+    gathered = gather_objects((per_batch, merged, failures, used))
+    per_batch = {j: v for part, _, _, _ in gathered for j, v in part.items()}
+    merged = [sum(part[1][k] for part in gathered) for k in range(rounds)]
+    failures = sorted(f for part in gathered for f in part[2])
+    used = sum(part[3] for part in gathered)
+    if used == 0:
+        raise ValueError("calibration could read none of the images")
+    values, counts = mean_thresholds(per_batch, rounds)
+    r = [round(m / used) for m in merged]  # mean merges per image and round, on these images
+    return Thresholds(values, r, model=type(model).__name__, schedule="constant",
+                      metadata={"kind": ROUNDS_KIND, "metric": metric, "window": window, "keep": keep,
+                                "merge_fraction": fraction, "n_images": used,
+                                "n_batches": len(per_batch), "batches_per_round": counts,
+                                "failures": [[i, e] for i, e in failures]})
+
+
+@torch.no_grad()
+def calibrate_temporal(model: nn.Module, processor: Any, videos: Sequence[Any], thresholds: Thresholds,
+                       keep: float = 0.5, progress: bool = True, steps: int = 40) -> Thresholds:
+    """The threshold for merging across video time steps (``merge_time_steps``), found on
+    ``videos`` (each an array (frames, H, W, 3) or a list of frames, as the video processor takes
+    them) so that, after the rounds of ``thresholds`` inside each step, a share ``keep`` of their
+    tokens survives: the largest threshold whose merging leaves at most that share, by bisection
+    over [-1, 1] (``steps`` halvings). Returns a copy of ``thresholds`` with it in
+    ``metadata["temporal"]``, which ``patch_vlm`` then applies. Under torchrun each process
+    encodes every world-th video; the counts are summed, so the result does not depend on the
+    process count."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    if thresholds.metadata.get("kind") != ROUNDS_KIND:
+        raise ValueError("calibrate_temporal needs the rounds' thresholds from calibrate_rounds")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if not videos:
+        raise ValueError("calibration got no videos")
+    rank, world = dist_info()
+    device = next(model.parameters()).device
+    metric = thresholds.metadata.get("metric", "keys")
+    mine = []
+    for i in tqdm(range(rank, len(videos), world), desc="encoding videos", disable=not progress or rank != 0):
+        clip = processor.video_processor(videos=[videos[i]], return_tensors="pt")
+        mine += step_rows(model, clip["pixel_values_videos"].to(device), clip["video_grid_thw"].to(device),
+                          thresholds.values, True, metric, time_metric=True, window=thresholds.metadata.get("window"))
+
+    def tokens_left(tau: float) -> int:  # summed over every process's videos
+        return sum(gather_objects(sum(len(merge_time_steps(rows, m, width, tau)[0]) for m, rows, width in mine)))
+
+    before = tokens_left(float("inf"))
+    target = keep * before
+    low, high = -1.0, 1.0  # tokens_left(high) = before (no score beats 1); tokens_left(low): every allowed edge
+    if tokens_left(low) > target:
+        raise ValueError(f"merging across time leaves at least {tokens_left(low) / before:.3f} of the tokens on these "
+                         f"videos (edges reach only neighbouring grid cells); keep={keep} cannot be reached")
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if tokens_left(middle) <= target else (low, middle)
+    tau = 1.0 if tokens_left(1.0) <= target else low  # keep = 1: nothing merges (no score beats 1)
+    return replace(thresholds, metadata={**thresholds.metadata, "temporal": tau, "temporal_keep": keep,
+                                         "temporal_videos": len(videos)})
+
+
+def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
+                thresholds: Optional[Sequence[float]] = None, video: bool = False, metric: str = "keys",
+                temporal: Optional[float] = None, window: Optional[int] = None, **kwargs: Any) -> list[ImageTokens]:
+    """Per image: its compact unit features and the mapping from each of its U units (raster
+    order, the placeholders' order) to its compact row. thresholds: one per round (None or
+    empty: no merging, vanilla features). video: pixel_values and image_grid_thw are
+    ``pixel_values_videos`` and ``video_grid_thw``; the rounds merge within each time step, then
+    ``temporal`` (a threshold; None: no merging across time) merges tokens of neighbouring steps
+    (see ``merge_time_steps``). metric: see ``METRICS``. window: match only inside blocks of
+    window x window units (``window_order``; None: the whole image)."""
+    across_time = video and temporal is not None
+    out = []
+    for unit_metric, steps, width in step_rows(model, pixel_values, image_grid_thw, thresholds, video, metric,
+                                               across_time, window):
+        feats, mapping = (merge_time_steps(steps, unit_metric, width, float(temporal)) if across_time
+                          else concat_steps(steps))
+        out.append(ImageTokens(feats, mapping, [len(unit_metric)]).in_slot_order())
+    return out
+
+
+def step_rows(model: nn.Module, pixel_values: Tensor, grid_thw: Optional[Tensor], thresholds: Optional[Sequence[float]],
+              video: bool, metric: str, time_metric: bool = False,
+              window: Optional[int] = None) -> list[tuple[Tensor, list[tuple[Tensor, Tensor]], int]]:
+    """Per image or video, after the rounds inside each time step (inside each ``window`` x
+    ``window`` block of units when given: see ``window_order``): (its units' metric for matching
+    across time (U, M) -- the last block's part with "blocks"; the unit features when
+    ``time_metric`` is False and nothing merges --, per time step (tokens (n_t, D), its units'
+    rows (S,)), units per grid row)."""
+    if grid_thw is None:
+        raise ValueError(f"Qwen2-VL models need {'video' if video else 'image'}_grid_thw with their pixel values "
+                         "(the processor returns both)")
+    metric = metric if thresholds or time_metric else "features"
+    rounds = len(thresholds or [None])
+    views = metric_views(metric, rounds)
+    units = tower_units(model, pixel_values, grid_thw, video, metric, rounds)
+    steps = [int(t) for t in grid_thw[:, 0]] if video else [1] * len(units)
+    grids = unit_grids(model, grid_thw)
+    pieces, orders = split_pieces(units, steps, grids, window)
+    if thresholds:
+        x, size, groups = unit_rounds(*padded_units(pieces), thresholds, views)
+        kept = (size > 0).sum(-1).tolist()
+        rows = [(x[b, :kept[b]], groups[b, :len(f)]) for b, (f, _) in enumerate(pieces)]
+    else:
+        rows = [(f, torch.arange(len(f), device=f.device)) for f, _ in pieces]
+    segments = []  # per image / time step: its windows' tokens, its units' rows in raster order
+    for order, n in orders:
+        if order is None:
+            segments.append(rows[0])
+        else:
+            tokens, mapping = concat_steps(rows[:n])
+            segments.append((tokens, mapping[order.argsort()]))
+        rows = rows[n:]
+    out, first = [], 0
+    for (_, m), t, (_, w) in zip(units, steps, grids):
+        out.append((m[:, -(m.shape[1] // views):], segments[first:first + t], w))
+        first += t
+    return out
+
+
+def unit_grids(model: nn.Module, grid_thw: Tensor) -> list[tuple[int, int]]:
+    """(rows, columns) of each image's unit grid (patches / the merger's 2 x 2)."""
+    spatial = model.model.visual.spatial_merge_size
+    return [(h // spatial, w // spatial) for _, h, w in grid_thw.tolist()]
+
+
+def split_pieces(units: list[tuple[Tensor, Tensor]], steps: Sequence[int], grids: Sequence[tuple[int, int]],
+                 window: Optional[int]) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Optional[Tensor], int]]]:
+    """The rows the rounds run on: each image's (features, metric) per time step, or per window
+    of it. Returns the pieces and, per image / time step, (its window order or None, its number
+    of pieces)."""
+    if window is not None and window < 2:
+        raise ValueError(f"window must be at least 2 units per side, got {window}")
+    pieces, orders = [], []
+    for (f, m), t, (h, w) in zip(units, steps, grids):
+        for step in zip(f.tensor_split(t), m.tensor_split(t)):
+            order, sizes = window_order(h, w, window, f.device) if window else (None, [h * w])
+            pieces += zip(*(part[order].split(sizes) if window else [part] for part in step))
+            orders.append((order, len(sizes)))
+    return pieces, orders
+
+
+def window_order(height: int, width: int, window: int, device: torch.device) -> tuple[Tensor, list[int]]:
+    """Restricted matching for large images: the units of a height x width grid (raster order)
+    regrouped into ``window`` x ``window`` blocks, block by block in raster order, raster order
+    inside each. Returns the order (S,) and the units per block; the rounds then match inside
+    each block, (window^2 / 2)^2 scores each instead of (S / 2)^2 for the image."""
+    unit = torch.arange(height * width, device=device)
+    block = unit // width // window * -(-width // window) + unit % width // window  # (S,) block of each unit
+    order = (block * height * width + unit).argsort()
+    return order, torch.bincount(block).tolist()
+
+
+def concat_steps(steps: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Time steps (or windows) one after the other: per step (tokens (n_t, D), units' rows (S_t,))
+    -> tokens (sum n_t, D) and every unit's row in them (sum S_t,)."""
+    offsets = itertools.accumulate((len(f) for f, _ in steps[:-1]), initial=0)
+    return torch.cat([f for f, _ in steps]), torch.cat([g + o for (_, g), o in zip(steps, offsets)])
+
+
+def merge_time_steps(steps: Sequence[tuple[Tensor, Tensor]], metric: Tensor, width: int,
+                     threshold: float, radius: float = 1.0) -> tuple[Tensor, Tensor]:
+    """DToMe across the time steps of one video, after each step's own rounds.
+
+    steps: per time step (its tokens (n_t, D), its units' rows (S,)); metric: the units' metric
+    (T * S, M); width: units per grid row. A token's metric is its units' mean and its place
+    their mean (row, column). Steps are paired as a binary tree, (0, 1), (2, 3), ... then the
+    pairs, so a static background chains across every step in log2(T) levels. In each pair every
+    token of the later block (A) looks for its most similar token of the earlier block (B) among
+    those whose places are at most ``radius`` units apart in row and in column, and merges into
+    it when the score beats ``threshold`` (features, metrics and places averaged by size).
+    Returns the video's tokens (N, D) and each unit's row (T * S,), steps one after the other.
+    """
+    x, unit_rows = concat_steps(steps)  # (n, D), (T * S,)
+    wdtype = score_dtype(x.dtype)
+    slots = torch.arange(len(steps[0][1]), device=x.device)
+    place = torch.stack([slots // width, slots % width], -1)  # (S, 2) grid row and column of each unit
+    n = len(x)
+    size = torch.zeros(n, device=x.device, dtype=wdtype).index_add_(0, unit_rows, torch.ones_like(unit_rows, dtype=wdtype))
+    units = torch.cat([metric.to(wdtype), place.repeat(len(steps), 1).to(wdtype)], -1)
+    both = torch.zeros(n, units.shape[1], device=x.device, dtype=wdtype).index_add_(0, unit_rows, units)
+    both = torch.cat([x.to(wdtype), both / size[:, None]], -1)  # [feature | mean metric | mean place]
+    D = x.shape[1]
+    block = torch.repeat_interleave(torch.arange(len(steps), device=x.device),
+                                    torch.tensor([len(f) for f, _ in steps], device=x.device))
+    owner = torch.arange(n, device=x.device)  # the row each row has merged into (itself if alive)
+    alive = torch.ones(n, dtype=torch.bool, device=x.device)
+    while int(block.max()) > 0:
+        for left in range(0, int(block.max()), 2):
+            a = torch.nonzero(alive & (block == left + 1)).squeeze(1)
+            b = torch.nonzero(alive & (block == left)).squeeze(1)
+            if len(a) == 0:
+                continue
+            metric_a = nn.functional.normalize(both[a, D:-2], dim=-1)
+            scores = (metric_a @ nn.functional.normalize(both[b, D:-2], dim=-1).T).clamp(-1, 1)  # (n_a, n_b)
+            far = (both[a, None, -2:] - both[None, b, -2:]).abs().amax(-1) > radius + 1e-4  # places are float means
+            best, dst = scores.masked_fill(far, -torch.inf).max(-1)
+            src = best > threshold
+            if bool(src.any()):
+                a, dst = a[src], b[dst[src]]
+                weighted = torch.zeros_like(both).index_add_(0, dst, (both[a] - both[dst]) * size[a, None])
+                size.index_add_(0, dst, size[a])
+                both = both + weighted / size[:, None]  # rows that gain nothing stay bitwise unchanged
+                alive[a], owner[a] = False, dst
+        block = torch.div(block, 2, rounding_mode="floor")
+    while not torch.equal(owner[owner], owner):  # follow merges into rows that merged again
+        owner = owner[owner]
+    new_row = alive.long().cumsum(0) - 1
+    return both[alive, :D].to(x.dtype), new_row[owner[unit_rows]]
+
+
+def token_types(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """HF's mm_token_type_ids from the ids: 1 image placeholder, 2 video placeholder, 0 text."""
+    cfg = model.config
+    return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+
+
+def rope_positions(model: nn.Module, input_ids: Tensor, mask: Tensor, start: Tensor, **grids: Any) -> Tensor:
+    """(3, B, L) M-RoPE positions of a forward's tokens, exactly as vanilla HF numbers them
+    (``get_rope_index`` with ``grids``: image_grid_thw, video_grid_thw, second_per_grid_ts),
+    each row continuing at ``start`` (B,); 0 at padding."""
+    types = token_types(model, input_ids)
+    if bool(types.any()):
+        pos, _ = model.model.get_rope_index(input_ids, types, attention_mask=mask, **grids)
+    else:  # text only: consecutive positions over the valid tokens
+        pos = ((mask.cumsum(-1) - 1).clamp_min(0) * mask)[None].expand(3, -1, -1)
+    return (pos + start[None, :, None].to(pos.device)) * mask[None].to(pos.device)
+
+
+# The stand-in's chat template, written after the real one: every image (video) as
+# <|vision_start|><|image_pad|> (<|video_pad|>) <|vision_end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def standin_processor(version: str, patch: int = 14, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> Any:
+    """Qwen2-VL / Qwen2.5-VL (version "2" or "2.5"): the real processor class with HF's own
+    Qwen2-VL image processor (2 x 2 patch units, dynamic resolution between min_pixels and
+    max_pixels) and the stand-in tokenizer with Qwen's vision tokens (random-init models only)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    images = Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    videos = Qwen2VLVideoProcessor(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    cls = {"2": Qwen2VLProcessor, "2.5": Qwen2_5_VLProcessor}[version]
+    tokenizer = build_tokenizer(CHATML_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                  "im_start": "<|im_start|>", "vision_start": "<|vision_start|>",
+                                                  "vision_end": "<|vision_end|>"}, CHATML_ROLES)
+    return cls(image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=CHAT_TEMPLATE)
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """rounds: one threshold per DToMe round after the PatchMerger (None: no merging); metric:
+    their similarity (``METRICS``); temporal: the threshold for merging across a video's time
+    steps (None: none); window: the rounds match inside blocks of window x window units (None:
+    the whole image)."""
+
+    rounds: Optional[list[float]] = None
+    metric: str = "keys"
+    temporal: Optional[float] = None
+    window: Optional[int] = None
+
+
+def unit_metric_of(thresholds: Any, metric: Optional[str]) -> str:
+    """The rounds' metric: ``metric`` if given, else the one calibrated thresholds record, else
+    "keys"; a metric other than the calibrated one is refused (its thresholds would not fit)."""
+    calibrated = thresholds.metadata.get("metric") if isinstance(thresholds, Thresholds) else None
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric is not None and calibrated is not None and metric != calibrated:
+        raise ValueError(f"these thresholds were calibrated with metric={calibrated!r}, not {metric!r}")
+    return metric or calibrated or "keys"
+
+
+def unit_round_thresholds(thresholds: Any) -> Optional[list[float]]:
+    """The DToMe rounds: a ``Thresholds`` (one value per round), a sequence of floats, or None
+    (no merging). A single float is refused: the number of rounds must be explicit."""
+    if thresholds is None:
+        return None
+    if isinstance(thresholds, Thresholds) and thresholds.metadata.get("kind") != ROUNDS_KIND:
+        raise ValueError(f"these thresholds ({thresholds.model or 'an encoder'}, {thresholds.layers} layers) were "
+                         "calibrated for the layers of a ViT, not for DToMe rounds after Qwen's PatchMerger; calibrate "
+                         "rounds with dymu_viz.vlm.qwen.calibrate_rounds (or pass a plain list, one value per round)")
+    if isinstance(thresholds, (int, float)):
+        raise ValueError("Qwen2-VL models take one threshold per DToMe round after the PatchMerger, e.g. "
+                         "[0.9] * 6 for six rounds; a single number does not say how many rounds")
+    values = [float(v) for v in (thresholds.values if isinstance(thresholds, Thresholds) else thresholds)]
+    if any(v != v for v in values):
+        raise ValueError("a round threshold is NaN")
+    return values
+
+
+IMAGE_UNITS = VisualInput("image", "image_token_id", "pixel_values", "image_grid_thw")
+VIDEO_UNITS = VisualInput("video", "video_token_id", "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))
+
+
+class Qwen2VL(VLMFamily):
+    """Qwen2-VL and Qwen2.5-VL: the tower as HF runs it, DToMe rounds on its output units, M-RoPE."""
+
+    name = "qwen2_vl"
+    title = "Qwen2-VL / Qwen2.5-VL"
+    classes = QWEN_FAMILIES
+    inputs = (IMAGE_UNITS, VIDEO_UNITS)
+    placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
+    rounds = True
+
+    def calibrate_rounds(self, model: nn.Module, processor: Any, images: Any, keep: float, rounds: int,
+                         batch_size: int, **options: Any) -> Thresholds:
+        return calibrate_rounds(model, processor, images, keep, rounds, batch_size, **options)
+
+    def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> RoundSettings:
+        if isinstance(thresholds, (ToMe, Pool)):
+            raise ValueError("the matched-budget baselines (ToMe, Pool) are for towers that merge inside the ViT "
+                             "(LLaVA-1.5 / OneVision)")
+        metric, temporal, window = options.get("metric"), options.get("temporal"), options.get("window")
+        unit_metric = unit_metric_of(thresholds, metric)
+        rounds = None if mode == "full" else unit_round_thresholds(thresholds)
+        if isinstance(thresholds, Thresholds):  # what calibrate_rounds / calibrate_temporal recorded
+            temporal = thresholds.metadata.get("temporal") if temporal is None else temporal
+            calibrated = thresholds.metadata.get("window")
+            if window is not None and calibrated is not None and int(window) != calibrated:
+                raise ValueError(f"these thresholds were calibrated with window={calibrated}, not {window}")
+            window = calibrated if window is None else window
+        if window is not None and int(window) < 2:
+            raise ValueError(f"window must be at least 2 units per side, got {window}")
+        if temporal is not None and not float(temporal) == float(temporal):
+            raise ValueError("the temporal threshold is NaN")
+        return RoundSettings(rounds, unit_metric, None if mode == "full" or temporal is None else float(temporal),
+                             None if window is None else int(window))
+
+    def encode(self, model: nn.Module, settings: RoundSettings, visual: VisualInput,
+               arguments: dict[str, Any]) -> list[ImageTokens]:
+        video = visual.kind == "video"
+        return qwen_images(model, arguments[visual.pixels], arguments.get(visual.grid), settings.rounds, video=video,
+                           metric=settings.metric, temporal=settings.temporal if video else None,
+                           window=settings.window)
+
+    def positions(self, model: nn.Module, input_ids: Tensor, mask: Tensor, start: Tensor,
+                  arguments: dict[str, Any]) -> Optional[Tensor]:
+        grids = {k: arguments.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+        return rope_positions(model, input_ids, mask, start, **grids)
+
+    def item_lengths(self, model: nn.Module, visual: VisualInput, arguments: dict[str, Any]) -> list[int]:
+        grids = arguments[visual.grid]
+        return (grids.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+
+
+register(Qwen2VL())

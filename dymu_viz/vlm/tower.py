@@ -1,0 +1,91 @@
+"""Families whose DToMe runs inside the ViT tower (LLaVA-1.5, LLaVA-OneVision): the tower pass
+up to the feature layer, the pooling baseline on its output, and the ``configure`` they share
+(thresholds, ToMe or pooling in the tower)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..patch import encode, get_state, patch, unpatch
+from .family import VLMFamily
+from .reductions import Pool, ToMe, pool_groups, pool_patches
+
+ImageSegments = list[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class TowerSettings:
+    """pool: the pooling baseline applied to the tower's output patches (None: none)."""
+
+    pool: Optional[Pool] = None
+
+
+def tower_features(model: nn.Module, pixels: Tensor, pool: Optional[Pool] = None) -> ImageSegments:
+    """Per input image (or crop): (compact features (n, D) after the projector, mapping from
+    each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row).
+    The DToMe tower runs batched, up to ``vision_feature_layer`` and no further; ``pool``: the
+    pooling baseline on its (unmerged) output."""
+    cfg = model.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise NotImplementedError("DyMU supports a single vision_feature_layer")
+    tower = model.model.vision_tower
+    depth = get_state(tower).adapter.depth
+    if not -depth - 1 <= layer <= depth:
+        raise ValueError(f"vision_feature_layer {layer} does not exist in a {depth}-layer vision tower")
+    blocks = layer % (depth + 1)  # hidden state `layer` is the output of this many blocks
+    result = encode(tower, pixels.to(next(tower.parameters()).dtype), blocks=blocks)
+    hidden, groups, sizes = result.tokens, result.groups, result.sizes  # the last block run is the one read
+    if pool is not None:  # the pooling baseline (the tower merged nothing)
+        hidden, groups, sizes = pooled_tower_output(hidden, get_state(tower).adapter.protected, pool)
+    first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
+    projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
+    counts = ((sizes > 0).sum(-1) - first).tolist()
+    return [(projected[b, :n], groups[b, first:] - first) for b, n in enumerate(counts)]
+
+
+def pooled_tower_output(hidden: Tensor, lead: int, pool: Pool) -> tuple[Tensor, Tensor, Tensor]:
+    """The pooling baseline on an unmerged tower output (B, lead + side^2, C), ``lead`` CLS-like
+    tokens first: (B, lead + rows * cols, C) with the leading tokens kept, groups (B, lead +
+    side^2) and sizes (B, lead + rows * cols) in the encoder's conventions."""
+    cells, cell_of = pool_patches(hidden[:, lead:], pool.rows, pool.cols)
+    B, device = hidden.shape[0], hidden.device
+    groups = torch.cat([torch.arange(lead, device=device), cell_of + lead]).expand(B, -1)
+    sizes = torch.bincount(groups[0], minlength=lead + pool.rows * pool.cols).expand(B, -1)
+    return torch.cat([hidden[:, :lead], cells], 1), groups, sizes
+
+
+class TowerFamily(VLMFamily):
+    """A family with DToMe in its ViT tower: thresholds (a ``Thresholds``, one value per layer or
+    one for all), a ``ToMe`` or a ``Pool`` baseline; no unit options."""
+
+    baselines = True
+
+    def tower_thresholds(self, model: nn.Module, thresholds: Any) -> Any:
+        """The thresholds the tower is patched with (a family may map a reference file's depth)."""
+        return thresholds
+
+    def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> TowerSettings:
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)} set the DToMe rounds of families that merge after their tower's "
+                             f"output; the {self.name} tower merges on its own keys, and its video input is not "
+                             "supported")
+        tower = model.model.vision_tower
+        if isinstance(thresholds, Pool):  # a grid the tower's patches cannot be pooled to fails here, not later
+            vision = model.config.vision_config
+            pool_groups(vision.image_size // vision.patch_size, thresholds.rows, thresholds.cols, torch.device("cpu"))
+            patch(tower, None)
+            return TowerSettings(None if mode == "full" else thresholds)
+        if isinstance(thresholds, ToMe):
+            patch(tower, None, r=None if mode == "full" else list(thresholds.r))
+        else:
+            patch(tower, None if mode == "full" else self.tower_thresholds(model, thresholds))
+        return TowerSettings()
+
+    def unpatch(self, model: nn.Module) -> None:
+        unpatch(model.model.vision_tower)
