@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -266,3 +267,24 @@ def test_unpatch_restores_the_original_classes_with_nothing_left(case: str) -> N
     assert model.config.get_text_config()._attn_implementation == attn
     assert hooked_decoders(type(find_decoder(model).layers[0].self_attn).__module__) == before
     assert_same_generation(run(model, inputs, "greedy"), vanilla, "greedy")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unsupported_decoding_and_missing_images_are_named_clearly(case: str) -> None:
+    """Prompt-lookup and assisted decoding are refused before they start (they crop the cache
+    by input positions); a prompt with more image placeholders than images names the family's
+    own placeholder."""
+    family, factory, thresholds, _ = CASES[case]
+    model, processor = factory(torch.float32)
+    inputs = inputs_of(processor, model, (1, 1))
+    vlm.patch_vlm(model, thresholds)
+    with pytest.raises(NotImplementedError, match="prompt-lookup decoding are not supported"):
+        model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=3)
+    with pytest.raises(NotImplementedError, match="assisted decoding"):
+        model.generate(**inputs, assistant_model=copy.deepcopy(model), max_new_tokens=3)
+    one_image = inputs_of(processor, model, (1,))
+    two_prompts = inputs_of(processor, model, (1, 1))
+    two_prompts.update({k: v for k, v in one_image.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
+    placeholder = vlm.FAMILIES[family].placeholder("image")
+    with pytest.raises(ValueError, match=f"give one image per {re.escape(placeholder)} in the prompts"):
+        model(**two_prompts)
