@@ -288,3 +288,17 @@ def test_unsupported_decoding_and_missing_images_are_named_clearly(case: str) ->
     placeholder = vlm.FAMILIES[family].placeholder("image")
     with pytest.raises(ValueError, match=f"give one image per {re.escape(placeholder)} in the prompts"):
         model(**two_prompts)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chat_with_none_one_and_two_images_and_beams_equals_vanilla(case: str) -> None:
+    """``vlm.chat`` with questions holding no image, one and two, under beam search: the tokens of
+    vanilla HF's generate on the processor's own nested call (no merging)."""
+    _, factory, _, _ = CASES[case]
+    model, processor = factory(torch.float32)
+    pics = pictures(3)
+    vanilla = run(model, inputs_of(processor, model, (0, 1, 2), nested=True), "beams")
+    vlm.patch_vlm(model, None)
+    out = vlm.chat(model, processor, [None, pics[0], pics[1:3]], QUESTIONS, **DECODING["beams"], max_new_tokens=4)
+    assert torch.equal(out.sequences, vanilla.sequences)
+    assert len(out.texts) == 6 and len(out.accounting) == 6

@@ -145,9 +145,10 @@ def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[st
     prompts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": q}]}],
         add_generation_prompt=True) for ims, q in zip(per_question, questions)]
-    # nested per question, so that OneVision's processor counts each sample's images (batch_num_images)
-    nested = per_question if all(per_question) else [im for ims in per_question for im in ims] or None
-    inputs = processor(images=nested, text=prompts, return_tensors="pt", padding=True)
+    # nested per question (questions without an image too), so that a processor that treats a
+    # prompt's several images differently from a single one (OneVision) knows which go together
+    inputs = processor(images=per_question if any(per_question) else None, text=prompts, return_tensors="pt",
+                       padding=True)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     out = generate(model, **inputs, **generate_kwargs)

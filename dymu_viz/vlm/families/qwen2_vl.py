@@ -47,6 +47,16 @@ ROUNDS_KIND = "qwen_unit_rounds"  # Thresholds.metadata["kind"] of calibrated ro
 METRICS = ("keys", "blocks", "features")
 
 
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def check_window(window: Optional[int]) -> None:
+    if window is not None and int(window) < 2:
+        raise ValueError(f"window must be at least 2 units per side, got {window}")
+
+
 def full_attention_blocks(visual: nn.Module) -> list[int]:
     """The ViT blocks that attend over the whole image: Qwen2.5-VL's ``fullatt_block_indexes``;
     every Qwen2-VL block."""
@@ -97,8 +107,7 @@ def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, video:
     (``get_video_features``) gives them, unit metric (U, M): see ``METRICS``; with "blocks" the
     ``rounds`` rounds' metrics side by side, (U, rounds * M)), units in raster order (a video's
     time steps one after the other)."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
+    check_metric(metric)
     features = model.model.get_video_features if video else model.model.get_image_features
     if metric == "features":
         return [(u, u) for u in features(pixel_values, grid_thw).pooler_output]
@@ -344,8 +353,7 @@ def split_pieces(units: list[tuple[Tensor, Tensor]], steps: Sequence[int], grids
     """The rows the rounds run on: each image's (features, metric) per time step, or per window
     of it. Returns the pieces and, per image / time step, (its window order or None, its number
     of pieces)."""
-    if window is not None and window < 2:
-        raise ValueError(f"window must be at least 2 units per side, got {window}")
+    check_window(window)
     pieces, orders = [], []
     for (f, m), t, (h, w) in zip(units, steps, grids):
         for step in zip(f.tensor_split(t), m.tensor_split(t)):
@@ -485,8 +493,8 @@ def unit_metric_of(thresholds: Any, metric: Optional[str]) -> str:
     """The rounds' metric: ``metric`` if given, else the one calibrated thresholds record, else
     "keys"; a metric other than the calibrated one is refused (its thresholds would not fit)."""
     calibrated = thresholds.metadata.get("metric") if isinstance(thresholds, Thresholds) else None
-    if metric is not None and metric not in METRICS:
-        raise ValueError(f"unknown unit metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric is not None:
+        check_metric(metric)
     if metric is not None and calibrated is not None and metric != calibrated:
         raise ValueError(f"these thresholds were calibrated with metric={calibrated!r}, not {metric!r}")
     return metric or calibrated or "keys"
@@ -541,8 +549,7 @@ class Qwen2VL(VLMFamily):
             if window is not None and calibrated is not None and int(window) != calibrated:
                 raise ValueError(f"these thresholds were calibrated with window={calibrated}, not {window}")
             window = calibrated if window is None else window
-        if window is not None and int(window) < 2:
-            raise ValueError(f"window must be at least 2 units per side, got {window}")
+        check_window(window)
         if temporal is not None and not float(temporal) == float(temporal):
             raise ValueError("the temporal threshold is NaN")
         return RoundSettings(rounds, unit_metric, None if mode == "full" or temporal is None else float(temporal),
