@@ -24,6 +24,22 @@ from .tokens import ImageTokens
 
 
 @dataclass(frozen=True)
+class VLMSpec:
+    """A known checkpoint id of a family: its variant (the family's name for the model class it
+    is, e.g. "2.5"), the vision tower (a name and its real shape), the real LLM (a name and its
+    (layers, width, vocab), for the note of a random build) and the settings its processor and
+    model must share."""
+
+    family: str
+    tower: str
+    vision: dict[str, Any]
+    llm: str
+    llm_shape: tuple[int, int, int]
+    settings: dict[str, Any]
+    variant: str = ""
+
+
+@dataclass(frozen=True)
 class VisualInput:
     """One kind of visual input of a family's forward. kind: "image" or "video"; token: the
     config attribute holding its placeholder id; pixels: the forward argument with its pixels;
@@ -60,6 +76,8 @@ class VLMFamily:
     nests_images: bool = False  # its processor counts images per prompt only when every prompt has one
     baselines: bool = False  # the matched-budget ToMe / pooling baselines apply (merging inside a ViT)
     rounds: bool = False  # merges in rounds after its tower, calibrated by ``calibrate_rounds``
+    checkpoints: dict[str, VLMSpec] = {}  # the ids ``load_vlm`` knows, with their real shapes
+    model_types: dict[str, str] = {}  # HF config model_type -> the class it loads (``from_pretrained``)
 
     def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> Any:
         """Validate ``patch_vlm``'s thresholds (or baseline) and family options for ``mode``, patch
@@ -86,6 +104,13 @@ class VLMFamily:
         pixels = arguments[visual.pixels]
         total = int((arguments["input_ids"] == getattr(model.config, visual.token)).sum())
         return [total // max(len(pixels), 1)] * len(pixels)
+
+    def build_random(self, spec: VLMSpec, vision_layers: Optional[int], text_layers: int,
+                     text_width: int) -> tuple[nn.Module, Any, str]:
+        """A random initialisation of ``spec``'s classes (the tower at its real shape, the first
+        ``vision_layers`` of its blocks; the LLM scaled down to ``text_layers`` x ``text_width``),
+        its stand-in processor, and a note of the shapes that ran (``dymu_viz.vlm.standin``)."""
+        raise NotImplementedError
 
     def calibrate_rounds(self, model: nn.Module, processor: Any, images: Any, keep: float, rounds: int,
                          batch_size: int, **options: Any) -> Any:

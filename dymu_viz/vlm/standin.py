@@ -10,7 +10,7 @@ class around them (``standin_processor`` there).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -65,3 +65,33 @@ def build_tokenizer(specials: dict[str, str], extra: dict[str, str], roles: list
 
 CHATML_SPECIALS = dict(pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>")  # ChatML tokenizers
 CHATML_ROLES = ["user", "assistant", "system"]
+
+
+def tower_blocks(vision_layers: Optional[int], depth: int, tower: str) -> int:
+    """The blocks a random tower gets: ``vision_layers`` (1 to its real ``depth``) or all."""
+    if vision_layers is not None and not 1 <= vision_layers <= depth:
+        raise ValueError(f"vision_layers must be between 1 and {depth} (the {tower}'s depth), got {vision_layers}")
+    return vision_layers or depth
+
+
+def scaled_text_config(tokenizer: Any, text_layers: int, text_width: int, **more: Any) -> dict[str, Any]:
+    """The shared settings of a scaled-down random LLM: ``text_layers`` x ``text_width`` (head dim
+    64), the stand-in tokenizer's vocabulary and special ids; ``more`` adds or overrides."""
+    heads = max(1, text_width // 64)  # head_dim 64 at any width that is a multiple of 64
+    return dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
+                num_attention_heads=heads, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id) | more
+
+
+def answer_in_words(model: Any, tokenizer: Any) -> None:
+    """Random logits: generate words (no special token), ``max_new_tokens`` of them."""
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, \
+        tokenizer.bos_token_id
+    gen.suppress_tokens = list(tokenizer.all_special_ids)
+
+
+def scaled_llm_note(llm: str, llm_shape: tuple[int, int, int], text_layers: int, text_width: int, vocab: int) -> str:
+    layers, width, real_vocab = llm_shape
+    return (f"{llm} scaled down to {text_layers} layers x {text_width}, vocab {vocab} "
+            f"(real: {layers} x {width}, vocab {real_vocab}); a word-level tokenizer")

@@ -30,8 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ...thresholds import Thresholds
-from ..family import IMAGES, VisualInput, register
-from ..standin import CHATML_ROLES, CHATML_SPECIALS, build_tokenizer
+from ..family import IMAGES, VisualInput, VLMSpec, register
+from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
+                       scaled_text_config, tower_blocks)
+from .llava import tower_note
 from ..tokens import ImageTokens
 from ..tower import TowerFamily, TowerSettings, tower_features
 from ..reductions import Pool
@@ -142,6 +144,13 @@ def standin_processor(size: int, patch: int, select_strategy: str, pinpoints: li
                                    chat_template=CHAT_TEMPLATE)
 
 
+ANYRES_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                         image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+SETTINGS = dict(vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                image_grid_pinpoints=ANYRES_PINPOINTS)
+
+
 class OneVision(TowerFamily):
     name = "onevision"
     title = "LLaVA-OneVision"
@@ -152,6 +161,34 @@ class OneVision(TowerFamily):
     lmms_name = "dymu_llava_onevision"
     default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
     nests_images = True
+    checkpoints = {
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf": VLMSpec(
+            "onevision", "SigLIP so400m-patch14-384", SIGLIP_SO400M_384, "Qwen2-7B", (28, 3584, 152128), SETTINGS),
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": VLMSpec(
+            "onevision", "SigLIP so400m-patch14-384", SIGLIP_SO400M_384, "Qwen2-0.5B", (24, 896, 151936), SETTINGS)}
+    model_types = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+
+    def build_random(self, spec: VLMSpec, vision_layers: Optional[int], text_layers: int,
+                     text_width: int) -> tuple[nn.Module, Any, str]:
+        from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                                  SiglipVisionConfig)
+
+        processor = standin_processor(spec.vision["image_size"], spec.vision["patch_size"],
+                                      spec.settings["vision_feature_select_strategy"],
+                                      spec.settings["image_grid_pinpoints"], spec.settings["vision_aspect_ratio"])
+        tok = processor.tokenizer
+        vision = dict(spec.vision, num_hidden_layers=tower_blocks(vision_layers, spec.vision["num_hidden_layers"],
+                                                                   f"{spec.tower} tower"))
+        text = scaled_text_config(tok, text_layers, text_width, max_position_embeddings=32768, rope_theta=1e6)
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(
+            **text, num_key_value_heads=max(1, text["num_attention_heads"] // 2)),
+            video_token_id=tok.convert_tokens_to_ids("<video>"), image_token_id=tok.convert_tokens_to_ids("<image>"),
+            **spec.settings)
+        model = LlavaOnevisionForConditionalGeneration(config)
+        answer_in_words(model, tok)
+        note = (f"{type(model).__name__} with {tower_note(spec, vision)} and "
+                f"{scaled_llm_note(spec.llm, spec.llm_shape, text_layers, text_width, len(tok))}")
+        return model, processor, note
 
     def tower_thresholds(self, model: nn.Module, thresholds: Any) -> Any:
         """LLaVA-OneVision's tower is SO400M with its last layer deleted (26 of 27 layers), and the

@@ -32,9 +32,10 @@ from ...calibrate import dist_info, gather_objects, mean_thresholds
 from ...dataset import load_rgb
 from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_threshold
 from ...thresholds import Thresholds
-from ..family import VisualInput, VLMFamily, register
+from ..family import VisualInput, VLMFamily, VLMSpec, register
 from ..reductions import Pool, ToMe
-from ..standin import CHATML_ROLES, CHATML_SPECIALS, build_tokenizer
+from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
+                       scaled_text_config, tower_blocks)
 from ..tokens import ImageTokens
 
 QWEN_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -522,6 +523,14 @@ IMAGE_UNITS = VisualInput("image", "image_token_id", "pixel_values", "image_grid
 VIDEO_UNITS = VisualInput("video", "video_token_id", "pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))
 
 
+QWEN25_VIT = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, hidden_act="silu",
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+QWEN2_VIT = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                 temporal_patch_size=2, hidden_act="quick_gelu")
+QWEN25_TOWER = "Qwen2.5-VL ViT (32 x 1280, window attention)"
+
+
 class Qwen2VL(VLMFamily):
     """Qwen2-VL and Qwen2.5-VL: the tower as HF runs it, DToMe rounds on its output units, M-RoPE."""
 
@@ -531,6 +540,48 @@ class Qwen2VL(VLMFamily):
     inputs = (IMAGE_UNITS, VIDEO_UNITS)
     placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     rounds = True
+    checkpoints = {
+        "Qwen/Qwen2.5-VL-7B-Instruct": VLMSpec("qwen2.5", QWEN25_TOWER, QWEN25_VIT, "Qwen2.5-7B", (28, 3584, 152064), {}),
+        "Qwen/Qwen2.5-VL-3B-Instruct": VLMSpec("qwen2.5", QWEN25_TOWER, QWEN25_VIT, "Qwen2.5-3B", (36, 2048, 151936), {}),
+        "Qwen/Qwen2-VL-7B-Instruct": VLMSpec("qwen2", "Qwen2-VL ViT (32 x 1280)", QWEN2_VIT, "Qwen2-7B",
+                                             (28, 3584, 152064), {})}
+    model_types = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+
+    def build_random(self, spec: VLMSpec, vision_layers: Optional[int], text_layers: int,
+                     text_width: int) -> tuple[nn.Module, Any, str]:
+        """The real ViT (its first ``vision_layers`` blocks, the full-attention ones among them
+        kept), an LLM scaled down with M-RoPE sections scaled to its head dim (the real [16, 24,
+        24] of 128)."""
+        from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                                  Qwen2VLForConditionalGeneration)
+
+        processor = standin_processor(spec.family.removeprefix("qwen"))  # HF's range: 4 to 1280 units of 28 px
+        tok = processor.tokenizer
+        depth = spec.vision["depth"]
+        blocks = tower_blocks(vision_layers, depth, spec.tower)
+        vision = dict(spec.vision, depth=blocks)
+        heads = max(1, text_width // 64)
+        half = (text_width // heads) // 2  # M-RoPE sections (t, h, w) split the head dim's half as 2 : 3 : 3
+        sections = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+        text = scaled_text_config(tok, text_layers, text_width, num_key_value_heads=max(1, heads // 2),
+                                  max_position_embeddings=32768,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections})
+        ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+        if spec.family == "qwen2.5":
+            full = [i for i in spec.vision["fullatt_block_indexes"] if i < blocks] or [blocks - 1]
+            vision.update(out_hidden_size=text_width, fullatt_block_indexes=full)
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids))
+        else:
+            vision.update(hidden_size=text_width)
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=text, **ids))
+        answer_in_words(model, tok)
+        width = spec.vision.get("hidden_size", spec.vision.get("embed_dim"))
+        note = (f"{type(model).__name__} with the {spec.tower} at its real width ({blocks} of its {depth} blocks x "
+                f"{width}, patch {spec.vision['patch_size']}, 2 x 2 units) and "
+                f"{scaled_llm_note(spec.llm, spec.llm_shape, text_layers, text_width, len(tok))}")
+        return model, processor, note
 
     def calibrate_rounds(self, model: nn.Module, processor: Any, images: Any, keep: float, rounds: int,
                          batch_size: int, **options: Any) -> Thresholds:
