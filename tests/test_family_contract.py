@@ -302,3 +302,25 @@ def test_chat_with_none_one_and_two_images_and_beams_equals_vanilla(case: str) -
     out = vlm.chat(model, processor, [None, pics[0], pics[1:3]], QUESTIONS, **DECODING["beams"], max_new_tokens=4)
     assert torch.equal(out.sequences, vanilla.sequences)
     assert len(out.texts) == 6 and len(out.accounting) == 6
+
+
+def test_a_vlm_state_pickled_by_the_earlier_layout_still_runs() -> None:
+    """``model.dymu_vlm`` pickled before the family seam held the settings as fields (a compact-
+    mode model could be saved then): loading it gives the same settings and the model runs."""
+    from dymu_viz.vlm.reductions import Pool
+
+    model, processor = tiny_vlm("llava")
+    inputs = inputs_of(processor, model, (1, 1))
+    vlm.patch_vlm(model, Pool(2, 2), mode="compact")
+    expected = run(model, inputs, "greedy")
+    state = vlm.VLMState.__new__(vlm.VLMState)
+    state.__setstate__({"mode": "compact", "kernel": "sdpa", "unit_thresholds": None, "unit_metric": "keys",
+                        "temporal": None, "window": None, "pool": Pool(2, 2), "last": [], "prompt_entries": 0})
+    assert state.pool == Pool(2, 2) and state.unit_metric == "keys" and state.unit_thresholds is None
+    model.dymu_vlm = state
+    assert_same_generation(run(model, inputs, "greedy"), expected, "greedy")
+    old_qwen = vlm.VLMState.__new__(vlm.VLMState)
+    old_qwen.__setstate__({"mode": "vtu", "kernel": "sdpa", "unit_thresholds": [0.5, 0.4], "unit_metric": "blocks",
+                           "temporal": 0.9, "window": 8, "pool": None, "last": [], "prompt_entries": 0})
+    assert (old_qwen.unit_thresholds, old_qwen.unit_metric, old_qwen.temporal, old_qwen.window) == \
+        ([0.5, 0.4], "blocks", 0.9, 8)

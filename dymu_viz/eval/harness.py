@@ -38,6 +38,7 @@ from .. import vlm
 from ..models import DTYPES
 from ..thresholds import Thresholds
 from ..vlm.family import FAMILIES, family_named
+from ..vlm.pipeline import images_per_prompt
 from ..vlm.reductions import Pool, ToMe
 from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
 from . import flat_summary, summarize, summary_table
@@ -171,9 +172,7 @@ class DyMUModel(lmms):
         placeholder = family_named(self.family).placeholder("image")
         prompts = [build_prompt(self.processor, c, len(v), self.chat_template, placeholder)
                    for c, v in zip(contexts, visuals)]
-        # nested per prompt, so that a processor that reads images per prompt counts each sample's
-        images = visuals if all(visuals) else [im for v in visuals for im in v] or None
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -188,12 +187,7 @@ class DyMUModel(lmms):
             if any(isinstance(v, str) for vs in visuals for v in vs):
                 raise ValueError(f"{self.model_name()} evaluates image tasks; {tasks[0]} gives video paths (video "
                                  "merging is for Qwen2-VL: dymu_viz.vlm.qwen)")
-            batches = [(list(contexts), visuals)]
-            if family_named(self.family).nests_images and any(visuals) and not all(visuals):
-                # such a processor counts images per sample only when every sample has one
-                batches = [([c], [v]) for c, v in zip(contexts, visuals)]
-            for batch_contexts, batch_visuals in batches:
-                results += self._generate(batch_contexts, batch_visuals, dict(all_kwargs[0]))
+            results += self._generate(list(contexts), visuals, dict(all_kwargs[0]))
             bar.update(len(chunk))
         bar.close()
         results = collator.get_original(results)

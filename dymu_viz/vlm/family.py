@@ -73,7 +73,6 @@ class VLMFamily:
     lmms_name: Optional[str] = None  # its lmms-eval model name, if it has one
     default_pretrained: Optional[str] = None  # the lmms-eval model's default checkpoint
     presets: dict[str, str] = {}  # lmms-eval thresholds=NAME -> a published reference checkpoint
-    nests_images: bool = False  # its processor counts images per prompt only when every prompt has one
     baselines: bool = False  # the matched-budget ToMe / pooling baselines apply (merging inside a ViT)
     rounds: bool = False  # merges in rounds after its tower, calibrated by ``calibrate_rounds``
     checkpoints: dict[str, VLMSpec] = {}  # the ids ``load_vlm`` knows, with their real shapes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -66,6 +67,17 @@ class VLMState:
     @property
     def pool(self) -> Any:
         return getattr(self.settings, "pool", None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A state pickled by an earlier release kept the family settings as its own fields: they
+        become the settings here (every family reads its own names from them)."""
+        if "settings" not in state:
+            old = {name: state.pop(name, None) for name in ("unit_thresholds", "unit_metric", "temporal", "window",
+                                                            "pool")}
+            state["settings"] = SimpleNamespace(rounds=old["unit_thresholds"], metric=old["unit_metric"] or "keys",
+                                                temporal=old["temporal"], window=old["window"], pool=old["pool"])
+            state.setdefault("family", "")
+        self.__dict__.update(state)
 
 
 def _output_class(model: nn.Module) -> type:

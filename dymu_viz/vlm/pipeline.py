@@ -134,6 +134,14 @@ def generate(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor]
     return GenerateOutput(new, accounting)
 
 
+def images_per_prompt(images: list[list[Any]]) -> Optional[list[list[Any]]]:
+    """What a processor gets for prompts holding ``images[i]`` each: the images nested per prompt
+    (prompts without one included), so that a processor that treats a prompt's several images
+    differently from a single one (OneVision: base crop only) knows which go together; None when
+    no prompt holds one."""
+    return images if any(images) else None
+
+
 def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[str],
          **generate_kwargs: Any) -> GenerateOutput:
     """Plain questions in, answers out: each question with its images (None, one image, or a
@@ -145,10 +153,7 @@ def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[st
     prompts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": q}]}],
         add_generation_prompt=True) for ims, q in zip(per_question, questions)]
-    # nested per question (questions without an image too), so that a processor that treats a
-    # prompt's several images differently from a single one (OneVision) knows which go together
-    inputs = processor(images=per_question if any(per_question) else None, text=prompts, return_tensors="pt",
-                       padding=True)
+    inputs = processor(images=images_per_prompt(per_question), text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     out = generate(model, **inputs, **generate_kwargs)

@@ -160,7 +160,6 @@ class OneVision(TowerFamily):
     config_arguments = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
     lmms_name = "dymu_llava_onevision"
     default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
-    nests_images = True
     checkpoints = {
         "llava-hf/llava-onevision-qwen2-7b-ov-hf": VLMSpec(
             "onevision", "SigLIP so400m-patch14-384", SIGLIP_SO400M_384, "Qwen2-7B", (28, 3584, 152128), SETTINGS),
