@@ -138,3 +138,23 @@ def test_merging_baselines_are_causal_in_a_padded_batch(family: str, mode: str) 
     for baseline in (Pool(2, 2), ToMe(tome_r(30, model.config.vision_feature_layer % 4, 3))):
         vlm.patch_vlm(model, baseline, mode=mode)
         check_causal_and_cached_decode(model, inputs)
+
+
+@pytest.mark.slow
+def test_tome_r_is_r_in_every_layer_llava_reads_the_papers_tome_row() -> None:
+    """``tome=21`` (lmms-eval) is ToMe with r = 21 in each of the 23 CLIP-L/14-336 blocks LLaVA-1.5
+    reads: 577 - 23 * 21 = 94 tokens with CLS, as in the paper's ToMe row (93 image tokens, CLS
+    dropped). Per-layer values still set each layer, the rest merging nothing."""
+    from dymu_viz.eval.harness import parse_setting
+
+    torch.manual_seed(0)
+    loaded = vlm.load_vlm("llava-hf/llava-1.5-7b-hf", "random", "cpu")  # the real 24-block tower
+    model, processor = loaded.model, loaded.processor
+    setting = parse_setting("llava", None, "21", None)
+    assert setting == ToMe((21,))
+    vlm.patch_vlm(model, setting, mode="compact")
+    assert mean_image_tokens(model, processor, photos()[:1]) == 93
+    counts = model.model.vision_tower.dymu.last.counts[0].tolist()
+    assert counts[-1] == 94 and counts == [577 - 21 * i for i in range(24)]
+    vlm.patch_vlm(model, parse_setting("llava", None, "21/5", None), mode="compact")
+    assert mean_image_tokens(model, processor, photos()[:1]) == 576 - 26

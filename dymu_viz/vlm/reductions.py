@@ -19,11 +19,21 @@ KINDS = ("tome", "pool")
 
 @dataclass(frozen=True)
 class ToMe:
-    """ToMe with fixed r: r[i] merges in tower layer i (after ``vision_feature_layer`` ignored).
-    measured: the mean image tokens ``match_budget`` measured with it."""
+    """ToMe with fixed r: r[i] merges in tower layer i (after ``vision_feature_layer`` ignored;
+    missing layers merge nothing). A single value, ``ToMe((21,))``, is ToMe's usual setting: r
+    merges in every layer the LLM reads (``per_layer``). measured: the mean image tokens
+    ``match_budget`` measured with it."""
 
     r: tuple[int, ...]
     measured: Optional[float] = field(default=None, compare=False)
+
+    def per_layer(self, layers_read: int, depth: int) -> list[int]:
+        """r of each of the tower's ``depth`` layers when the LLM reads the first ``layers_read``."""
+        if len(self.r) == 1:
+            return [self.r[0] if i < layers_read else 0 for i in range(depth)]
+        if len(self.r) > depth:
+            raise ValueError(f"ToMe gives r for {len(self.r)} layers but the tower has {depth}")
+        return list(self.r) + [0] * (depth - len(self.r))
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,9 @@ class TowerFamily(VLMFamily):
             patch(tower, None)
             return TowerSettings(None if mode == "full" else thresholds)
         if isinstance(thresholds, ToMe):
-            patch(tower, None, r=None if mode == "full" else list(thresholds.r))
+            depth = model.config.vision_config.num_hidden_layers
+            read = model.config.vision_feature_layer % (depth + 1)  # blocks the LLM reads
+            patch(tower, None, r=None if mode == "full" else thresholds.per_layer(read, depth))
         else:
             patch(tower, None if mode == "full" else self.tower_thresholds(model, thresholds))
         return TowerSettings()
