@@ -217,3 +217,24 @@ def test_loglikelihood_is_the_vanilla_models_in_full_mode(family, checkpoints, n
     merged.task_dict = ours.task_dict
     (logprob_merged, _), = merged.loglikelihood([request])
     assert np.isfinite(logprob_merged) and logprob_merged != pytest.approx(logprob, abs=1e-6)
+
+
+@pytest.mark.parametrize("model_args,message", [
+    ("treshold=0.9", "unknown model argument.*treshold"),
+    ("thresholds=no_such_file.json", "thresholds=no_such_file.json: no such file.*presets are lower case"),
+    ("thresholds=Low", "thresholds=Low: no such file, and not a number, none or a preset \\(high, low, mid"),
+    ("mode=fast", "unknown mode 'fast'"),
+    ("pretrained=no/such/folder", "cannot load pretrained=no/such/folder.*download=true.*weights=random"),
+], ids=["misspelled", "missing_file", "preset_case", "bad_mode", "missing_model"])
+def test_a_failed_evaluation_exits_non_zero_through_the_cli(model_args, message, checkpoints, tmp_path):
+    """lmms-eval 0.7 logs a model's errors and exits 0; a DyMU model ends the run with status 1
+    and its own message instead (each user mistake through lmms-eval's CLI, as a script runs it)."""
+    import re
+
+    prefix = "" if model_args.startswith("pretrained=") else f"pretrained={checkpoints['llava']},"
+    with pytest.raises(RuntimeError) as failed:
+        run_cli("dymu_llava", prefix + model_args, tmp_path, device="cpu", extra=["--limit", "2"])
+    text = str(failed.value)
+    assert text.startswith("lmms-eval exited with 1:"), text[:300]
+    assert re.search("dymu_llava failed: .*" + message, text), text[-2000:]
+    assert not (tmp_path.exists() and any(tmp_path.rglob("*samples*.jsonl")))  # nothing that looks like a result

@@ -22,6 +22,7 @@ run (left padded), and stop sequences (``until``) cut the answers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -92,7 +93,13 @@ def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any) -> An
     try:
         return float(text)
     except ValueError:
+        pass
+    try:
         return Thresholds.load(text)
+    except FileNotFoundError:
+        presets = sorted({name for f in FAMILIES.values() for name in f.presets} | CALIBRATE_HINT.keys())
+        raise FileNotFoundError(f"thresholds={text}: no such file, and not a number, none or a preset "
+                                f"({', '.join(presets)}; presets are lower case)") from None
 
 
 def build_prompt(processor: Any, context: str, n_images: int, chat_template: Optional[str],
@@ -113,12 +120,47 @@ def cut_at_stop(text: str, until: list[str]) -> str:
     return text
 
 
+class EvaluationFailed(SystemExit):
+    """An error in a run that lmms-eval started: lmms-eval 0.7 logs the errors of its models and
+    exits 0, so a script or a cluster job would take a failed evaluation for a finished one. A
+    SystemExit is not caught there: the process ends with status 1 and this message."""
+
+    def __init__(self, model_name: str, error: BaseException):
+        super().__init__(f"{model_name} failed: {type(error).__name__}: {error}")
+
+
+def _failing_the_run(method: Any) -> Any:
+    """A model method whose error ends an lmms-eval run with a non-zero status (see EvaluationFailed)."""
+    @functools.wraps(method)
+    def wrapped(self: "DyMUModel", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:
+            if not self.exits_on_error:
+                raise
+            logger.error(f"{self.model_name()}: {type(err).__name__}: {err}")
+            raise EvaluationFailed(self.model_name(), err) from err
+    return wrapped
+
+
 class DyMUModel(lmms):
     """An lmms-eval model for the VLM family named ``family`` (a subclass per family sets it; the
-    module docstring lists the arguments)."""
+    module docstring lists the arguments). Built by lmms-eval (``--model_args``), any error ends
+    the run with a non-zero exit status; built directly, its errors are raised as they are."""
 
     is_simple = True
     family = ""
+    exits_on_error = False
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "DyMUModel":
+        try:
+            model = super().create_from_arg_string(arg_string, additional_config)
+        except Exception as err:
+            logger.error(f"{cls.model_name()}: {type(err).__name__}: {err}")
+            raise EvaluationFailed(cls.model_name(), err) from err
+        model.exits_on_error = True
+        return model
 
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
                  mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
@@ -141,10 +183,15 @@ class DyMUModel(lmms):
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = device if self._world_size == 1 and device else str(self.accelerator.device)
         source = pretrained or family.default_pretrained
-        loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
-                              None if dtype == "auto" else DTYPES[dtype],
-                              allow_download=str(download).lower() not in ("false", "0", "no"),
-                              vision_layers=None if vision_layers is None else int(vision_layers))
+        try:
+            loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
+                                  None if dtype == "auto" else DTYPES[dtype],
+                                  allow_download=str(download).lower() not in ("false", "0", "no"),
+                                  vision_layers=None if vision_layers is None else int(vision_layers))
+        except (FileNotFoundError, ValueError) as err:  # say it in --model_args' own words
+            raise type(err)(f"cannot load pretrained={source}: {err}. In --model_args: pretrained= takes a hub id "
+                            "or a local model folder, download=true|false allows fetching a hub id (default true), "
+                            "weights=random builds the hub id's classes at random") from None
         if type(loaded.model).__name__ not in family.classes:
             raise ValueError(f"{source} is a {type(loaded.model).__name__}; --model {self.model_name()} runs "
                              f"{', '.join(family.classes)}")
@@ -175,6 +222,7 @@ class DyMUModel(lmms):
         inputs = self.processor(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
+    @_failing_the_run
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         collator = lmms_utils.Collator([r.args for r in requests], lambda a: (-len(self.tokenizer.encode(a[0])), a[0]),
                                        grouping=True)
@@ -249,6 +297,7 @@ class DyMUModel(lmms):
         log_metrics(elapsed, generated, generated / elapsed if elapsed else 0.0, flat_summary(summary))
         print(f"DyMU accounting over {len(records)} samples ({self.setting}):\n{summary_table(summary)}", flush=True)
 
+    @_failing_the_run
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Log-probability of each continuation after its prompt, and whether greedy decoding
         would give it (one request at a time)."""
