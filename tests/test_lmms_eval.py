@@ -238,3 +238,27 @@ def test_a_failed_evaluation_exits_non_zero_through_the_cli(model_args, message,
     assert text.startswith("lmms-eval exited with 1:"), text[:300]
     assert re.search("dymu_llava failed: .*" + message, text), text[-2000:]
     assert not (tmp_path.exists() and any(tmp_path.rglob("*samples*.jsonl")))  # nothing that looks like a result
+
+
+@pytest.mark.parametrize("response,right", [
+    ("B", True), ("b", True), ("B.", True), (" (B) ", True), ("B)", True), ("B. an astronaut", True),
+    ("(b) an astronaut", True), ("B: an astronaut", False), ("C", False), ("C. a cyclist", False),
+    ("a in a in a in a in", False), ("A cat", False), ("an astronaut", False), ("", False), ("BA", False),
+    ("Both", False), ("B B B", False)])
+def test_dymu_photos_counts_an_option_only_when_it_is_chosen(response, right):
+    """The answer to question 0 is B: a letter alone or marked ("(B)", "B.") counts; a first word
+    that merely is a letter (the article in "a in a ...") or another option does not."""
+    from dymu_viz.eval.tasks.dymu_photos.utils import process_results
+
+    doc = task_docs()[0]
+    assert doc["answer"] == "B" and doc["kind"] == "choice"
+    assert process_results(doc, [response]) == {"accuracy": float(right)}
+
+
+@pytest.mark.parametrize("response,right", [("Yes", True), ("yes.", True), ("Yes, there is.", True), ("no", False),
+                                            ("a in a in", False), ("", False)])
+def test_dymu_photos_yes_no_reads_the_first_word(response, right):
+    from dymu_viz.eval.tasks.dymu_photos.utils import process_results
+
+    doc = next(d for d in task_docs() if d["kind"] == "yes_no" and d["answer"].lower() == "yes")
+    assert process_results(doc, [response]) == {"accuracy": float(right)}
