@@ -464,21 +464,32 @@ def plot_stage_costs(rows: Sequence[Mapping[str, Any]], reference: str = "full",
     return ax
 
 
-def plot_eval_tradeoff(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> Figure:
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def plot_eval_tradeoff(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy",
+                       note: Optional[str] = None) -> Figure:
     """Benchmark runs (``dymu_viz.eval.run_rows``): the metric against mean image tokens (with
-    the ± std bar) and against seconds per sample, one labelled point per setting."""
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    tokens, seconds = fig.subplots(1, 2, sharey=True)
-    for r in rows:
-        colour = next_colour(tokens)
-        tokens.errorbar(r["image_tokens"], r[metric], xerr=r["image_tokens_std"], fmt="o", color=colour,
-                        capsize=3, label=r["setting"])
-        seconds.plot(r["seconds"], r[metric], "o", color=colour)
-        seconds.annotate(r["setting"], (r["seconds"], r[metric]), xytext=(4, 4), textcoords="offset points", fontsize=8)
-    tokens.legend(fontsize=8)  # matched budgets share a count: a legend, not labels on top of each other
-    tokens.set_xlabel("image tokens per sample (mean ± std)")
-    tokens.set_ylabel(metric)
-    seconds.set_xlabel("seconds per sample (share of its batch)")
+    the ± std bar), against seconds per sample and, when the rows have them, against GFLOPs per
+    sample; one marker per setting, hollow and of falling size so that settings on one spot stay
+    visible. note: a line over the figure (say so when the weights are random)."""
+    panels = [("image_tokens", "image tokens per sample (mean ± std)"), ("seconds", "seconds per sample "
+              "(share of its batch)")] + ([("gflops", "GFLOPs per sample")] if all("gflops" in r for r in rows) else [])
+    fig = Figure(figsize=(4.4 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for k, r in enumerate(rows):
+        colour = next_colour(axes[0])
+        style = dict(marker=MARKERS[k % len(MARKERS)], markersize=11 - 1.5 * min(k, 4), markerfacecolor="none",
+                     markeredgewidth=1.8, color=colour, linestyle="none")
+        for ax, (key, _) in zip(axes, panels):
+            xerr = r["image_tokens_std"] if key == "image_tokens" else None
+            ax.errorbar(r[key], r[metric], xerr=xerr, capsize=3, label=r["setting"], **style)
+    axes[0].legend(fontsize=8)  # matched budgets share a spot: a legend, not labels on top of each other
+    for ax, (_, label) in zip(axes, panels):
+        ax.set_xlabel(label)
+    axes[0].set_ylabel(metric)
+    if note:
+        fig.suptitle(note, fontsize=10, color="tab:red")
     return fig
 
 

@@ -299,14 +299,22 @@ EVAL_ROWS = [{"setting": "full", "accuracy": 0.5, "image_tokens": 576.0, "image_
              {"setting": "DyMU", "accuracy": 0.45, "image_tokens": 90.0, "image_tokens_std": 27.0, "seconds": 0.2}]
 
 
-def test_eval_tradeoff_puts_each_setting_at_its_tokens_and_seconds():
+def test_eval_tradeoff_puts_each_setting_at_its_tokens_seconds_and_flops():
     fig = viz.plot_eval_tradeoff(EVAL_ROWS)
-    tokens, seconds = fig.axes
+    tokens, seconds = fig.axes  # no FLOPs in these rows: two panels
     assert [t.get_text() for t in tokens.get_legend().get_texts()] == ["full", "DyMU"]
-    assert [t.get_text() for t in seconds.texts] == ["full", "DyMU"]
     xs = [line.get_xdata()[0] for line in seconds.lines]
     assert xs == [0.4, 0.2]
     assert tokens.get_xlabel().startswith("image tokens") and tokens.get_ylabel() == "accuracy"
+    rows = [dict(r, gflops=g) for r, g in zip(EVAL_ROWS, (51.0, 30.5))]
+    fig = viz.plot_eval_tradeoff(rows + [dict(rows[1], setting="ToMe")], note="RANDOM weights: accuracy means nothing")
+    tokens, seconds, flops = fig.axes
+    assert flops.get_xlabel() == "GFLOPs per sample" and [line.get_xdata()[0] for line in flops.lines] == [51.0, 30.5, 30.5]
+    assert fig.get_suptitle() == "RANDOM weights: accuracy means nothing"
+    # DyMU and ToMe on one spot: different hollow markers of different sizes, both visible
+    dymu, tome = tokens.containers[1][0], tokens.containers[2][0]  # the errorbars' data markers
+    assert dymu.get_marker() != tome.get_marker() and dymu.get_markersize() > tome.get_markersize()
+    assert dymu.get_markerfacecolor() == "none"
 
 
 def test_token_extremes_shows_the_fewest_median_and_most():
