@@ -26,7 +26,7 @@ import torch
 
 from dymu_viz import sample_photos, shapes_image, vlm
 from dymu_viz.vtu import find_decoder, hooked_decoders
-from tiny_models import tiny_qwen, tiny_vlm
+from tiny_models import tiny_qwen, tiny_qwen3, tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -39,6 +39,10 @@ CASES = {
                  "<|im_end|>\n<|im_start|>user and the colors ?<|im_end|>\n<|im_start|>assistant\n"),
     "qwen2_5_vl": ("qwen2_vl", lambda dtype: tiny_qwen("2.5", dtype), [0.0] * 3,
                    "<|im_end|>\n<|im_start|>user and the colors ?<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen3_vl": ("qwen3_vl", lambda dtype: tiny_qwen3(dtype), [0.0] * 3,
+                 "<|im_end|>\n<|im_start|>user and the colors ?<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen3_vl_moe": ("qwen3_vl", lambda dtype: tiny_qwen3(dtype, moe=True), [0.0] * 3,
+                     "<|im_end|>\n<|im_start|>user and the colors ?<|im_end|>\n<|im_start|>assistant\n"),
 }
 QUESTIONS = ["what is in the picture ?", "describe the colors of this photo please", "is there a cat ?"]
 DECODING = {"greedy": dict(do_sample=False),

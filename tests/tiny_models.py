@@ -229,6 +229,42 @@ def tiny_qwen(version: str = "2.5", dtype: torch.dtype = torch.float32, attn: st
     return model, processor
 
 
+def tiny_qwen3(dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0, text_layers: int = 2,
+               moe: bool = False) -> tuple[nn.Module, Any]:
+    """Tiny Qwen3-VL (or its MoE variant): a 4-block ViT of 16 px patches in 2 x 2 units with
+    DeepStack after blocks 0 and 2, learned position embeddings on a 4 x 4 grid (interpolated per
+    image), a 2-layer GQA decoder with interleaved M-RoPE sections [4, 2, 2] of its 16-dim heads,
+    and the real processor classes."""
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+    from dymu_viz.vlm.families.qwen3_vl import standin_processor
+
+    processor = standin_processor(16, min_pixels=32 * 32, max_pixels=32 * 32 * 64)
+    tok = processor.tokenizer
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(TINY_VLM_TEXT, num_hidden_layers=text_layers, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=None, head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 2],
+                  out_hidden_size=TINY_VLM_TEXT["hidden_size"])
+    _seeded(seed)
+    config, cls = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else \
+        (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    model = cls(config(vision_config=vision, text_config=text, **ids)).to(dtype).eval()
+    model.config.get_text_config()._attn_implementation = attn
+    if moe:  # the grouped GEMM kernel has no float64: the loop over experts runs in any dtype
+        model.config.get_text_config()._experts_implementation = "eager"
+    model.config.vision_config._attn_implementation = "sdpa"
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, processor
+
+
 def encode_images(model: nn.Module, **arguments: Any) -> list:
     """The ``ImageTokens`` of every image in the forward ``arguments`` (pixel_values, ...), as the
     patched model's family makes them with its current settings."""

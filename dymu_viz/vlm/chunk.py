@@ -23,13 +23,17 @@ Media = tuple[str, str, list[ImageTokens]]  # (kind, its placeholder as written,
 class Chunk:
     """The compact form of one forward's input_ids (B, L): embeds (B, P, D) and mask (B, P),
     left-padded; slots: per row, the compact row (0..P-1) of each of its virtual slots, in order;
-    rows: (B, L) the compact row standing at every input position; accounting per row."""
+    rows: (B, L) the compact row standing at every input position; accounting per row; extras:
+    (B, P, k, D) the items' ``ImageTokens.extras`` at their compact rows (zeros elsewhere) and
+    visual: (B, P) bool, the rows that hold them, when some item has extras (else None)."""
 
     embeds: Tensor
     mask: Tensor
     slots: list[Tensor]
     rows: Tensor
     accounting: list[dict[str, Any]]
+    extras: Optional[Tensor] = None
+    visual: Optional[Tensor] = None
 
 
 def runs_of(flags: Tensor) -> list[tuple[int, int]]:
@@ -50,7 +54,7 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
     device = input_ids.device
     text = model.get_input_embeddings()(input_ids)  # (B, L, D); placeholder rows are replaced
     feeds = {token: iter(enumerate(items)) for token, (_, _, items) in media.items()}
-    rows_feats, rows_slots, accounting = [], [], []
+    rows_feats, rows_slots, rows_extras, accounting = [], [], [], []
     rows = torch.zeros((B, L), dtype=torch.long, device=device)
     for b in range(B):
         valid = mask[b].bool()
@@ -58,6 +62,7 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
         is_image = torch.stack(list(placeholders.values())).any(0) if placeholders else torch.zeros_like(valid)
         runs = sorted((begin, end, token) for token, flags in placeholders.items() for begin, end in runs_of(flags))
         feats, slots, n, cursor = [], [], 0, 0
+        placed = []  # (first compact row, extras) of every item of this row that has extras
         acc = row_accounting()
         for begin, end, token in runs + [(L, L, None)]:
             between = (valid[cursor:begin] & ~is_image[cursor:begin]).nonzero().squeeze(1) + cursor
@@ -80,6 +85,8 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
                                      "where it goes; expand prompts with the model's own processor")
                 mapping = image.mapping.to(device)
                 feats.append(image.features.to(text.device, text.dtype))
+                if image.extras is not None:
+                    placed.append((n, image.extras))
                 slots.append(n + mapping)
                 rows[b, p:p + take] = n + (mapping if take == V else mapping[:1])
                 n += len(image.features)
@@ -91,6 +98,7 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
         acc["encoder_tokens"] = sum(acc["crop_tokens"])
         rows_feats.append(torch.cat(feats))
         rows_slots.append(torch.cat(slots))
+        rows_extras.append(placed)
         accounting.append(acc)
     for token, (kind, written, items) in media.items():
         left = sum(1 for _ in feeds[token])
@@ -105,7 +113,25 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
         embeds[b, pad:], compact_mask[b, pad:] = f, 1
         rows_slots[b] = rows_slots[b] + pad
         rows[b] = torch.where(mask[b].bool(), rows[b] + pad, P - 1)
-    return Chunk(embeds, compact_mask, rows_slots, rows, accounting)
+    extras, visual = placed_extras(rows_extras, [P - len(f) for f in rows_feats], P, text)
+    return Chunk(embeds, compact_mask, rows_slots, rows, accounting, extras, visual)
+
+
+def placed_extras(rows_extras: list[list[tuple[int, Tensor]]], pads: list[int], P: int,
+                  like: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Per row, the (first compact row, extras (n, k, D)) of its items, and its left padding ->
+    extras (B, P, k, D) at those rows and the rows' mask (B, P); (None, None) when none has any."""
+    found = [e for placed in rows_extras for _, e in placed]
+    if not found:
+        return None, None
+    B, (k, D) = len(rows_extras), found[0].shape[1:]
+    extras = like.new_zeros((B, P, k, D))
+    visual = torch.zeros((B, P), dtype=torch.bool, device=like.device)
+    for b, (placed, pad) in enumerate(zip(rows_extras, pads)):
+        for first, e in placed:
+            extras[b, pad + first:pad + first + len(e)] = e.to(like.device, like.dtype)
+            visual[b, pad + first:pad + first + len(e)] = True
+    return extras, visual
 
 
 def plain_chunk(model: nn.Module, input_ids: Tensor) -> Chunk:

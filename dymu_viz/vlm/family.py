@@ -97,6 +97,11 @@ class VLMFamily:
         row continuing at ``start`` (B,)), or None when RoPE follows the token order (1-D)."""
         return None
 
+    def llm_arguments(self, chunk: Any) -> dict[str, Any]:
+        """Extra arguments of the language model's call for a forward's compact ``chunk`` (a
+        ``vlm.chunk.Chunk``), e.g. features its first layers add at the image rows. None here."""
+        return {}
+
     def item_lengths(self, model: nn.Module, visual: VisualInput, arguments: dict[str, Any]) -> list[int]:
         """How many placeholders each item of ``visual`` takes in the prompts (the processor's
         expansion). Default: all items alike (one image, one fixed-size grid)."""

@@ -81,10 +81,15 @@ class VLMState:
 
 
 def _output_class(model: nn.Module) -> type:
+    """The output class the model's own forward returns: its family's own, else the generic one
+    its modeling module uses (a mixture-of-experts model's has router fields, left empty here)."""
+    from transformers import modeling_outputs
+
     base = classswap.base_class(model)
     module = sys.modules[base.__module__]
     name = base.__name__.replace("ForConditionalGeneration", "CausalLMOutputWithPast")
-    return getattr(module, name, None) or module.CausalLMOutputWithPast  # families without their own output class
+    return getattr(module, name, None) or getattr(module, "MoeCausalLMOutputWithPast", None) or \
+        modeling_outputs.CausalLMOutputWithPast
 
 
 def _gather_positions(x: Tensor, rows: Tensor) -> Tensor:
@@ -162,7 +167,7 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     out = self.model.language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask,
                                     position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
-                                    output_hidden_states=a.get("output_hidden_states"))
+                                    output_hidden_states=a.get("output_hidden_states"), **family.llm_arguments(chunk))
     if L > 1 or items:
         _account(state, gen, chunk)
     keep = a.get("logits_to_keep", 0)

@@ -9,6 +9,7 @@ position, so with no merging the compact sequence is the unpatched one, in every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,11 +19,14 @@ from torch import Tensor
 class ImageTokens:
     """features: (n, D) compact rows; mapping: (V_img,) virtual image position -> compact row;
     crop_tokens: tokens the tower returned per crop (one crop for a plain image; base crop then
-    tiles for AnyRes; the units for towers that merge after their output)."""
+    tiles for AnyRes; the units for towers that merge after their output); extras: (n, k, D)
+    per compact row, what the family adds to the LLM's first k layers at the image's rows
+    (Qwen3-VL's DeepStack features, merged with the same groups), or None."""
 
     features: Tensor
     mapping: Tensor
     crop_tokens: list[int]
+    extras: Optional[Tensor] = None
 
     def in_slot_order(self) -> "ImageTokens":
         """The same image with compact rows sorted by their first virtual position (every row
@@ -33,4 +37,5 @@ class ImageTokens:
         first = first.scatter_reduce(0, self.mapping, slots, reduce="amin")
         order = first.argsort()
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
-        return ImageTokens(self.features[order], rank[self.mapping], self.crop_tokens)
+        return ImageTokens(self.features[order], rank[self.mapping], self.crop_tokens,
+                           None if self.extras is None else self.extras[order])

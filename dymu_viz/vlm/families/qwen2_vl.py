@@ -110,12 +110,21 @@ def tower_units(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, video:
     time steps one after the other)."""
     check_metric(metric)
     features = model.model.get_video_features if video else model.model.get_image_features
-    if metric == "features":
-        return [(u, u) for u in features(pixel_values, grid_thw).pooler_output]
     D = model.config.get_text_config().hidden_size  # the merger projects to the LLM width
+    if metric == "features":
+        out = features(pixel_values, grid_thw)
+        return [(with_deepstack(u, out, i), u) for i, u in enumerate(out.pooler_output)]
     with _metric_in_pooler_output(model.model.visual, metric_blocks(model.model.visual, metric, rounds)):
-        per_item = features(pixel_values, grid_thw).pooler_output
-    return [(u[:, :D], u[:, D:]) for u in per_item]
+        out = features(pixel_values, grid_thw)
+    return [(with_deepstack(u[:, :D], out, i), u[:, D:]) for i, u in enumerate(out.pooler_output)]
+
+
+def with_deepstack(units: Tensor, out: Any, item: int) -> Tensor:
+    """An item's unit features (U, D) with the tower's DeepStack features of the same units side
+    by side, (U, D * (1 + k)), when the tower returns k of them (Qwen3-VL), so that the rounds
+    merge them with the same groups (size-weighted means); else the features as they are."""
+    deep = getattr(out, "deepstack_features", None) or []
+    return torch.cat([units, *(level[item].to(units.dtype) for level in deep)], -1) if deep else units
 
 
 def metric_views(metric: str, rounds: int) -> int:
@@ -295,12 +304,14 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
     (see ``merge_time_steps``). metric: see ``METRICS``. window: match only inside blocks of
     window x window units (``window_order``; None: the whole image)."""
     across_time = video and temporal is not None
+    D = model.config.get_text_config().hidden_size
     out = []
     for unit_metric, steps, width in step_rows(model, pixel_values, image_grid_thw, thresholds, video, metric,
                                                across_time, window):
         feats, mapping = (merge_time_steps(steps, unit_metric, width, float(temporal)) if across_time
                           else concat_steps(steps))
-        out.append(ImageTokens(feats, mapping, [len(unit_metric)]).in_slot_order())
+        extras = feats[:, D:].unflatten(1, (-1, D)) if feats.shape[1] > D else None  # DeepStack, merged alike
+        out.append(ImageTokens(feats[:, :D], mapping, [len(unit_metric)], extras).in_slot_order())
     return out
 
 

@@ -1,0 +1,133 @@
+"""Qwen3-VL's own parts, on tiny random models of its real classes (the family contract -- no
+merging = vanilla, cached turns, copies -- is in test_family_contract.py): DeepStack features
+merged with the same groups as the units, and VTU with DeepStack equal to the virtual
+computation, layer by layer, written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dymu_viz import sample_photos, shapes_image, vlm
+from tiny_models import tiny_qwen3
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def inputs_of(processor, dtype=torch.float64) -> dict:
+    """Two prompts, a flat image and a photo, left padded (the flat one merges a lot)."""
+    pics = [shapes_image(0, size=96), sample_photos(["chelsea"])["chelsea"].resize((112, 75))]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                              "text": q}]}], add_generation_prompt=True)
+               for q in ("what is in the picture ?", "describe the colors of this photo please")]
+    out = dict(processor(images=[[p] for p in pics], text=prompts, return_tensors="pt", padding=True))
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def test_merged_deepstack_is_the_size_weighted_mean_of_its_units() -> None:
+    model, processor = tiny_qwen3(torch.float64)
+    inputs = inputs_of(processor)
+    images = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], [0.0] * 3)
+    units = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    levels = len(model.config.vision_config.deepstack_visual_indexes)
+    for i, image in enumerate(images):
+        assert image.extras.shape == (len(image.features), levels, model.config.text_config.hidden_size)
+        assert len(image.features) < len(image.mapping)  # it merged
+        for level in range(levels):
+            per_unit = units.deepstack_features[level][i]  # (U, D)
+            sums = torch.zeros_like(image.extras[:, level]).index_add_(0, image.mapping, per_unit)
+            sizes = torch.bincount(image.mapping, minlength=len(image.features)).to(sums)
+            assert torch.allclose(image.extras[:, level], sums / sizes[:, None], atol=1e-12, rtol=0)
+        main = torch.zeros_like(image.features).index_add_(0, image.mapping, units.pooler_output[i])
+        assert torch.allclose(image.features, main / sizes[:, None], atol=1e-12, rtol=0)
+
+
+def virtual_logits(model, inputs: dict, images: list) -> torch.Tensor:
+    """The virtual computation, by hand, one prompt at a time: every image position holds its
+    compact token; each layer attends over the vanilla positions (HF's own M-RoPE, causal), the
+    copies of a compact token are averaged after attention (so they stay one token), and after
+    layer l each image position gains its compact token's DeepStack level l. Logits (B, L, V)."""
+    lm = model.model.language_model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                        attention_mask=mask)
+    out = torch.zeros(*ids.shape, model.config.text_config.vocab_size, dtype=torch.float64)
+    for b, image in enumerate(images):
+        valid = mask[b].bool()
+        row_ids = ids[b][valid]
+        is_image = row_ids == model.config.image_token_id
+        n_img = len(image.features)
+        # compact row of every position: image positions by the mapping, text positions their own
+        compact = torch.empty(len(row_ids), dtype=torch.long)
+        compact[is_image] = image.mapping
+        compact[~is_image] = n_img + torch.arange(int((~is_image).sum()))
+        h = lm.embed_tokens(row_ids)[None].clone()
+        h[0, is_image] = image.features[image.mapping]
+        cos_sin = lm.rotary_emb(h, pos[:, b:b + 1, valid])
+        V = len(row_ids)
+        causal = torch.full((V, V), float("-inf"), dtype=torch.float64).triu(1)[None, None]
+        sizes = torch.bincount(compact).to(h)
+        for layer_index, layer in enumerate(lm.layers):
+            attn, _ = layer.self_attn(layer.input_layernorm(h), attention_mask=causal, position_embeddings=cos_sin)
+            mean = torch.zeros(len(sizes), h.shape[-1], dtype=h.dtype).index_add_(0, compact, attn[0]) / sizes[:, None]
+            h = h + mean[compact][None]
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if layer_index < image.extras.shape[1]:
+                h[0, is_image] = h[0, is_image] + image.extras[image.mapping, layer_index]
+        out[b, valid] = model.lm_head(lm.norm(h))[0]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["vtu", "compact"])
+def test_vtu_with_deepstack_equals_the_virtual_computation(mode: str) -> None:
+    """fp64, two layers (DeepStack adds after both), a left-padded batch: the patched model's
+    logits at every text position equal the virtual computation's; in "compact" mode (the w/o VTU
+    ablation) they do not, and neither do they without the merged DeepStack."""
+    model, processor = tiny_qwen3(torch.float64)  # sdpa: float64 throughout (eager softmaxes in float32)
+    inputs = inputs_of(processor)
+    vlm.patch_vlm(model, [0.0] * 3, mode=mode)
+    images = vlm.qwen.qwen_images(model, inputs["pixel_values"], inputs["image_grid_thw"], [0.0] * 3)
+    patched = model(**inputs).logits
+    vlm.unpatch_vlm(model)
+    reference = virtual_logits(model, inputs, images)
+    text = inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)
+    if mode == "vtu":
+        assert torch.allclose(patched[text], reference[text], atol=1e-9, rtol=0), \
+            float((patched[text] - reference[text]).abs().max())
+        without = [type(im)(im.features, im.mapping, im.crop_tokens, torch.zeros_like(im.extras)) for im in images]
+        assert (virtual_logits(model, inputs, without)[text] - reference[text]).abs().max() > 1e-4  # DeepStack counts
+    else:
+        assert (patched[text] - reference[text]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_id", ["Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"])
+def test_load_vlm_builds_the_real_tower_width_and_runs_dymu(model_id: str) -> None:
+    """The known ids at random: the real ViT width and patch, DeepStack levels kept among the
+    blocks built, a scaled-down LLM; the processor's own expansion; DyMU generates."""
+    torch.manual_seed(0)
+    loaded = vlm.load_vlm(model_id, "random", "cpu", vision_layers=6)
+    spec = vlm.models.VLM_MODELS[model_id]
+    vision = loaded.model.config.vision_config
+    assert (vision.hidden_size, vision.patch_size, vision.depth) == (spec.vision["hidden_size"], 16, 6)
+    assert vision.deepstack_visual_indexes == ([i for i in spec.vision["deepstack_visual_indexes"] if i < 6] or [5])
+    assert loaded.weights.startswith("RANDOM init (asked for): Qwen3VLForConditionalGeneration") and "DeepStack" in loaded.weights
+    image = sample_photos(["rocket"])["rocket"].resize((128, 96))
+    vlm.patch_vlm(loaded.model, [0.5] * 2)
+    out = vlm.chat(loaded.model, loaded.processor, [image], ["what is in the picture ?"], max_new_tokens=3)
+    acc = out.accounting[0]
+    assert acc["image_positions"] == (96 // 32) * (128 // 32) and acc["image_tokens"] <= acc["image_positions"]
+    assert len(out.texts) == 1
+
+
+def test_calibrated_rounds_keep_about_the_asked_share() -> None:
+    model, processor = tiny_qwen3()
+    photos = [p.resize((128, 96)) for p in sample_photos().values()]
+    thresholds = vlm.qwen.calibrate_rounds(model, processor, photos, keep=0.5, rounds=2, batch_size=3, progress=False)
+    assert thresholds.metadata["kind"] == vlm.qwen.ROUNDS_KIND and len(thresholds.values) == 2
+    vlm.patch_vlm(model, thresholds)
+    pixels = processor.image_processor(images=photos, return_tensors="pt")
+    images = vlm.qwen.qwen_images(model, pixels["pixel_values"], pixels["image_grid_thw"], thresholds.values)
+    kept = sum(len(im.features) for im in images) / sum(len(im.mapping) for im in images)
+    assert 0.35 <= kept <= 0.65, kept
+    assert all(im.extras is not None for im in images)
