@@ -1,7 +1,8 @@
 """Matched-budget baselines (``dymu_viz.vlm.baselines``) on tiny random LLaVA-1.5 and
 LLaVA-OneVision with 7 px patches (an 8 x 8 grid per crop): pooling equals ``avg_pool2d`` of the
-tower output, ToMe gives every crop one count, identity settings equal the unpatched model in
-every mode, and the budget search lands within 5 % of a DyMU run's mean count."""
+tower output, ToMe gives every crop one count, random pruning keeps its drawn patches' own
+features (seeded, batch-invariant), identity settings equal the unpatched model in every mode,
+and the budget search lands within 5 % of a DyMU run's mean count."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 
 from dymu_viz import sample_photos, vlm
 from dymu_viz.eval import task_docs
-from dymu_viz.vlm.baselines import Pool, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups, tome_r
+from dymu_viz.vlm.baselines import (Pool, RandomPrune, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups,
+                                    random_keep, tome_r)
+from dymu_viz.vlm.reductions import crop_seed
+from dymu_viz.vlm.tokens import ImageTokens
 from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, encode_images, tiny_qwen, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
@@ -74,7 +78,7 @@ def test_identity_baselines_equal_the_unpatched_model(family: str, mode: str) ->
     beams = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
     tokens, beam_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False), model.generate(**inputs, **beams)
     valid = inputs["attention_mask"].bool()
-    for baseline in (Pool(8, 8), ToMe((0, 0, 0))):
+    for baseline in (Pool(8, 8), ToMe((0, 0, 0)), RandomPrune(64, seed=5)):
         vlm.patch_vlm(model, baseline, mode=mode)
         assert (model(**inputs).logits - reference)[valid].abs().max() <= 1e-5, baseline
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens), baseline
@@ -103,7 +107,7 @@ def test_matched_budget_lands_within_five_percent_of_dymu(family: str) -> None:
     images = task_images()
     target = mean_image_tokens(model, processor, images)
     assert 0.3 < target / mean_tokens_unmerged(model, processor) < 0.9  # DyMU merged, not everything
-    for kind in ("tome", "pool"):
+    for kind in ("tome", "pool", "random"):
         baseline = match_budget(model, processor, images, target, kind, mode="compact")
         assert abs(baseline.measured / target - 1) <= 0.05, (kind, baseline)
         assert model.dymu_vlm.mode == "compact" and mean_image_tokens(model, processor, images) == baseline.measured
@@ -121,12 +125,15 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="cannot pool a 8 x 8 patch grid to 9 x 9"):
         vlm.patch_vlm(model, Pool(9, 9))
     with pytest.raises(ValueError, match="unknown baseline"):
-        match_budget(model, processor, photos()[:1], 10, "random")
+        match_budget(model, processor, photos()[:1], 10, "prune")
+    with pytest.raises(ValueError, match="random pruning keeps 1 to 64 of a 8 x 8 patch grid, got 65"):
+        vlm.patch_vlm(model, RandomPrune(65))
     with pytest.raises(ValueError, match="merges nothing"):
         match_budget(model, processor, photos()[:1], 10, "pool", mode="full")
     qwen, _ = tiny_qwen("2.5")
-    with pytest.raises(ValueError, match="LLaVA-1.5 / OneVision"):
-        vlm.patch_vlm(qwen, Pool(2, 2))
+    for baseline in (Pool(2, 2), RandomPrune(4)):
+        with pytest.raises(ValueError, match="LLaVA-1.5 / OneVision"):
+            vlm.patch_vlm(qwen, baseline)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -135,9 +142,57 @@ def test_merging_baselines_are_causal_in_a_padded_batch(family: str, mode: str) 
     model, processor = tiny_vlm(family, patch_size=7)
     inputs = prompts(processor, 3)
     assert (inputs["attention_mask"] == 0).any()
-    for baseline in (Pool(2, 2), ToMe(tome_r(30, model.config.vision_feature_layer % 4, 3))):
+    for baseline in (Pool(2, 2), ToMe(tome_r(30, model.config.vision_feature_layer % 4, 3)), RandomPrune(20)):
         vlm.patch_vlm(model, baseline, mode=mode)
         check_causal_and_cached_decode(model, inputs)
+
+
+def test_random_pruning_keeps_the_drawn_patches_own_features() -> None:
+    """Each crop keeps ``keep`` patches drawn from its seed and pixels, with their own projected
+    features; every patch position goes to a nearest kept patch (the earliest of equals)."""
+    model, processor = tiny_vlm("llava", patch_size=7)
+    pixels = processor.image_processor(images=photos()[:3], return_tensors="pt")["pixel_values"]
+    patches = tower_output(model, pixels).flatten(1, 2)  # (B, 64, C)
+    vlm.patch_vlm(model, RandomPrune(20, seed=3))
+    rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+    for b, image in enumerate(encode_images(model, pixel_values=pixels)):
+        kept, parts = random_keep(8, 20, crop_seed(3, pixels[b]), torch.device("cpu"))
+        assert len(kept) == 20 and torch.equal(kept, kept.unique())
+        assert torch.equal(parts[kept], torch.arange(20))  # a kept patch is its own part
+        expected = ImageTokens(model.model.multi_modal_projector(patches[b, kept]), parts, [20]).in_slot_order()
+        assert torch.allclose(image.features, expected.features, atol=1e-5, rtol=0)
+        assert torch.equal(image.mapping, expected.mapping)
+        distance = (rows[:, None] - rows[kept]) ** 2 + (cols[:, None] - cols[kept]) ** 2  # (64, 20)
+        nearest = distance.min(1).values
+        assert torch.equal(distance.gather(1, parts[:, None]).squeeze(1), nearest)
+        earlier = (distance == nearest[:, None]).float().argmax(1)  # the first kept patch at the least distance
+        assert torch.equal(parts, earlier)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_pruning_is_seeded_and_batch_invariant(family: str) -> None:
+    """The same seed draws the same patches (same tokens, same answers); another seed draws
+    others; an image draws the same patches alone as in a batch."""
+    model, processor = tiny_vlm(family, patch_size=7)
+    inputs = prompts(processor, 3)
+    extra = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
+
+    def draw(seed: int, **arguments) -> list:
+        vlm.patch_vlm(model, RandomPrune(20, seed=seed), mode="compact")
+        return encode_images(model, **arguments)
+
+    first, again, other = (draw(seed, pixel_values=inputs["pixel_values"], **extra) for seed in (1, 1, 2))
+    assert all(torch.equal(a.mapping, b.mapping) and torch.equal(a.features, b.features) for a, b in zip(first, again))
+    assert any(not torch.equal(a.mapping, b.mapping) for a, b in zip(first, other))
+    alone = draw(1, pixel_values=inputs["pixel_values"][1:2], **{k: v[1:2] for k, v in extra.items()})[0]
+    assert torch.equal(alone.mapping, first[1].mapping)
+    assert torch.allclose(alone.features, first[1].features, atol=1e-5, rtol=0)
+    vlm.patch_vlm(model, RandomPrune(20, seed=1))
+    answers = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    vlm.patch_vlm(model, RandomPrune(20, seed=1))
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), answers)
+    crops = [a["crop_tokens"] for a in model.dymu_vlm.last]
+    assert all(count == 20 for per_image in crops for count in per_image)
 
 
 @pytest.mark.slow

@@ -320,7 +320,7 @@ def test_a_vlm_state_pickled_by_the_earlier_layout_still_runs() -> None:
     state = vlm.VLMState.__new__(vlm.VLMState)
     state.__setstate__({"mode": "compact", "kernel": "sdpa", "unit_thresholds": None, "unit_metric": "keys",
                         "temporal": None, "window": None, "pool": Pool(2, 2), "last": [], "prompt_entries": 0})
-    assert state.pool == Pool(2, 2) and state.unit_metric == "keys" and state.unit_thresholds is None
+    assert state.reduction == Pool(2, 2) and state.unit_metric == "keys" and state.unit_thresholds is None
     model.dymu_vlm = state
     assert_same_generation(run(model, inputs, "greedy"), expected, "greedy")
     old_qwen = vlm.VLMState.__new__(vlm.VLMState)

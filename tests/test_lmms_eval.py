@@ -121,9 +121,16 @@ def test_a_samples_record_does_not_depend_on_its_batch_or_beams(checkpoints):
 
 
 def test_matched_budget_baselines_run_in_the_harness(checkpoints):
-    from dymu_viz.vlm.baselines import Pool, ToMe
+    from dymu_viz.vlm.baselines import Pool, RandomPrune, ToMe
 
     assert baseline_arg(ToMe((3, 3, 0))) == "tome=3/3/0" and baseline_arg(Pool(2, 2)) == "pool=2x2"
+    assert baseline_arg(RandomPrune(5)) == "random=5" and baseline_arg(RandomPrune(5, 2)) == "random=5,seed=2"
+    # random pruning: 5 patches per image; the same seed gives the same answers in any batch
+    pruned = [evaluate(f"pretrained={checkpoints['llava']},{baseline_arg(RandomPrune(5, 2))}", batch_size=b)
+              for b in (1, 3)]
+    assert all(s["token_counts"][0]["dymu"]["image_tokens"] == 5 and str(s["token_counts"][0]["dymu"]["seed"]) == "2"
+               for s in pruned[0])
+    assert [s["resps"] for s in pruned[0]] == [s["resps"] for s in pruned[1]]
     pooled = evaluate(f"pretrained={checkpoints['llava']},{baseline_arg(Pool(2, 2))}")
     assert all(s["token_counts"][0]["dymu"]["image_tokens"] == 4 for s in pooled)
     # ToMe: r = 3 in both tower layers LLaVA reads (vision_feature_layer -2 of 3): 16 - 6 = 10 tokens per image
@@ -136,9 +143,15 @@ def test_model_arguments_fail_clearly(checkpoints):
     from transformers import LlavaForConditionalGeneration
 
     from dymu_viz.eval.harness import DyMULlava, DyMULlavaOneVision, parse_setting
+    from dymu_viz.vlm.baselines import RandomPrune
 
-    with pytest.raises(ValueError, match="give one of thresholds, tome and pool"):
+    with pytest.raises(ValueError, match="give one of thresholds, tome, pool and random, not thresholds and tome"):
         parse_setting("llava", 0.9, "3", None)
+    with pytest.raises(ValueError, match="random must be the patches kept per crop"):
+        parse_setting("llava", None, None, None, "half")
+    with pytest.raises(ValueError, match="seed= is the draw of random pruning"):
+        parse_setting("llava", 0.9, None, None, None, "3")
+    assert parse_setting("llava", None, None, None, "144", "7") == RandomPrune(144, 7)
     with pytest.raises(ValueError, match="pool must be ROWSxCOLS"):
         parse_setting("llava", None, None, "4by4")
     with pytest.raises(ValueError, match="no published thresholds for DyMU-mid.*--target 192out"):
@@ -224,8 +237,9 @@ def test_loglikelihood_is_the_vanilla_models_in_full_mode(family, checkpoints, n
     ("thresholds=no_such_file.json", "thresholds=no_such_file.json: no such file.*presets are lower case"),
     ("thresholds=Low", "thresholds=Low: no such file, and not a number, none or a preset \\(high, low, mid"),
     ("mode=fast", "unknown mode 'fast'"),
+    ("random=100", "random pruning keeps 1 to 16 of a 4 x 4 patch grid, got 100"),
     ("pretrained=no/such/folder", "cannot load pretrained=no/such/folder.*download=true.*weights=random"),
-], ids=["misspelled", "missing_file", "preset_case", "bad_mode", "missing_model"])
+], ids=["misspelled", "missing_file", "preset_case", "bad_mode", "random_too_many", "missing_model"])
 def test_a_failed_evaluation_exits_non_zero_through_the_cli(model_args, message, checkpoints, tmp_path):
     """lmms-eval 0.7 logs a model's errors and exits 0; a DyMU model ends the run with status 1
     and its own message instead (each user mistake through lmms-eval's CLI, as a script runs it)."""

@@ -147,7 +147,7 @@ def test_one_layer_vtu_attention_is_the_scatter_mean_of_vanilla_and_text_rows_ar
 
 def _compact_rows(model, inputs, images):
     """(B, L) compact row of every input position, as the pipeline lays the chunk out."""
-    media = {model.config.image_token_id: ("image", "<|image_pad|>", images)}
+    media = {model.config.image_token_id: ("image", "<|image_pad|>", images, False)}
     chunk = vlm.pipeline.compact_chunk(model, inputs["input_ids"], inputs["attention_mask"], media)
     return chunk.rows
 

@@ -131,3 +131,59 @@ def test_calibrated_rounds_keep_about_the_asked_share() -> None:
     kept = sum(len(im.features) for im in images) / sum(len(im.mapping) for im in images)
     assert 0.35 <= kept <= 0.65, kept
     assert all(im.extras is not None for im in images)
+
+
+def video_inputs(processor, dtype=torch.float64) -> dict:
+    """A still clip and a random one (4 frames each: 2 time steps), each frame's placeholders a
+    run of their own after its textual timestamp, as Qwen3-VL's processor writes them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    still = np.repeat((rng.random((1, 64, 96, 3)) * 255).astype(np.uint8), 4, 0)
+    busy = (rng.random((4, 64, 96, 3)) * 255).astype(np.uint8)
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                              "text": q}]}], add_generation_prompt=True)
+               for q in ("what is in the picture ?", "describe the colors of this photo please")]
+    out = dict(processor(videos=[still, busy], text=prompts, return_tensors="pt", padding=True))
+    out["pixel_values_videos"] = out["pixel_values_videos"].to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["vtu", "compact"])
+def test_videos_with_no_merging_generate_what_vanilla_generates(mode: str) -> None:
+    model, processor = tiny_qwen3(torch.float64)
+    inputs = video_inputs(processor)
+    ids = inputs["input_ids"][0]
+    starts = (ids == model.config.video_token_id).long().diff().eq(1).sum()
+    assert int(starts) >= 2  # the frames' placeholders come in several runs
+    kw = dict(max_new_tokens=5, do_sample=False, num_beams=2, output_scores=True, return_dict_in_generate=True)
+    vanilla = model.generate(**inputs, **kw)
+    vlm.patch_vlm(model, None, mode=mode)
+    ours = model.generate(**inputs, **kw)
+    assert torch.equal(ours.sequences, vanilla.sequences)
+    assert torch.allclose(ours.sequences_scores, vanilla.sequences_scores, atol=1e-10, rtol=0)
+
+
+def test_merged_videos_decode_from_the_kept_cache_as_recomputed_and_merge_across_time() -> None:
+    """With merging, cached greedy decoding equals recomputing every step (fp64 model; generate's
+    logits are float32, so 1e-6); merging across
+    time leaves the still clip one time step's tokens and changes no virtual length."""
+    model, processor = tiny_qwen3(torch.float64)
+    inputs = video_inputs(processor)
+    vlm.patch_vlm(model, [0.0] * 2)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         suppress_tokens=processor.tokenizer.all_special_ids)  # no placeholder among the answers
+    per_step = [(a["image_tokens"], a["image_positions"]) for a in model.dymu_vlm.last]
+    mask = inputs["attention_mask"]
+    for step, logits in enumerate(out.logits):
+        ids = out.sequences[:, :inputs["input_ids"].shape[1] + step]
+        full = torch.cat([mask, torch.ones((2, step), dtype=mask.dtype)], 1)
+        fresh = model(**{**inputs, "input_ids": ids, "attention_mask": full}, use_cache=False).logits[:, -1]
+        fresh = fresh.to(logits.dtype)  # generate hands out float32 logits
+        assert torch.allclose(logits, fresh, atol=1e-6, rtol=0), (step, float((logits - fresh).abs().max()))
+    vlm.patch_vlm(model, [0.0] * 2, temporal=-1.0)  # every neighbouring pair merges across time
+    model(**inputs)
+    across = [(a["image_tokens"], a["image_positions"]) for a in model.dymu_vlm.last]
+    grid = inputs["video_grid_thw"][0].tolist()
+    assert across[0][0] == per_step[0][0] // grid[0]  # the still clip: one time step's tokens
+    assert [a[1] for a in across] == [a[1] for a in per_step] and across[1][0] < per_step[1][0]

@@ -134,14 +134,17 @@ def run_cli(model: str, model_args: str, output_path: Union[str, Path], tasks: s
 
 
 def baseline_arg(baseline: Any) -> str:
-    """The ``--model_args`` entry of a ``vlm.baselines`` ToMe / Pool (e.g. from ``match_budget``)."""
-    from ..vlm.baselines import Pool, ToMe
+    """The ``--model_args`` entry of a ``vlm.baselines`` ToMe / Pool / RandomPrune (e.g. from
+    ``match_budget``)."""
+    from ..vlm.baselines import Pool, RandomPrune, ToMe
 
     if isinstance(baseline, ToMe):
         return "tome=" + "/".join(str(r) for r in baseline.r)
     if isinstance(baseline, Pool):
         return f"pool={baseline.rows}x{baseline.cols}"
-    raise TypeError(f"expected a ToMe or Pool baseline, got {type(baseline).__name__}")
+    if isinstance(baseline, RandomPrune):
+        return f"random={baseline.keep}" + (f",seed={baseline.seed}" if baseline.seed else "")
+    raise TypeError(f"expected a ToMe, Pool or RandomPrune baseline, got {type(baseline).__name__}")
 
 
 def task_docs(task: str = "dymu_photos") -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ Model arguments (``--model_args key=value,...``):
 * ``thresholds``: ``none`` (no merging), ``low`` (LLaVA-1.5: the reference authors' published
   72out thresholds, the paper's DyMU-low), a number (one tau in every layer), or a thresholds file
   (``dymu-viz calibrate ... --out FILE``; a reference ``.pth`` works too);
-* ``tome=R`` (ToMe with r merges in every layer LLaVA reads, or ``r0/r1/...`` per layer) or
-  ``pool=RxC`` (average pooling of each crop to R x C cells) instead: the matched-budget baselines;
+* ``tome=R`` (ToMe with r merges in every layer LLaVA reads, or ``r0/r1/...`` per layer),
+  ``pool=RxC`` (average pooling of each crop to R x C cells) or ``random=K`` (K patches of each
+  crop kept at random, ``seed=S``, default 0) instead: the matched-budget baselines;
 * ``mode``: ``vtu`` (default), ``compact`` (the paper's w/o VTU) or ``full`` (nothing merged);
   ``kernel`` and ``cache``: as in ``dymu_viz.vlm.patch_vlm``;
 * ``dtype`` (``auto``: bfloat16 on a GPU, float32 on a CPU), ``device``, ``batch_size``,
@@ -40,7 +41,7 @@ from ..models import DTYPES
 from ..thresholds import Thresholds
 from ..vlm.family import FAMILIES, family_named
 from ..vlm.pipeline import images_per_prompt
-from ..vlm.reductions import Pool, ToMe
+from ..vlm.reductions import Pool, RandomPrune, ToMe
 from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
 from . import flat_summary, summarize, summary_table
 
@@ -64,13 +65,22 @@ def _given(value: Any) -> bool:
     return value is not None and str(value).lower() not in ("", "none")
 
 
-def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any) -> Any:
+def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any, random: Any = None,
+                  seed: Any = None) -> Any:
     """What ``patch_vlm`` gets from the model arguments of the family ``family_name``:
-    Thresholds, a float, ToMe, Pool or None."""
+    Thresholds, a float, ToMe, Pool, RandomPrune or None."""
     family = family_named(family_name)
-    given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool)) if _given(value)]
+    given = [name for name, value in (("thresholds", thresholds), ("tome", tome), ("pool", pool), ("random", random))
+             if _given(value)]
     if len(given) > 1:
-        raise ValueError(f"give one of thresholds, tome and pool, not {' and '.join(given)}")
+        raise ValueError(f"give one of thresholds, tome, pool and random, not {' and '.join(given)}")
+    if seed is not None and not _given(random):
+        raise ValueError("seed= is the draw of random pruning; give it with random=K")
+    if _given(random):
+        if not str(random).isdigit() or (seed is not None and not str(seed).isdigit()):
+            raise ValueError(f"random must be the patches kept per crop and seed a whole number, e.g. random=144,seed=1; "
+                             f"got random={random!r}" + ("" if seed is None else f", seed={seed!r}"))
+        return RandomPrune(int(random), int(seed or 0))
     if _given(tome):
         return ToMe(tuple(int(r) for r in str(tome).split("/")))
     if _given(pool):
@@ -163,7 +173,7 @@ class DyMUModel(lmms):
         return model
 
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
-                 mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
+                 random: Any = None, seed: Any = None, mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
                  device: Optional[str] = None, batch_size: int = 1, chat_template: Optional[str] = None,
                  download: Any = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
                  max_batch_size: Optional[int] = None, **unknown: Any) -> None:
@@ -178,7 +188,7 @@ class DyMUModel(lmms):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         family = family_named(self.family)
-        setting = parse_setting(self.family, thresholds, tome, pool)
+        setting = parse_setting(self.family, thresholds, tome, pool, random, seed)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = device if self._world_size == 1 and device else str(self.accelerator.device)
@@ -198,7 +208,8 @@ class DyMUModel(lmms):
         self.model, self.processor, self.tokenizer = loaded.model, loaded.processor, loaded.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.batch_size_per_gpu, self.chat_template = int(batch_size), chat_template
-        self.setting = {"thresholds": thresholds, "tome": tome, "pool": pool, "mode": mode}
+        self.setting = {"thresholds": thresholds, "tome": tome, "pool": pool, "random": random, "seed": seed,
+                        "mode": mode}
         vlm.patch_vlm(self.model, setting, mode=mode, kernel=kernel, cache=cache)
         self.records: list[dict[str, Any]] = []
         logger.info(f"{self.model_name()}: {loaded.weights}; {mode} mode, {setting!r}")

@@ -5,10 +5,11 @@ DyMU's token count depends on the image; to compare it fairly, each baseline is 
 its *mean* count on the same images equals DyMU's:
 
 * ``ToMe``: fixed r in the tower (the same count for every crop), as in ToMe;
-* ``Pool``: uniform 2-D average pooling of each crop's patch grid to rows x cols cells.
+* ``Pool``: uniform 2-D average pooling of each crop's patch grid to rows x cols cells;
+* ``RandomPrune``: ``keep`` patches of each crop drawn at random (seeded), the rest dropped.
 
 The reductions themselves are in ``dymu_viz.vlm.reductions``; they run through the same LLM
-path as DyMU: ``patch_vlm(model, ToMe(...) | Pool(...), mode="vtu" | "compact")``.
+path as DyMU: ``patch_vlm(model, ToMe(...) | Pool(...) | RandomPrune(...), mode=...)``.
 
     target = mean_image_tokens(model, processor, images)           # under DyMU's patch_vlm
     pool = match_budget(model, processor, images, target, "pool")  # Pool(rows, cols)
@@ -24,10 +25,11 @@ from torch import nn
 
 from .family import family_of
 from .pipeline import patch_vlm
-from .reductions import KINDS, Baseline, Pool, ToMe, pool_grids, pool_groups, pool_patches, tome_r  # noqa: F401
+from .reductions import (KINDS, Baseline, Pool, RandomPrune, ToMe, pool_grids, pool_groups,  # noqa: F401
+                         pool_patches, random_keep, tome_r)
 
-__all__ = ["KINDS", "Baseline", "Pool", "ToMe", "match_budget", "mean_image_tokens", "pool_grids", "pool_groups",
-           "pool_patches", "tome_r"]
+__all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "match_budget", "mean_image_tokens", "pool_grids",
+           "pool_groups", "pool_patches", "random_keep", "tome_r"]
 
 
 def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> float:
@@ -49,12 +51,12 @@ def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], b
 
 
 def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target: float, kind: str,
-                 mode: str = "vtu", batch_size: int = 8) -> Baseline:
-    """The ``kind`` baseline ("tome" or "pool") whose mean image tokens on ``images`` is closest
-    to ``target`` (e.g. a DyMU run's ``mean_image_tokens``): a binary search over ToMe's merges
-    per crop, or over the pooling grids of ``pool_grids``, measuring with
-    the real tower each time. The model is left patched with the result (``mode`` as in
-    ``patch_vlm``); ``measured`` holds its mean."""
+                 mode: str = "vtu", batch_size: int = 8, seed: int = 0) -> Baseline:
+    """The ``kind`` baseline ("tome", "pool" or "random") whose mean image tokens on ``images``
+    is closest to ``target`` (e.g. a DyMU run's ``mean_image_tokens``): a binary search over
+    ToMe's merges per crop, the pooling grids of ``pool_grids`` or the patches random pruning
+    keeps per crop (drawn with ``seed``), measuring with the real tower each time. The model is
+    left patched with the result (``mode`` as in ``patch_vlm``); ``measured`` holds its mean."""
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
     if mode == "full":
@@ -68,8 +70,10 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
     layers_run = cfg.vision_feature_layer % (depth + 1)
     if kind == "tome":
         candidates: list[Baseline] = [ToMe(tome_r(m, layers_run, depth)) for m in range(side * side)]
-    else:  # like ToMe: the count falls along the list
+    elif kind == "pool":  # like ToMe: the count falls along the list
         candidates = [Pool(rows, cols) for rows, cols in pool_grids(side)]
+    else:
+        candidates = [RandomPrune(keep, seed) for keep in range(side * side, 0, -1)]
 
     def measure(i: int) -> float:
         patch_vlm(model, candidates[i], mode=mode)

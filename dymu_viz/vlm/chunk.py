@@ -16,7 +16,7 @@ from .cache import GenerationState
 from .family import VLMFamily
 from .tokens import ImageTokens
 
-Media = tuple[str, str, list[ImageTokens]]  # (kind, its placeholder as written, the items)
+Media = tuple[str, str, list[ImageTokens], bool]  # (kind, its placeholder as written, the items, may span runs)
 
 
 @dataclass
@@ -42,18 +42,71 @@ def runs_of(flags: Tensor) -> list[tuple[int, int]]:
     return list(zip(edges.eq(1).nonzero().squeeze(1).tolist(), edges.eq(-1).nonzero().squeeze(1).tolist()))
 
 
+class Placing:
+    """An item being laid out over its placeholders (one run, or several with text between):
+    ``done`` virtual positions so far; its compact rows, kept in order of their first virtual
+    position, join the row's sequence as that position comes up (``row_of``: their row, -1 until
+    then)."""
+
+    def __init__(self, index: int, image: ImageTokens):
+        self.index, self.image, self.done = index, image, 0
+        n = len(image.features)
+        positions = torch.arange(len(image.mapping), device=image.mapping.device)
+        self.firsts = torch.full((n,), len(image.mapping), device=positions.device).scatter_reduce(
+            0, image.mapping, positions, reduce="amin")  # ascending: the rows are in slot order
+        self.row_of = torch.full((n,), -1, dtype=torch.long, device=positions.device)
+
+
+class RowBuilder:
+    """One prompt row's compact sequence as it is built: features, the compact row of every
+    virtual slot, and (first row, extras) of the items that carry extras."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.feats: list[Tensor] = []
+        self.slots: list[Tensor] = []
+        self.placed: list[tuple[int, Tensor]] = []
+        self.n = 0
+
+    def add_text(self, embeds: Tensor) -> Tensor:
+        """Text tokens, one compact row and one slot each; returns their rows."""
+        new = self.n + torch.arange(len(embeds), device=self.device)
+        self.feats.append(embeds)
+        self.slots.append(new)
+        self.n += len(embeds)
+        return new
+
+    def add_positions(self, item: Placing, take: int) -> Tensor:
+        """The item's next ``take`` virtual positions: the compact rows first seen there join the
+        sequence, every position becomes a slot; returns the positions' rows."""
+        start, stop = item.done, item.done + take
+        r0, r1 = (int(x) for x in torch.searchsorted(item.firsts, torch.tensor([start, stop], device=item.firsts.device)))
+        if r1 > r0:
+            item.row_of[r0:r1] = self.n + torch.arange(r1 - r0, device=item.row_of.device)
+            self.feats.append(item.image.features[r0:r1].to(self.device, self.dtype))
+            if item.image.extras is not None:
+                self.placed.append((self.n, item.image.extras[r0:r1]))
+            self.n += r1 - r0
+        part = item.row_of[item.image.mapping[start:stop]].to(self.device)
+        self.slots.append(part)
+        item.done = stop
+        return part
+
+
 def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict[int, Media]) -> Chunk:
     """Replace the placeholders of input_ids (B, L) by compact tokens: ``media`` maps a
-    placeholder id to (kind, its placeholder as written in prompts, the items' ``ImageTokens``);
-    placeholders of ids not in ``media`` are ordinary tokens.
+    placeholder id to (kind, its placeholder as written in prompts, the items' ``ImageTokens``,
+    whether an item's placeholders may come in several runs with text between them -- a video's
+    frames between timestamps); placeholders of ids not in ``media`` are ordinary tokens.
 
     Items are assigned to their placeholders as HF does (row by row, left to right); each takes
     as many placeholders as it has virtual positions (the processor's expansion), or a single
-    placeholder standing for all of them. Positions with mask 0 are dropped (padding)."""
+    placeholder standing for all of them. Compact rows join the sequence at their first virtual
+    position (in the run that holds it). Positions with mask 0 are dropped (padding)."""
     B, L = input_ids.shape
     device = input_ids.device
     text = model.get_input_embeddings()(input_ids)  # (B, L, D); placeholder rows are replaced
-    feeds = {token: iter(enumerate(items)) for token, (_, _, items) in media.items()}
+    feeds = {token: iter(enumerate(items)) for token, (_, _, items, _) in media.items()}
     rows_feats, rows_slots, rows_extras, accounting = [], [], [], []
     rows = torch.zeros((B, L), dtype=torch.long, device=device)
     for b in range(B):
@@ -61,46 +114,51 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
         placeholders = {token: (input_ids[b] == token) & valid for token in media}
         is_image = torch.stack(list(placeholders.values())).any(0) if placeholders else torch.zeros_like(valid)
         runs = sorted((begin, end, token) for token, flags in placeholders.items() for begin, end in runs_of(flags))
-        feats, slots, n, cursor = [], [], 0, 0
-        placed = []  # (first compact row, extras) of every item of this row that has extras
+        row = RowBuilder(text.dtype, device)
         acc = row_accounting()
+        unfinished: dict[int, Placing] = {}  # token -> an item whose placeholders continue in a later run
+        cursor = 0
         for begin, end, token in runs + [(L, L, None)]:
             between = (valid[cursor:begin] & ~is_image[cursor:begin]).nonzero().squeeze(1) + cursor
-            k = len(between)
-            feats.append(text[b, between])
-            slots.append(n + torch.arange(k, device=device))
-            rows[b, between] = n + torch.arange(k, device=device)
-            n, acc["text_tokens"] = n + k, acc["text_tokens"] + k
+            rows[b, between] = row.add_text(text[b, between])
+            acc["text_tokens"] += len(between)
             p = begin
             while p < end:
-                kind, written, items = media[token]
-                i, image = next(feeds[token], (None, None))
-                if image is None:
-                    raise ValueError(f"{len(items)} {kind}s given but the prompts hold more {kind} placeholders; "
-                                     f"give one {kind} per {written} in the prompts")
-                V = len(image.mapping)
-                take = 1 if (end - p == 1 and V != 1) else V
-                if end - p < take:
-                    raise ValueError(f"{kind} {i} has {V} positions but only {end - p} {kind} placeholders are left "
-                                     "where it goes; expand prompts with the model's own processor")
-                mapping = image.mapping.to(device)
-                feats.append(image.features.to(text.device, text.dtype))
-                if image.extras is not None:
-                    placed.append((n, image.extras))
-                slots.append(n + mapping)
-                rows[b, p:p + take] = n + (mapping if take == V else mapping[:1])
-                n += len(image.features)
-                acc["crop_tokens"] += image.crop_tokens
-                acc["image_tokens"] += len(image.features)
-                acc["image_positions"] += V
+                kind, written, items, spans = media[token]
+                item = unfinished.pop(token, None)
+                if item is None:
+                    i, image = next(feeds[token], (None, None))
+                    if image is None:
+                        raise ValueError(f"{len(items)} {kind}s given but the prompts hold more {kind} placeholders; "
+                                         f"give one {kind} per {written} in the prompts")
+                    item = Placing(i, image.to(device))
+                    acc["crop_tokens"] += image.crop_tokens
+                    acc["image_tokens"] += len(image.features)
+                    acc["image_positions"] += len(image.mapping)
+                V = len(item.image.mapping)
+                if item.done == 0 and end - p == 1 and V != 1:  # one placeholder stands for the whole item
+                    rows[b, p] = row.add_positions(item, V)[0]
+                    p += 1
+                    continue
+                take = min(V - item.done, end - p)
+                if take < V - item.done and not spans:
+                    raise ValueError(f"{kind} {item.index} has {V} positions but only {end - p} {kind} placeholders "
+                                     "are left where it goes; expand prompts with the model's own processor")
+                rows[b, p:p + take] = row.add_positions(item, take)
                 p += take
+                if item.done < V:
+                    unfinished[token] = item
             cursor = end
+        for token, item in unfinished.items():
+            kind = media[token][0]
+            raise ValueError(f"{kind} {item.index} has {len(item.image.mapping)} positions but the prompt holds "
+                             f"{item.done} {kind} placeholders for it; expand prompts with the model's own processor")
         acc["encoder_tokens"] = sum(acc["crop_tokens"])
-        rows_feats.append(torch.cat(feats))
-        rows_slots.append(torch.cat(slots))
-        rows_extras.append(placed)
+        rows_feats.append(torch.cat(row.feats))
+        rows_slots.append(torch.cat(row.slots))
+        rows_extras.append(row.placed)
         accounting.append(acc)
-    for token, (kind, written, items) in media.items():
+    for token, (kind, written, items, _) in media.items():
         left = sum(1 for _ in feeds[token])
         if left:
             raise ValueError(f"{len(items)} {kind}s given but the prompts hold {kind} placeholders for "

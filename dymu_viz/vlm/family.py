@@ -44,13 +44,14 @@ class VisualInput:
     """One kind of visual input of a family's forward. kind: "image" or "video"; token: the
     config attribute holding its placeholder id; pixels: the forward argument with its pixels;
     grid: the per-item (t, h, w) grids when pixels are patch rows (t * h * w rows per item),
-    else None (pixels are per item); extra: its other per-item arguments."""
+    else None (pixels are per item); extra: its other per-item arguments; spans_runs: see below."""
 
     kind: str
     token: str
     pixels: str
     grid: Optional[str] = None
     extra: tuple[str, ...] = ()
+    spans_runs: bool = False  # an item's placeholders may come in several runs (a video's frames between timestamps)
 
     @property
     def keys(self) -> tuple[str, ...]:

@@ -65,8 +65,9 @@ class VLMState:
         return getattr(self.settings, "window", None)
 
     @property
-    def pool(self) -> Any:
-        return getattr(self.settings, "pool", None)
+    def reduction(self) -> Any:
+        """The baseline on the tower's output (pooling or random pruning), or None."""
+        return getattr(self.settings, "reduction", None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A state pickled by an earlier release kept the family settings as its own fields: they
@@ -75,7 +76,8 @@ class VLMState:
             old = {name: state.pop(name, None) for name in ("unit_thresholds", "unit_metric", "temporal", "window",
                                                             "pool")}
             state["settings"] = SimpleNamespace(rounds=old["unit_thresholds"], metric=old["unit_metric"] or "keys",
-                                                temporal=old["temporal"], window=old["window"], pool=old["pool"])
+                                                temporal=old["temporal"], window=old["window"],
+                                                reduction=old["pool"])
             state.setdefault("family", "")
         self.__dict__.update(state)
 
@@ -188,7 +190,8 @@ def _media(model: nn.Module, family: VLMFamily, items: dict[VisualInput, list], 
     """Placeholder id -> (kind, placeholder as written, items) for compact_chunk: every input
     given, and the first (images) always, so that its placeholders without pixels are an error."""
     given = {first: items.get(first, [])} | items
-    return {getattr(model.config, v.token): (v.kind, family.placeholder(v.kind), tokens) for v, tokens in given.items()}
+    return {getattr(model.config, v.token): (v.kind, family.placeholder(v.kind), tokens, v.spans_runs)
+            for v, tokens in given.items()}
 
 
 def _runs_its_own_vision(self: nn.Module) -> bool:

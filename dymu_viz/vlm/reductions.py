@@ -1,20 +1,23 @@
-"""The matched-budget baselines as pure reductions of a tower's patches: ToMe with a fixed r and
-uniform 2-D average pooling (``baselines.match_budget`` sizes them to DyMU's mean count).
+"""The matched-budget baselines as pure reductions of a tower's patches: ToMe with a fixed r,
+uniform 2-D average pooling and random pruning (``baselines.match_budget`` sizes them to DyMU's
+mean count).
 
-Both are merges with a known partition of the patches, so they run through the same LLM path
-as DyMU: ``patch_vlm(model, ToMe(...) | Pool(...), mode="vtu" | "compact")``. VTU then shows
-each pooled / merged token at every patch position it covers; "compact" puts it at its first.
+Each gives a partition of the patches with one token per part, so they run through the same LLM
+path as DyMU: ``patch_vlm(model, ToMe(...) | Pool(...) | RandomPrune(...), mode="vtu" |
+"compact")``. VTU then shows each token at every patch position of its part; "compact" puts it
+at the part's first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import zlib
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-KINDS = ("tome", "pool")
+KINDS = ("tome", "pool", "random")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,22 @@ class Pool:
     measured: Optional[float] = field(default=None, compare=False)
 
 
-Baseline = Union[ToMe, Pool]
+@dataclass(frozen=True)
+class RandomPrune:
+    """Random pruning: ``keep`` of each crop's patches, drawn uniformly without replacement,
+    keep their own features and the others are dropped (the LLM sees ``keep`` patch tokens per
+    crop). Each dropped patch's position is given to its nearest kept patch (grid distance, ties
+    to the earlier), so VTU shows a kept token over its Voronoi cell of the grid; "compact" puts
+    it at its cell's first position. The draw is seeded by ``seed`` and the crop's own pixels:
+    the same crop keeps the same patches in any batch. measured: as for ``ToMe``."""
+
+    keep: int
+    seed: int = 0
+    measured: Optional[float] = field(default=None, compare=False)
+
+
+Baseline = Union[ToMe, Pool, RandomPrune]
+BASELINES = (ToMe, Pool, RandomPrune)
 
 
 def pool_groups(side: int, rows: int, cols: int, device: torch.device) -> Tensor:
@@ -70,6 +88,25 @@ def pool_patches(patches: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]
     sums = wide.new_zeros((B, rows * cols, C)).index_add_(1, groups, wide)
     counts = torch.bincount(groups, minlength=rows * cols).to(wide.dtype)
     return (sums / counts[:, None]).to(patches.dtype), groups
+
+
+def crop_seed(seed: int, pixels: Tensor) -> int:
+    """A 63-bit seed from ``seed`` and the bytes of one crop's pixels (any dtype, any device)."""
+    data = pixels.detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes()
+    return (seed * 0x9E3779B1 + zlib.crc32(data)) % (1 << 63)
+
+
+def random_keep(side: int, keep: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``keep`` patches of a raster side x side grid drawn with ``seed``: their indices (keep,),
+    ascending, and the part of every patch (side^2,) -- the rank of its nearest kept patch."""
+    if not 1 <= keep <= side * side:
+        raise ValueError(f"random pruning keeps 1 to {side * side} of a {side} x {side} patch grid, got {keep}")
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.randperm(side * side, generator=generator)[:keep].sort().values.to(device)
+    i = torch.arange(side * side, device=device)
+    rows, cols = i // side, i % side
+    distance = (rows[:, None] - rows[kept][None]) ** 2 + (cols[:, None] - cols[kept][None]) ** 2  # (side^2, keep)
+    return kept, distance.argmin(1)  # argmin returns the first of equal minima
 
 
 def pool_grids(side: int) -> list[tuple[int, int]]:

@@ -28,6 +28,10 @@ class ImageTokens:
     crop_tokens: list[int]
     extras: Optional[Tensor] = None
 
+    def to(self, device: torch.device) -> "ImageTokens":
+        """The same image with its mapping (and rows) on ``device``: where the LLM lays it out."""
+        return ImageTokens(self.features, self.mapping.to(device), self.crop_tokens, self.extras)
+
     def in_slot_order(self) -> "ImageTokens":
         """The same image with compact rows sorted by their first virtual position (every row
         is used by some position)."""

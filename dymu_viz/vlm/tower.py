@@ -1,34 +1,35 @@
 """Families whose DToMe runs inside the ViT tower (LLaVA-1.5, LLaVA-OneVision): the tower pass
-up to the feature layer, the pooling baseline on its output, and the ``configure`` they share
-(thresholds, ToMe or pooling in the tower)."""
+up to the feature layer, the pooling and random-pruning baselines on its output, and the
+``configure`` they share (thresholds, ToMe, pooling or random pruning)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..patch import encode, get_state, patch, unpatch
 from .family import VLMFamily
-from .reductions import Pool, ToMe, pool_groups, pool_patches
+from .reductions import Pool, RandomPrune, ToMe, crop_seed, pool_groups, pool_patches, random_keep
 
 ImageSegments = list[tuple[Tensor, Tensor]]
+OutputReduction = Union[Pool, RandomPrune]  # a baseline applied to the unmerged tower's output
 
 
 @dataclass(frozen=True)
 class TowerSettings:
-    """pool: the pooling baseline applied to the tower's output patches (None: none)."""
+    """reduction: the baseline applied to the tower's output patches (None: none)."""
 
-    pool: Optional[Pool] = None
+    reduction: Optional[OutputReduction] = None
 
 
-def tower_features(model: nn.Module, pixels: Tensor, pool: Optional[Pool] = None) -> ImageSegments:
+def tower_features(model: nn.Module, pixels: Tensor, reduction: Optional[OutputReduction] = None) -> ImageSegments:
     """Per input image (or crop): (compact features (n, D) after the projector, mapping from
     each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row).
-    The DToMe tower runs batched, up to ``vision_feature_layer`` and no further; ``pool``: the
-    pooling baseline on its (unmerged) output."""
+    The DToMe tower runs batched, up to ``vision_feature_layer`` and no further; ``reduction``:
+    the pooling or random-pruning baseline on its (unmerged) output."""
     cfg = model.config
     layer = cfg.vision_feature_layer
     if not isinstance(layer, int):
@@ -40,8 +41,11 @@ def tower_features(model: nn.Module, pixels: Tensor, pool: Optional[Pool] = None
     blocks = layer % (depth + 1)  # hidden state `layer` is the output of this many blocks
     result = encode(tower, pixels.to(next(tower.parameters()).dtype), blocks=blocks)
     hidden, groups, sizes = result.tokens, result.groups, result.sizes  # the last block run is the one read
-    if pool is not None:  # the pooling baseline (the tower merged nothing)
-        hidden, groups, sizes = pooled_tower_output(hidden, get_state(tower).adapter.protected, pool)
+    lead = get_state(tower).adapter.protected
+    if isinstance(reduction, Pool):  # the baselines on the output (the tower merged nothing)
+        hidden, groups, sizes = pooled_tower_output(hidden, lead, reduction)
+    elif isinstance(reduction, RandomPrune):
+        hidden, groups, sizes = pruned_tower_output(hidden, lead, reduction, pixels)
     first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
     projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
     counts = ((sizes > 0).sum(-1) - first).tolist()
@@ -57,6 +61,23 @@ def pooled_tower_output(hidden: Tensor, lead: int, pool: Pool) -> tuple[Tensor, 
     groups = torch.cat([torch.arange(lead, device=device), cell_of + lead]).expand(B, -1)
     sizes = torch.bincount(groups[0], minlength=lead + pool.rows * pool.cols).expand(B, -1)
     return torch.cat([hidden[:, :lead], cells], 1), groups, sizes
+
+
+def pruned_tower_output(hidden: Tensor, lead: int, prune: RandomPrune, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Random pruning of an unmerged tower output (B, lead + side^2, C), each crop drawn from
+    its own pixels (B, 3, H, W): (B, lead + keep, C) with the leading tokens kept, then the kept
+    patches' own features; groups and sizes as for ``pooled_tower_output``."""
+    B, n, _ = hidden.shape
+    side = int(round((n - lead) ** 0.5))
+    device = hidden.device
+    draws = [random_keep(side, prune.keep, crop_seed(prune.seed, pixels[b]), device) for b in range(B)]
+    kept = torch.stack([k for k, _ in draws]) + lead  # (B, keep) rows of hidden
+    parts = torch.stack([p for _, p in draws]) + lead  # (B, side^2)
+    groups = torch.cat([torch.arange(lead, device=device).expand(B, -1), parts], 1)
+    sizes = torch.zeros((B, lead + prune.keep), dtype=torch.long, device=device)
+    sizes.scatter_add_(1, groups, torch.ones_like(groups))
+    rows = torch.cat([torch.arange(lead, device=device).expand(B, -1), kept], 1)
+    return hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1])), groups, sizes
 
 
 class TowerFamily(VLMFamily):
@@ -76,9 +97,13 @@ class TowerFamily(VLMFamily):
                              f"output; the {self.name} tower merges on its own keys, and its video input is not "
                              "supported")
         tower = model.model.vision_tower
-        if isinstance(thresholds, Pool):  # a grid the tower's patches cannot be pooled to fails here, not later
+        if isinstance(thresholds, (Pool, RandomPrune)):  # a size the grid cannot take fails here, not later
             vision = model.config.vision_config
-            pool_groups(vision.image_size // vision.patch_size, thresholds.rows, thresholds.cols, torch.device("cpu"))
+            side = vision.image_size // vision.patch_size
+            if isinstance(thresholds, Pool):
+                pool_groups(side, thresholds.rows, thresholds.cols, torch.device("cpu"))
+            else:
+                random_keep(side, thresholds.keep, 0, torch.device("cpu"))
             patch(tower, None)
             return TowerSettings(None if mode == "full" else thresholds)
         if isinstance(thresholds, ToMe):

@@ -14,11 +14,12 @@ from ..tokens import ImageTokens
 from ..tower import TowerFamily, TowerSettings, tower_features
 
 
-def llava_images(model: nn.Module, pixel_values: Tensor, pool: Any = None, **kwargs: Any) -> list[ImageTokens]:
-    """LLaVA-1.5: one image, one tower pass; the virtual image is its patch grid."""
+def llava_images(model: nn.Module, pixel_values: Tensor, reduction: Any = None, **kwargs: Any) -> list[ImageTokens]:
+    """LLaVA-1.5: one image, one tower pass; the virtual image is its patch grid. reduction: a
+    baseline on the tower's output (``tower_features``)."""
     if pixel_values.dim() != 4:
         raise ValueError(f"LLaVA pixel_values must be (images, 3, H, W), got {tuple(pixel_values.shape)}")
-    return [ImageTokens(f, m, [len(f)]).in_slot_order() for f, m in tower_features(model, pixel_values, pool)]
+    return [ImageTokens(f, m, [len(f)]).in_slot_order() for f, m in tower_features(model, pixel_values, reduction)]
 
 
 # The stand-in's chat template, written after the real processor's prompt format.
@@ -93,7 +94,7 @@ class Llava(TowerFamily):
 
     def encode(self, model: nn.Module, settings: TowerSettings, visual: VisualInput,
                arguments: dict[str, Any]) -> list[ImageTokens]:
-        return llava_images(model, arguments[visual.pixels], settings.pool)
+        return llava_images(model, arguments[visual.pixels], settings.reduction)
 
 
 register(Llava())

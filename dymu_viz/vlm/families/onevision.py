@@ -35,8 +35,7 @@ from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tok
                        scaled_text_config, tower_blocks)
 from .llava import tower_note
 from ..tokens import ImageTokens
-from ..tower import TowerFamily, TowerSettings, tower_features
-from ..reductions import Pool
+from ..tower import OutputReduction, TowerFamily, TowerSettings, tower_features
 
 NEWLINE = -1.0
 MIXED = 1e-6  # index variance above which a downsampled slot blends different compact rows
@@ -63,18 +62,19 @@ def crop_counts(model: nn.Module, image_sizes: Tensor, tiled: list[bool]) -> lis
 
 
 def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Optional[Tensor] = None,
-                     batch_num_images: Optional[Tensor] = None, pool: Optional[Pool] = None,
+                     batch_num_images: Optional[Tensor] = None, reduction: Optional[OutputReduction] = None,
                      **kwargs: Any) -> list[ImageTokens]:
     """Per image: compact features (n, D) -- every crop's merged tokens, one token per newline and
     one per blended slot -- and the mapping (V_img,) from each vanilla-layout position to its
-    compact row. batch_num_images: see the module docstring; pool: the pooling baseline."""
+    compact row. batch_num_images: see the module docstring; reduction: a baseline on the
+    tower's output (``tower_features``)."""
     if image_sizes is None:
         raise ValueError("LLaVA-OneVision needs image_sizes (the original (H, W) of every image)")
     n_crops = crop_counts(model, image_sizes, tiled_flags(batch_num_images, len(image_sizes)))
     if pixel_values.dim() != 5:
         raise ValueError(f"LLaVA-OneVision pixel_values must be (images, crops, 3, H, W), got {tuple(pixel_values.shape)}")
     crops = torch.cat([pix[:n] for pix, n in zip(pixel_values, n_crops)])
-    per_crop = tower_features(model, crops, pool)
+    per_crop = tower_features(model, crops, reduction)
     out, first = [], 0
     for i, n in enumerate(n_crops):
         segments = per_crop[first:first + n]
@@ -210,7 +210,7 @@ class OneVision(TowerFamily):
             raise NotImplementedError("DyMU does not support OneVision video inputs (pixel_values_videos) yet: "
                                       "OneVision pools its frames 2 x 2 before the LLM, which is not reproduced exactly")
         return onevision_images(model, arguments[visual.pixels], arguments.get("image_sizes"),
-                                arguments.get("batch_num_images"), settings.pool)
+                                arguments.get("batch_num_images"), settings.reduction)
 
     def item_lengths(self, model: nn.Module, visual: VisualInput, arguments: dict[str, Any]) -> list[int]:
         if visual.kind == "video":

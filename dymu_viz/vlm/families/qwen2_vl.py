@@ -33,7 +33,7 @@ from ...dataset import load_rgb
 from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_threshold
 from ...thresholds import Thresholds
 from ..family import VisualInput, VLMFamily, VLMSpec, register
-from ..reductions import Pool, ToMe
+from ..reductions import BASELINES
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
                        scaled_text_config, tower_blocks)
 from ..tokens import ImageTokens
@@ -599,8 +599,8 @@ class Qwen2VL(VLMFamily):
         return calibrate_rounds(model, processor, images, keep, rounds, batch_size, **options)
 
     def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> RoundSettings:
-        if isinstance(thresholds, (ToMe, Pool)):
-            raise ValueError("the matched-budget baselines (ToMe, Pool) are for towers that merge inside the ViT "
+        if isinstance(thresholds, BASELINES):
+            raise ValueError("the matched-budget baselines (ToMe, Pool, RandomPrune) are for towers that merge inside the ViT "
                              "(LLaVA-1.5 / OneVision)")
         metric, temporal, window = options.get("metric"), options.get("temporal"), options.get("window")
         unit_metric = unit_metric_of(thresholds, metric)

@@ -13,7 +13,9 @@ PatchMerger as for Qwen2.5-VL (``qwen2_vl``), with what Qwen3-VL adds.
 * Interleaved M-RoPE: the positions are HF's own ``get_rope_index``; the rotary embedding,
   interleaving included, runs on them unchanged.
 
-Videos (frames separated by textual timestamps) are refused for now with a clear error.
+* Videos: the processor writes each frame's placeholders as a run of their own, after a textual
+  timestamp; a video's compact tokens are laid out over those runs (each joins the sequence at
+  its first frame), and ``temporal=`` merges across frames as for Qwen2.5-VL.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from ..chunk import Chunk
 from ..family import VisualInput, VLMSpec, register
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
                        scaled_text_config, tower_blocks)
-from ..tokens import ImageTokens
-from .qwen2_vl import CHAT_TEMPLATE, Qwen2VL, RoundSettings
+from .qwen2_vl import CHAT_TEMPLATE, IMAGE_UNITS, Qwen2VL
+
+VIDEO_FRAMES = VisualInput("video", "video_token_id", "pixel_values_videos", "video_grid_thw", spans_runs=True)
 
 QWEN3_VIT_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
@@ -59,19 +62,13 @@ class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     title = "Qwen3-VL"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    inputs = (IMAGE_UNITS, VIDEO_FRAMES)
     checkpoints = {
         "Qwen/Qwen3-VL-8B-Instruct": VLMSpec("qwen3", "Qwen3-VL ViT (27 x 1152, DeepStack 8/16/24)", QWEN3_VIT_8B,
                                              "Qwen3-8B", (36, 4096, 151936), {}),
         "Qwen/Qwen3-VL-2B-Instruct": VLMSpec("qwen3", "Qwen3-VL ViT (24 x 1024, DeepStack 5/11/17)", QWEN3_VIT_2B,
                                              "Qwen3-1.7B", (28, 2048, 151936), {})}
     model_types = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
-
-    def encode(self, model: nn.Module, settings: RoundSettings, visual: VisualInput,
-               arguments: dict[str, Any]) -> list[ImageTokens]:
-        if visual.kind == "video":
-            raise NotImplementedError("DyMU does not support Qwen3-VL videos yet (its frames come as separate "
-                                      "placeholder runs between textual timestamps); images work")
-        return super().encode(model, settings, visual, arguments)
 
     def llm_arguments(self, chunk: Chunk) -> dict[str, Any]:
         """DeepStack: the image rows of the compact chunk and, per level, their merged features in
