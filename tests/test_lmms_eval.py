@@ -1,7 +1,8 @@
 """DyMU in lmms-eval: the models registered through its entry points, run by its own CLI on the
-offline ``dymu_photos`` task with tiny random LLaVA-1.5 / OneVision checkpoints saved to local
-folders (loaded with ``from_pretrained`` as real ones are); ``mode=full`` against lmms-eval's own
-HF LLaVA model; the accounting in the logged samples and the summary in the results."""
+offline ``dymu_photos`` task with tiny random LLaVA-1.5 / OneVision / Qwen2.5-VL / Qwen3-VL
+checkpoints saved to local folders (loaded with ``from_pretrained`` as real ones are);
+``mode=full`` against lmms-eval's own HF LLaVA model (LLaVA families) or HF's own ``generate``
+(Qwen families); the accounting in the logged samples and the summary in the results."""
 
 from __future__ import annotations
 
@@ -11,21 +12,35 @@ import numpy as np
 import pytest
 import torch
 
-from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results, load_samples,  # noqa: E402
-                           run_cli, run_rows, summarize, summary_of_results, task_docs)
-from tiny_models import tiny_vlm  # noqa: E402
+from dymu_viz.eval import (MODELS, SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results,  # noqa: E402
+                           load_samples, run_cli, run_rows, summarize, summary_of_results, task_docs)
+from tiny_models import tiny_qwen, tiny_qwen3, tiny_vlm  # noqa: E402
 
-FAMILIES = {"llava": "dymu_llava", "onevision": "dymu_llava_onevision"}
+FAMILIES = {"llava": "dymu_llava", "onevision": "dymu_llava_onevision", "qwen2_vl": "dymu_qwen2_5_vl",
+            "qwen3_vl": "dymu_qwen3_vl"}
+TOWER_FAMILIES = ("llava", "onevision")  # DToMe inside the tower: its FLOPs are measured
 DOCS = len(task_docs())  # 12 questions
 TAU = 0.5  # merges a few of the tiny towers' 16 patches per crop
+# what merges some of every family's image tokens, and how many depends on the image
+MERGING = {"llava": str(TAU), "onevision": str(TAU), "qwen2_vl": "0.9/0.9/0.9", "qwen3_vl": "0.9/0.9/0.9"}
+
+
+def tiny(family: str):
+    return tiny_qwen("2.5") if family == "qwen2_vl" else tiny_qwen3() if family == "qwen3_vl" else tiny_vlm(family)
+
+
+def harness_class(family: str) -> type:
+    from dymu_viz.eval import harness
+
+    return getattr(harness, MODELS[FAMILIES[family]])
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random checkpoints of both families, saved as HF folders (model + processor)."""
+    """Tiny random checkpoints of every family, saved as HF folders (model + processor)."""
     folders = {}
     for family in FAMILIES:
-        model, processor = tiny_vlm(family)
+        model, processor = tiny(family)
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
@@ -46,20 +61,21 @@ def run(model: str, model_args: str, batch_size: int, out: Path, processes: int 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpoints, tmp_path):
-    samples, results = run(FAMILIES[family], f"pretrained={checkpoints[family]},thresholds={TAU}", 2, tmp_path)
+    samples, results = run(FAMILIES[family], f"pretrained={checkpoints[family]},thresholds={MERGING[family]}", 2,
+                           tmp_path)
     assert results["results"]["dymu_photos"]["accuracy,none"] == np.mean([s["accuracy"] for s in samples])
     records = [s["dymu"] for s in samples]
     for sample, r in zip(samples, records):
         counts = sample["token_counts"][0]
-        assert r["mode"] == "vtu" and r["batch_size"] == 2 and r["thresholds"] == TAU
+        assert r["mode"] == "vtu" and r["batch_size"] == 2 and str(r["thresholds"]) == MERGING[family]
         assert counts["input_tokens"] == r["llm_compact_length"] == r["text_tokens"] + r["image_tokens"]
         assert r["llm_virtual_length"] == r["text_tokens"] + r["image_positions"]
         assert r["encoder_tokens"] == sum(r["crop_tokens"]) and len(r["crop_tokens"]) >= 1
         assert r["kv_cache_entries"] == r["llm_compact_length"] + r["generated_tokens"] - 1  # the last token: not cached
         assert counts["output_tokens"] == r["output_tokens"] <= r["generated_tokens"]
         assert r["batch_peak_mib"] is None  # CUDA only
-        assert r["vision_flops"] > 0 and r["prefill_flops"] > 0 and min(r[f"batch_{s}_s"] for s in
-                                                                       ("vision", "prefill", "decode")) > 0
+        assert r["prefill_flops"] > 0 and min(r[f"batch_{s}_s"] for s in ("vision", "prefill", "decode")) > 0
+        assert r["vision_flops"] > 0 if family in TOWER_FAMILIES else r["vision_flops"] is None  # Qwen: vanilla tower
     assert any(r["image_tokens"] < r["image_positions"] for r in records)  # DToMe merged something
     assert len({r["image_tokens"] for r in records}) > 1  # and how much depends on the image
     summary = summary_of_results(results)  # what the run reported, against numpy on the logged values
@@ -85,11 +101,36 @@ def test_two_processes_log_every_sample_and_summarise_them_all(checkpoints, tmp_
     assert summary_of_results(two_results) == summary_of_results(one_results)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TOWER_FAMILIES)
 def test_mode_full_answers_what_lmms_eval_own_llava_hf_answers(family, checkpoints, tmp_path):
     ours, _ = run(FAMILIES[family], f"pretrained={checkpoints[family]},mode=full", 2, tmp_path / "dymu")
     theirs, _ = run("llava_hf", f"pretrained={checkpoints[family]},device_map=cpu", 1, tmp_path / "hf")
     assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in theirs]
+    assert sum(len(s["filtered_resps"].split()) for s in ours) >= DOCS  # real answers, not empty strings
+    assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_mode_full_answers_what_hf_generate_answers(family, checkpoints, tmp_path, no_grad):
+    """Qwen families: every logged answer of ``mode=full`` (batches of 2, left padded) is what the
+    unpatched HF model's own ``generate`` answers for that question alone (greedy, 8 tokens), on
+    the prompt and pictures the harness builds (system turn, pictures resized within
+    min_pixels / max_pixels as lmms-eval's own Qwen models do)."""
+    from transformers import AutoModelForImageTextToText
+
+    from dymu_viz.data import sample_photos
+    from dymu_viz.eval.harness import cut_at_stop
+
+    ours, _ = run(FAMILIES[family], f"pretrained={checkpoints[family]},mode=full", 2, tmp_path)
+    harness = harness_class(family)(pretrained=str(checkpoints[family]), mode="full")
+    vanilla = AutoModelForImageTextToText.from_pretrained(checkpoints[family]).eval()
+    photos, docs, stop = sample_photos(), task_docs(), harness.tokenizer.eos_token_id
+    for sample in ours:
+        inputs = harness._inputs([sample["input"]], [[photos[docs[sample["doc_id"]]["image"]]]])
+        assert inputs["image_grid_thw"].prod() >= 256 * 28 * 28 // 14 ** 2 // 2  # resized up towards min_pixels
+        new = vanilla.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=stop, eos_token_id=stop)
+        text = harness.tokenizer.decode(new[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert sample["filtered_resps"] == cut_at_stop(text, [harness.tokenizer.decode(stop)]), sample["doc_id"]
     assert sum(len(s["filtered_resps"].split()) for s in ours) >= DOCS  # real answers, not empty strings
     assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
 
@@ -152,6 +193,9 @@ def test_model_arguments_fail_clearly(checkpoints):
     with pytest.raises(ValueError, match="seed= is the draw of random pruning"):
         parse_setting("llava", 0.9, None, None, None, "3")
     assert parse_setting("llava", None, None, None, "144", "7") == RandomPrune(144, 7)
+    assert parse_setting("qwen2_vl", "0.9/0.8/1e9", None, None) == [0.9, 0.8, 1e9]
+    with pytest.raises(FileNotFoundError, match="thresholds=runs/0.9/t.json: no such file"):
+        parse_setting("llava", "runs/0.9/t.json", None, None)  # a path, not values
     with pytest.raises(ValueError, match="pool must be ROWSxCOLS"):
         parse_setting("llava", None, None, "4by4")
     with pytest.raises(ValueError, match="no published thresholds for DyMU-mid.*--target 192out"):
@@ -206,9 +250,7 @@ def test_loglikelihood_is_the_vanilla_models_in_full_mode(family, checkpoints, n
     from transformers import AutoModelForImageTextToText
 
     from dymu_viz.data import sample_photos
-    from dymu_viz.eval.harness import DyMULlava, DyMULlavaOneVision, build_prompt
-
-    cls = DyMULlava if family == "llava" else DyMULlavaOneVision
+    cls = harness_class(family)
     photo = sample_photos(["chelsea"])["chelsea"]
     ours = cls(pretrained=str(checkpoints[family]), mode="full")
     ours.task_dict = {"t": {"test": [{"image": photo}]}}
@@ -216,17 +258,18 @@ def test_loglikelihood_is_the_vanilla_models_in_full_mode(family, checkpoints, n
     (logprob, greedy), = ours.loglikelihood([request])
 
     vanilla = AutoModelForImageTextToText.from_pretrained(checkpoints[family]).eval()
-    prompt = ours.processor(images=[photo], text=[build_prompt(ours.processor, "What is shown?", 1, None)],
-                            return_tensors="pt")
+    prompt = ours._inputs(["What is shown?"], [[photo]])  # the prompt and pictures the harness builds
     target = ours.tokenizer(" a cat", add_special_tokens=False, return_tensors="pt").input_ids[0]
     start = prompt["input_ids"].shape[1]
     ids = torch.cat([prompt["input_ids"][0], target])[None]
     images = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in images:  # Qwen: the continuation is text (type 0)
+        images["mm_token_type_ids"] = torch.cat([images["mm_token_type_ids"][0], torch.zeros_like(target)])[None]
     logits = vanilla(input_ids=ids, **images).logits[0, start - 1:-1].log_softmax(-1)
     assert logprob == pytest.approx(float(logits.gather(1, target[:, None]).sum()), abs=1e-4)
     assert greedy == bool((logits.argmax(-1) == target).all())
 
-    merged = cls(pretrained=str(checkpoints[family]), thresholds=TAU)  # VTU on merged tokens: a number, changed
+    merged = cls(pretrained=str(checkpoints[family]), thresholds=MERGING[family])  # VTU on merged tokens: changed
     merged.task_dict = ours.task_dict
     (logprob_merged, _), = merged.loglikelihood([request])
     assert np.isfinite(logprob_merged) and logprob_merged != pytest.approx(logprob, abs=1e-6)

@@ -150,3 +150,29 @@ def test_random_init_builds_the_whole_tower_by_default(model_id, depth):
     layers = loaded.model.model.vision_tower.encoder.layers
     assert loaded.model.config.vision_config.num_hidden_layers == len(layers) == depth
     assert f"tower at its real shape ({depth} layers x " in loaded.weights
+
+
+def test_half_precision_keeps_the_rope_frequencies_as_from_pretrained_does(llava, tmp_path, photos):
+    """bfloat16 through load_vlm (a local folder, or random init) holds what HF's own
+    ``from_pretrained(dtype=torch.bfloat16)`` holds: weights in bfloat16, RoPE's inverse
+    frequencies in float32 (rounded to bfloat16, every rotary angle would drift); so the logits
+    are HF's own, bit for bit."""
+    from transformers import AutoModelForImageTextToText
+
+    llava.model.save_pretrained(tmp_path)
+    llava.processor.save_pretrained(tmp_path)
+    ours = vlm.load_vlm(LLAVA, str(tmp_path), "cpu", dtype=torch.bfloat16).model
+    theirs = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    buffers = dict(theirs.named_buffers())
+    assert buffers["model.language_model.rotary_emb.inv_freq"].dtype == torch.float32
+    for name, buffer in ours.named_buffers():
+        assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    inputs = llava.processor(images=photos[:1], text=llava.processor.apply_chat_template(QUESTION, add_generation_prompt=True),
+                             return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, theirs(**inputs).logits)
+    torch.manual_seed(0)
+    random = vlm.load_vlm(LLAVA, "random", "cpu", dtype=torch.bfloat16, vision_layers=1).model
+    assert random.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    assert next(random.parameters()).dtype == torch.bfloat16

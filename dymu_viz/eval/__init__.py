@@ -1,10 +1,12 @@
 """DyMU in lmms-eval: models, token accounting in the logged samples, and an offline task.
 
-Installing dymu_viz with the ``eval`` extra registers two lmms-eval models through the entry-point
-group lmms-eval 0.7 reads (``lmms_eval.models``):
+Installing dymu_viz with the ``eval`` extra registers an lmms-eval model per VLM family through the
+entry-point group lmms-eval 0.7 reads (``lmms_eval.models``):
 
 * ``dymu_llava``: HF LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf`` or a local folder);
-* ``dymu_llava_onevision``: HF LLaVA-OneVision (``llava-hf/llava-onevision-qwen2-7b-ov-hf`` ...).
+* ``dymu_llava_onevision``: HF LLaVA-OneVision (``llava-hf/llava-onevision-qwen2-7b-ov-hf`` ...);
+* ``dymu_qwen2_5_vl``: HF Qwen2-VL / Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct`` ...);
+* ``dymu_qwen3_vl``: HF Qwen3-VL, dense or MoE (``Qwen/Qwen3-VL-8B-Instruct`` ...).
 
     python -m lmms_eval eval --model dymu_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,thresholds=low,mode=vtu \\
@@ -32,14 +34,17 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Per-sample numbers the summary describes (keys of a logged sample's token_counts[0]["dymu"]).
 SUMMARY_KEYS = ("image_tokens", "llm_compact_length", "llm_virtual_length", "kv_cache_entries")
 STATISTICS = ("mean", "std", "min", "median", "max")
+# lmms-eval model name -> its class in ``harness`` (one per VLM family with an lmms_name)
+MODELS = {"dymu_llava": "DyMULlava", "dymu_llava_onevision": "DyMULlavaOneVision",
+          "dymu_qwen2_5_vl": "DyMUQwen2VL", "dymu_qwen3_vl": "DyMUQwen3VL"}
 
 
 def manifests() -> list:
     """The ``lmms_eval.models`` entry point: the models this package adds to lmms-eval."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest("dymu_llava", simple_class_path="dymu_viz.eval.harness.DyMULlava"),
-            ModelManifest("dymu_llava_onevision", simple_class_path="dymu_viz.eval.harness.DyMULlavaOneVision")]
+    return [ModelManifest(name, simple_class_path=f"dymu_viz.eval.harness.{class_name}")
+            for name, class_name in MODELS.items()]
 
 
 def describe(values: Iterable[float]) -> dict[str, float]:

@@ -1,13 +1,17 @@
-"""The lmms-eval models: HF LLaVA-1.5 / LLaVA-OneVision patched with DyMU, batched, with DyMU's
-accounting in every logged sample and a summary at the end of the run.
+"""The lmms-eval models: HF LLaVA-1.5, LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL and Qwen3-VL patched
+with DyMU, batched, with DyMU's accounting in every logged sample and a summary at the end of the
+run.
 
 Model arguments (``--model_args key=value,...``):
 
 * ``pretrained``: a hub id or a local HF folder; ``weights=random`` builds the id's classes at
   random (``dymu_viz.vlm.load_vlm``; ``vision_layers`` cuts the tower) to try the harness anywhere;
 * ``thresholds``: ``none`` (no merging), ``low`` (LLaVA-1.5: the reference authors' published
-  72out thresholds, the paper's DyMU-low), a number (one tau in every layer), or a thresholds file
-  (``dymu-viz calibrate ... --out FILE``; a reference ``.pth`` works too);
+  72out thresholds, the paper's DyMU-low), a number (one tau in every layer), values separated by
+  ``/`` (one per tower layer, or per DToMe round for the Qwen families), or a thresholds file
+  (``dymu-viz calibrate ... --out FILE``, ``dymu-viz calibrate-rounds`` for Qwen; a reference
+  ``.pth`` works too); ``metric``, ``window``, ``temporal``: the Qwen rounds' options, as in
+  ``patch_vlm``; ``min_pixels`` / ``max_pixels``: the Qwen families' picture bounds;
 * ``tome=R`` (ToMe with r merges in every layer LLaVA reads, or ``r0/r1/...`` per layer),
   ``pool=RxC`` (average pooling of each crop to R x C cells) or ``random=K`` (K patches of each
   crop kept at random, ``seed=S``, default 0) instead: the matched-budget baselines;
@@ -23,7 +27,10 @@ run (left padded), and stop sequences (``until``) cut the answers.
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
+import math
 from typing import Any, Optional
 
 import torch
@@ -34,6 +41,8 @@ from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.model_utils.media_encoder import encode_image_to_base64
+from PIL import Image
 from tqdm import tqdm
 
 from .. import vlm
@@ -63,6 +72,13 @@ class DyMUTokenCounts(TokenCounts):
 def _given(value: Any) -> bool:
     """A model argument counts as given unless absent, empty or "none" (any case)."""
     return value is not None and str(value).lower() not in ("", "none")
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any, random: Any = None,
@@ -97,13 +113,12 @@ def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any, rando
     if elsewhere:
         raise ValueError(f"thresholds={text} is {' and '.join(elsewhere)}'s published DyMU-{text}; for {family.title} pass "
                          "a thresholds file calibrated on its tower (dymu-viz calibrate)")
+    values = [_number(v) for v in text.split("/")]
+    if None not in values:  # one number, or one per layer / round (a path is a file)
+        return values[0] if len(values) == 1 else values
     if text in CALIBRATE_HINT:
         raise ValueError(f"no published thresholds for DyMU-{text}: calibrate them once (dymu-viz calibrate --target "
                          f"{CALIBRATE_HINT[text]} --out FILE, see the README) and pass thresholds=FILE")
-    try:
-        return float(text)
-    except ValueError:
-        pass
     try:
         return Thresholds.load(text)
     except FileNotFoundError:
@@ -113,13 +128,35 @@ def parse_setting(family_name: str, thresholds: Any, tome: Any, pool: Any, rando
 
 
 def build_prompt(processor: Any, context: str, n_images: int, chat_template: Optional[str],
-                 placeholder: str = "<image>") -> str:
+                 placeholder: str = "<image>", system: Optional[str] = None) -> str:
     """The user turn lmms-eval's chat models build (the images, then the question) through the
-    processor's chat template (or ``chat_template``); a question that already holds image
-    ``placeholder``s keeps them where they are."""
+    processor's chat template (or ``chat_template``), after a ``system`` turn if given; a
+    question that already holds image ``placeholder``s keeps them where they are."""
     images = [] if placeholder in context else [{"type": "image"}] * n_images
     turn = [{"role": "user", "content": images + [{"type": "text", "text": context}]}]
-    return processor.apply_chat_template(turn, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+    turns = ([{"role": "system", "content": system}] if system is not None else []) + turn
+    return processor.apply_chat_template(turns, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
+
+
+def qwen_resized(image: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The picture lmms-eval's own Qwen models hand the processor (through qwen_vl_utils): RGB
+    (transparency on white), each side rounded to a multiple of ``factor`` (the tower's patch
+    times its merge size), then scaled down or up, keeping the aspect ratio, to fit
+    [min_pixels, max_pixels], and resized with PIL's bicubic filter."""
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        image = background
+    image = image.convert("RGB")
+    width, height = image.size
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (max(factor, math.floor(side / beta / factor) * factor) for side in (height, width))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = (math.ceil(side * beta / factor) * factor for side in (height, width))
+    return image.resize((w, h))
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:
@@ -161,6 +198,8 @@ class DyMUModel(lmms):
     is_simple = True
     family = ""
     exits_on_error = False
+    system_prompt: Optional[str] = None  # a system turn before every question, as the family's own model writes
+    processor_options: dict[str, Any] = {}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "DyMUModel":
@@ -173,7 +212,8 @@ class DyMUModel(lmms):
         return model
 
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
-                 random: Any = None, seed: Any = None, mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
+                 random: Any = None, seed: Any = None, metric: Optional[str] = None, window: Any = None,
+                 temporal: Any = None, mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
                  device: Optional[str] = None, batch_size: int = 1, chat_template: Optional[str] = None,
                  download: Any = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
                  max_batch_size: Optional[int] = None, **unknown: Any) -> None:
@@ -209,8 +249,9 @@ class DyMUModel(lmms):
         self.tokenizer.padding_side = "left"
         self.batch_size_per_gpu, self.chat_template = int(batch_size), chat_template
         self.setting = {"thresholds": thresholds, "tome": tome, "pool": pool, "random": random, "seed": seed,
-                        "mode": mode}
-        vlm.patch_vlm(self.model, setting, mode=mode, kernel=kernel, cache=cache)
+                        "metric": metric, "window": window, "temporal": temporal, "mode": mode}
+        vlm.patch_vlm(self.model, setting, mode=mode, kernel=kernel, cache=cache, metric=metric,
+                      window=None if window is None else int(window), temporal=None if temporal is None else float(temporal))
         self.records: list[dict[str, Any]] = []
         logger.info(f"{self.model_name()}: {loaded.weights}; {mode} mode, {setting!r}")
 
@@ -226,11 +267,18 @@ class DyMUModel(lmms):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _prepared(self, contexts: list[str], visuals: list[list[Any]]) -> tuple[list[str], list[list[Any]]]:
+        """Questions and pictures as this family's own lmms-eval model hands them on (LLaVA: as
+        they come)."""
+        return contexts, visuals
+
     def _inputs(self, contexts: list[str], visuals: list[list[Any]]) -> dict[str, Any]:
+        contexts, visuals = self._prepared(contexts, visuals)
         placeholder = family_named(self.family).placeholder("image")
-        prompts = [build_prompt(self.processor, c, len(v), self.chat_template, placeholder)
+        prompts = [build_prompt(self.processor, c, len(v), self.chat_template, placeholder, self.system_prompt)
                    for c, v in zip(contexts, visuals)]
-        inputs = self.processor(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True)
+        inputs = self.processor(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True,
+                                **self.processor_options)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     @_failing_the_run
@@ -244,8 +292,8 @@ class DyMUModel(lmms):
             visuals = [list(to_visual(self.task_dict[t][s][d]) or [])  # a batch may mix tasks with equal kwargs
                        for to_visual, t, s, d in zip(doc_to_visual, tasks, splits, doc_ids)]
             if any(isinstance(v, str) for vs in visuals for v in vs):
-                raise ValueError(f"{self.model_name()} evaluates image tasks; {tasks[0]} gives video paths (video "
-                                 "merging is for Qwen2-VL: dymu_viz.vlm.qwen)")
+                raise ValueError(f"{self.model_name()} evaluates image tasks; {tasks[0]} gives video paths (videos "
+                                 "run through dymu_viz.vlm directly, not through this harness yet)")
             results += self._generate(list(contexts), visuals, dict(all_kwargs[0]))
             bar.update(len(chunk))
         bar.close()
@@ -323,6 +371,9 @@ class DyMUModel(lmms):
             # the continuation tokenized on its own, so that no token straddles the boundary
             target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
             ids = torch.cat([prompt, target[None].to(prompt.device)], 1)
+            for key, value in inputs.items():  # per-token fields (token types: 0 is text) cover the continuation
+                if torch.is_tensor(value) and value.shape == prompt.shape:
+                    inputs[key] = torch.cat([value, value.new_zeros((1, len(target)))], 1)
             inputs["attention_mask"] = torch.ones_like(ids)
             logits, _ = vlm.logits(self.model, ids, **inputs)
             start = prompt.shape[1]
@@ -346,3 +397,45 @@ class DyMULlavaOneVision(DyMUModel):
     """``--model dymu_llava_onevision``: HF LLaVA-OneVision with DyMU (anyres crops, batched)."""
 
     family = "onevision"
+
+
+class QwenModel(DyMUModel):
+    """The Qwen families, prompted as lmms-eval's own ``qwen2_5_vl`` / ``qwen3_vl`` models prompt:
+    a system turn, "<image>" taken out of the question, every picture resized by
+    ``qwen_resized`` within ``min_pixels`` / ``max_pixels`` (their model arguments and
+    defaults), after a JPEG round trip where theirs makes one (Qwen2.5-VL: quality 85)."""
+
+    system_prompt = "You are a helpful assistant."
+    jpeg_quality: Optional[int] = None
+
+    def __init__(self, min_pixels: Any = 256 * 28 * 28, max_pixels: Any = 1605632, **arguments: Any) -> None:
+        super().__init__(**arguments)
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        vision = self.model.config.vision_config
+        self.factor = vision.patch_size * vision.spatial_merge_size
+        # the processor's own bounds, as theirs loads it (from_pretrained(min_pixels=, max_pixels=))
+        self.processor_options = {**self.processor_options,
+                                  "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+
+    def _prepared(self, contexts: list[str], visuals: list[list[Any]]) -> tuple[list[str], list[list[Any]]]:
+        return [c.replace("<image>", "") for c in contexts], [[self._picture(v) for v in vs] for vs in visuals]
+
+    def _picture(self, image: Image.Image) -> Image.Image:
+        if self.jpeg_quality is not None:
+            encoded = encode_image_to_base64(image, image_format="JPEG", convert_rgb=True, quality=self.jpeg_quality)
+            image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        return qwen_resized(image, self.factor, self.min_pixels, self.max_pixels)
+
+
+class DyMUQwen2VL(QwenModel):
+    """``--model dymu_qwen2_5_vl``: HF Qwen2-VL / Qwen2.5-VL with DToMe rounds after the tower."""
+
+    family = "qwen2_vl"
+    jpeg_quality = 85
+
+
+class DyMUQwen3VL(QwenModel):
+    """``--model dymu_qwen3_vl``: HF Qwen3-VL (dense or MoE) with DToMe rounds, DeepStack merged alike."""
+
+    family = "qwen3_vl"
+    processor_options = {"do_resize": False}  # the pictures come resized, as in lmms-eval's own qwen3_vl

@@ -86,11 +86,25 @@ def load_vlm(model_id: str, pretrained: str = "auto", device: Union[str, torch.d
         if not isinstance(device_map, (str, torch.device)) or device_map == "auto":
             raise ValueError("a random-init model is built on one device: pass device=... (device_map is for real weights)")
         device = device_map
-    if not (loaded.pretrained and device_map is not None):
-        loaded.model = loaded.model.to(device=device, dtype=dtype)
+    if not (loaded.pretrained and device_map is not None):  # from_pretrained gave real weights their dtype
+        loaded.model = cast_as_from_pretrained(loaded.model, device, None if loaded.pretrained else dtype)
     loaded.model.eval()
     loaded.weights += f"; {str(dtype).removeprefix('torch.')} on {_placement(loaded.model)}"
     return loaded
+
+
+def cast_as_from_pretrained(model: nn.Module, device: Union[str, torch.device], dtype: Optional[torch.dtype]) -> nn.Module:
+    """``model`` on ``device`` in ``dtype`` (None: as it is) the way ``from_pretrained(dtype=...)``
+    leaves a checkpoint: parameters and saved buffers in ``dtype``, the buffers a model computes
+    at init and never saves (RoPE's inverse frequencies, float32) as they were. A plain
+    ``.to(torch.bfloat16)`` would round those too, and every rotary angle with them."""
+    computed = [(module, name, module._buffers[name]) for module in model.modules()
+                for name in module._non_persistent_buffers_set
+                if module._buffers.get(name) is not None and module._buffers[name].is_floating_point()]
+    model = model.to(device=device, dtype=dtype)
+    for module, name, buffer in computed:
+        module._buffers[name] = buffer.to(device)
+    return model
 
 
 def _placement(model: nn.Module) -> str:

@@ -551,6 +551,8 @@ class Qwen2VL(VLMFamily):
     inputs = (IMAGE_UNITS, VIDEO_UNITS)
     placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     rounds = True
+    lmms_name = "dymu_qwen2_5_vl"
+    default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
     checkpoints = {
         "Qwen/Qwen2.5-VL-7B-Instruct": VLMSpec("qwen2.5", QWEN25_TOWER, QWEN25_VIT, "Qwen2.5-7B", (28, 3584, 152064), {}),
         "Qwen/Qwen2.5-VL-3B-Instruct": VLMSpec("qwen2.5", QWEN25_TOWER, QWEN25_VIT, "Qwen2.5-3B", (36, 2048, 151936), {}),
