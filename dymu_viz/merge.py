@@ -46,6 +46,8 @@ def bipartite_scores(metric: Tensor, size: Tensor, protected: int = 0) -> tuple[
     scores = scores.masked_fill(~valid[:, 1::2, None].transpose(1, 2), -torch.inf)
     scores = scores.masked_fill(~valid[:, ::2, None], -torch.inf)
     scores[:, :protected] = -torch.inf
+    if scores.shape[-1] == 0:  # a single token: no B side at all
+        return scores.new_full(scores.shape[:2], -torch.inf), scores.new_zeros(scores.shape[:2], dtype=torch.long)
     best, dst = scores.max(dim=-1)
     return best, dst
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ PUBLISHED = {
         0.84765625, 0.87890625, 0.84765625, 0.84765625, 0.87890625, 0.87890625, 0.91015625, 0.91015625,
         0.91015625, 0.91015625, 0.94140625, 0.87890625, 0.87890625, 0.97265625, 0.99609375, 0.81640625],
 }
+
+
+class ThresholdsFileRefused(pickle.UnpicklingError, ValueError):
+    """A thresholds checkpoint that only an unsafe load could read (it would run code)."""
 
 
 @dataclass
@@ -96,10 +101,24 @@ class Thresholds:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Thresholds":
+    def from_dict(cls, data: Any) -> "Thresholds":
+        """Thresholds from ``to_dict``'s layout, every field type-checked (a file's content is not
+        trusted: a string or a boolean is not a number, a fractional r is not a count)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a dymu_viz thresholds file (a JSON object expected, found {type(data).__name__})")
         if data.get("format") != FORMAT:
             raise ValueError(f"not a dymu_viz thresholds file (format {data.get('format')!r}, expected {FORMAT!r})")
-        fields = {k: data[k] for k in ("values", "r", "model", "schedule", "r_total", "metadata") if k in data}
+        for key in ("values", "r"):
+            if key not in data:
+                raise ValueError(f"a thresholds file needs {key!r}")
+        fields = {"values": _numbers(data["values"], "values", float), "r": _numbers(data["r"], "r", int)}
+        for key, kind in (("model", str), ("schedule", str), ("metadata", dict)):
+            if key in data:
+                if not isinstance(data[key], kind):
+                    raise ValueError(f"{key!r} must be a {kind.__name__}, found {type(data[key]).__name__}")
+                fields[key] = data[key]
+        if data.get("r_total") is not None:
+            fields["r_total"] = _numbers([data["r_total"]], "r_total", int)[0]
         return cls(**fields)
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -138,15 +157,24 @@ class Thresholds:
         """
         import torch
 
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # weights_only refused an object: nothing of it ran
+            raise ThresholdsFileRefused(f"{path} holds objects beyond tensors and plain data, which would run "
+                                        f"code when loaded; refused (torch.load weights_only): {err}") from None
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not a threshold checkpoint (found {type(ckpt).__name__}, not a dict)")
         state = ckpt.get("state_dict", ckpt)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: its state_dict is a {type(state).__name__}, not a dict")
         found: dict[int, float] = {}
         for key, value in state.items():
             for pattern in _REFERENCE_KEYS:
-                match = pattern.match(key)
+                match = pattern.match(key) if isinstance(key, str) else None
                 if match:
+                    if not (isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)) or \
+                            (isinstance(value, torch.Tensor) and value.numel() != 1):
+                        raise ValueError(f"{path}: {key} must be one number, found {type(value).__name__}")
                     found[int(match.group(1))] = float(value)
         if not found:
             raise ValueError(f"{path} holds no '...threshold' entries in any known layout")
@@ -157,6 +185,21 @@ class Thresholds:
         return cls(values, _reference_r(name, len(values), n_patches, schedule), model=name,
                    schedule=schedule or _schedule_from_name(name), r_total=None,
                    metadata={"source": "reference checkpoint", "file": Path(path).name})
+
+
+def _numbers(values: Any, key: str, kind: type) -> list:
+    """A file's list of numbers (``kind`` int: whole numbers only), or a ValueError naming ``key``."""
+    if not isinstance(values, list):
+        raise ValueError(f"{key!r} must be a list of numbers, found {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+            raise ValueError(f"{key!r} must hold {'whole numbers' if kind is int else 'numbers'}, found {v!r}")
+        try:
+            out.append(kind(v))
+        except OverflowError:
+            raise ValueError(f"{key!r} holds a number too large for a float: {str(v)[:20]}...") from None
+    return out
 
 
 def _schedule_from_name(name: str) -> str:
@@ -171,7 +214,7 @@ def _patches_from_name(name: str) -> Optional[int]:
     if not match:
         return None
     patch, size = int(match.group(1)), int(match.group(2))
-    return (size // patch) ** 2
+    return (size // patch) ** 2 if patch else None
 
 
 def _reference_r(name: str, layers: int, n_patches: Optional[int], schedule: Optional[str]) -> list[int]:

@@ -36,3 +36,12 @@ def no_grad():
     """Run the test under torch.no_grad() (inference-only model calls)."""
     with torch.no_grad():
         yield
+
+
+from hypothesis import settings  # noqa: E402
+
+# Property tests (test_properties.py): the same examples on every run and machine, no example
+# database written, no per-example deadline (a busy 2-core machine is slow); pytest's
+# --hypothesis-profile still chooses another profile.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.load_profile("ci")

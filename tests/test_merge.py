@@ -645,3 +645,11 @@ def test_merge_cap_and_edge_ranks():
     assert M.merge_cap(size, 0).tolist() == [5, 3, 0]
     best = torch.tensor([[0.5, 0.9, 0.5, -math.inf, 0.1]])
     assert M.edge_ranks(best).tolist() == [[1, 0, 2, 4, 3]]  # ties broken by slot
+
+
+def test_a_single_token_has_no_partner() -> None:
+    """One token per image: no B side, so every A score is -inf (nothing can merge)."""
+    from dymu_viz.merge import bipartite_scores
+
+    best, dst = bipartite_scores(torch.ones(2, 1, 3), torch.ones(2, 1))
+    assert best.shape == (2, 1) and torch.isinf(best).all() and (best < 0).all() and dst.shape == (2, 1)
