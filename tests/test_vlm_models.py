@@ -176,3 +176,24 @@ def test_half_precision_keeps_the_rope_frequencies_as_from_pretrained_does(llava
     random = vlm.load_vlm(LLAVA, "random", "cpu", dtype=torch.bfloat16, vision_layers=1).model
     assert random.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
     assert next(random.parameters()).dtype == torch.bfloat16
+
+
+def test_an_untested_transformers_release_is_refused_by_name(llava, monkeypatch):
+    """patch_vlm on a transformers release the suite did not pass on raises, naming the tested
+    release and what was measured on that one; the environment variable lets a user go on."""
+    import transformers
+
+    from dymu_viz.versions import TESTED_TRANSFORMERS, UNTESTED_OK, check_transformers
+
+    assert transformers.__version__.rsplit(".", 1)[0] in TESTED_TRANSFORMERS  # what the suite runs on
+    monkeypatch.delenv(UNTESTED_OK, raising=False)
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    with pytest.raises(RuntimeError, match=r"tested with transformers 5\.23\.x, not 5\.25\.0 \(measured on 5\.25: "
+                                           r"generate gave wrong tokens"):
+        vlm.patch_vlm(llava.model, None)
+    with pytest.raises(RuntimeError, match="not 4.57.1. Install the tested release"):
+        check_transformers("4.57.1")
+    monkeypatch.setenv(UNTESTED_OK, "1")
+    vlm.patch_vlm(llava.model, None)
+    assert llava.model.dymu_vlm.mode == "vtu"
+    vlm.unpatch_vlm(llava.model)

@@ -12,6 +12,7 @@ in the input's coordinates: each position gets those of the compact token standi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -220,7 +221,8 @@ def _expand_per_sample(self: nn.Module, expand_size: int = 1, is_encoder_decoder
     here per sample, each sample's items together, as the expanded prompts need them; which
     items a sample holds is read from its placeholders (the family says how many each item
     takes). The rest expands as usual."""
-    base = classswap.base_class(self)._expand_inputs_for_generation
+    base = inspect.getattr_static(classswap.base_class(self), "_expand_inputs_for_generation")
+    base = base.__func__ if isinstance(base, staticmethod) else functools.partial(base, self)  # static before 5.23
     family = family_of(self)
     expanded: dict[str, Any] = {}
     for visual in family.inputs:
@@ -240,7 +242,7 @@ def _expand_per_sample(self: nn.Module, expand_size: int = 1, is_encoder_decoder
                 expanded[key] = torch.cat([chunks[i] for i in order])
             else:
                 expanded[key] = value[torch.tensor(order, device=value.device)]
-    input_ids, model_kwargs = base(self, expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+    input_ids, model_kwargs = base(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
                                    input_ids=input_ids, **model_kwargs)
     return input_ids, {**model_kwargs, **expanded}
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import classswap
 from ..thresholds import Thresholds
+from ..versions import check_transformers
 from ..vtu import cache_bytes, find_decoder, patch_llm, unpatch_llm
 from .cache import DyMUCache
 from .chunk import compact_chunk  # noqa: F401  (re-exported: dymu_viz.vlm.pipeline.compact_chunk)
@@ -66,6 +67,7 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     on its own); window: restricted matching for large images, inside blocks of window x window
     units (``qwen.window_order``; default: the calibrated one, else None: the whole image). Other
     families refuse these options."""
+    check_transformers()
     family = family_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

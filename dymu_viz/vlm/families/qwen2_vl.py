@@ -124,6 +124,9 @@ def with_deepstack(units: Tensor, out: Any, item: int) -> Tensor:
     by side, (U, D * (1 + k)), when the tower returns k of them (Qwen3-VL), so that the rounds
     merge them with the same groups (size-weighted means); else the features as they are."""
     deep = getattr(out, "deepstack_features", None) or []
+    if deep and torch.is_tensor(deep[0]):  # transformers < 5.23: each level's units of every item in one tensor
+        sizes = [len(u) for u in out.pooler_output]
+        deep = [level.split(sizes) for level in deep]
     return torch.cat([units, *(level[item].to(units.dtype) for level in deep)], -1) if deep else units
 
 
