@@ -20,16 +20,15 @@ Model arguments (``--model_args key=value,...``):
 * ``dtype`` (``auto``: bfloat16 on a GPU, float32 on a CPU), ``device``, ``batch_size``,
   ``chat_template``, ``download`` (default true: a hub id is fetched as lmms-eval's own models do).
 
-Prompts are the user turn lmms-eval's own ``llava_hf`` (chat) model builds, through the processor's
-chat template, so ``mode=full`` answers what ``llava_hf`` answers; unlike it, batches of any size
-run (left padded), and stop sequences (``until``) cut the answers.
+Prompts are the user turn lmms-eval's own (chat) model of the family builds (``llava_hf``,
+``qwen2_5_vl``, ``qwen3_vl``: ``QwenModel`` prepares the pictures as theirs do), through the
+processor's chat template, so ``mode=full`` answers what theirs answers; unlike them, batches of
+any size run (left padded), and stop sequences (``until``) cut the answers.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 import math
 from typing import Any, Optional
 
@@ -41,7 +40,6 @@ from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.model_utils.media_encoder import encode_image_to_base64
 from PIL import Image
 from tqdm import tqdm
 
@@ -134,7 +132,8 @@ def build_prompt(processor: Any, context: str, n_images: int, chat_template: Opt
     question that already holds image ``placeholder``s keeps them where they are."""
     images = [] if placeholder in context else [{"type": "image"}] * n_images
     turn = [{"role": "user", "content": images + [{"type": "text", "text": context}]}]
-    turns = ([{"role": "system", "content": system}] if system is not None else []) + turn
+    system_turn = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
+    turns = system_turn + turn
     return processor.apply_chat_template(turns, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
 
 
@@ -400,42 +399,35 @@ class DyMULlavaOneVision(DyMUModel):
 
 
 class QwenModel(DyMUModel):
-    """The Qwen families, prompted as lmms-eval's own ``qwen2_5_vl`` / ``qwen3_vl`` models prompt:
-    a system turn, "<image>" taken out of the question, every picture resized by
-    ``qwen_resized`` within ``min_pixels`` / ``max_pixels`` (their model arguments and
-    defaults), after a JPEG round trip where theirs makes one (Qwen2.5-VL: quality 85)."""
-
-    system_prompt = "You are a helpful assistant."
-    jpeg_quality: Optional[int] = None
+    """The Qwen families, prompted as lmms-eval's own (chat) ``qwen2_5_vl`` / ``qwen3_vl``
+    models prompt: the pictures, then the question, in one user turn; each picture resized by
+    ``qwen_resized`` to multiples of the tower's unit within qwen_vl_utils' default bounds (4 to
+    16384 units); then the processor, which for Qwen2.5-VL resizes again within ``min_pixels`` /
+    ``max_pixels`` (their model arguments and defaults) and for Qwen3-VL does not resize."""
 
     def __init__(self, min_pixels: Any = 256 * 28 * 28, max_pixels: Any = 1605632, **arguments: Any) -> None:
         super().__init__(**arguments)
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         vision = self.model.config.vision_config
         self.factor = vision.patch_size * vision.spatial_merge_size
-        # the processor's own bounds, as theirs loads it (from_pretrained(min_pixels=, max_pixels=))
-        self.processor_options = {**self.processor_options,
-                                  "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+        if self.processor_options.get("do_resize", True):  # the processor's bounds, as theirs loads it
+            self.processor_options = {**self.processor_options,
+                                      "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
     def _prepared(self, contexts: list[str], visuals: list[list[Any]]) -> tuple[list[str], list[list[Any]]]:
-        return [c.replace("<image>", "") for c in contexts], [[self._picture(v) for v in vs] for vs in visuals]
-
-    def _picture(self, image: Image.Image) -> Image.Image:
-        if self.jpeg_quality is not None:
-            encoded = encode_image_to_base64(image, image_format="JPEG", convert_rgb=True, quality=self.jpeg_quality)
-            image = Image.open(io.BytesIO(base64.b64decode(encoded)))
-        return qwen_resized(image, self.factor, self.min_pixels, self.max_pixels)
+        bounds = (4 * self.factor ** 2, 16384 * self.factor ** 2)
+        return contexts, [[qwen_resized(v, self.factor, *bounds) for v in vs] for vs in visuals]
 
 
 class DyMUQwen2VL(QwenModel):
     """``--model dymu_qwen2_5_vl``: HF Qwen2-VL / Qwen2.5-VL with DToMe rounds after the tower."""
 
     family = "qwen2_vl"
-    jpeg_quality = 85
 
 
 class DyMUQwen3VL(QwenModel):
     """``--model dymu_qwen3_vl``: HF Qwen3-VL (dense or MoE) with DToMe rounds, DeepStack merged alike."""
 
     family = "qwen3_vl"
+    system_prompt = "You are a helpful assistant."  # theirs adds it (for Qwen2.5-VL, its chat template does)
     processor_options = {"do_resize": False}  # the pictures come resized, as in lmms-eval's own qwen3_vl
