@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-import transformers
-
 TESTED_TRANSFORMERS = ("5.23",)  # minor releases the whole suite passes on
 UNTESTED_OK = "DYMU_VIZ_UNTESTED_TRANSFORMERS"  # set to 1 to run on another release anyway
 KNOWN = {  # what the suite measured on neighbouring releases
@@ -22,6 +20,8 @@ KNOWN = {  # what the suite measured on neighbouring releases
 def check_transformers(version: str | None = None) -> None:
     """Raise a RuntimeError naming the tested releases when ``version`` (default: the installed
     transformers) is not one of them, unless the environment variable ``UNTESTED_OK`` is 1."""
+    import transformers  # at call time: the module registered now (some packages rebuild HF's lazy module)
+
     version = version or transformers.__version__
     minor = ".".join(version.split(".")[:2])
     if minor in TESTED_TRANSFORMERS or os.environ.get(UNTESTED_OK) == "1":
