@@ -21,7 +21,7 @@ Model arguments (``--model_args key=value,...``):
   ``chat_template``, ``download`` (default true: a hub id is fetched as lmms-eval's own models do).
 
 Prompts are the user turn lmms-eval's own (chat) model of the family builds (``llava_hf``,
-``qwen2_5_vl``, ``qwen3_vl``: ``QwenModel`` prepares the pictures as theirs do), through the
+``qwen2_5_vl``, ``qwen3_vl``: the family's ``lmms_*`` hooks prepare the pictures as theirs do), through the
 processor's chat template, so ``mode=full`` answers what theirs answers; unlike them, batches of
 any size run (left padded), and stop sequences (``until``) cut the answers.
 """
@@ -29,7 +29,6 @@ any size run (left padded), and stop sequences (``until``) cut the answers.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional
 
 import torch
@@ -40,7 +39,6 @@ from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from PIL import Image
 from tqdm import tqdm
 
 from .. import vlm
@@ -137,27 +135,6 @@ def build_prompt(processor: Any, context: str, n_images: int, chat_template: Opt
     return processor.apply_chat_template(turns, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
 
 
-def qwen_resized(image: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
-    """The picture lmms-eval's own Qwen models hand the processor (through qwen_vl_utils): RGB
-    (transparency on white), each side rounded to a multiple of ``factor`` (the tower's patch
-    times its merge size), then scaled down or up, keeping the aspect ratio, to fit
-    [min_pixels, max_pixels], and resized with PIL's bicubic filter."""
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[3])
-        image = background
-    image = image.convert("RGB")
-    width, height = image.size
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = (max(factor, math.floor(side / beta / factor) * factor) for side in (height, width))
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = (math.ceil(side * beta / factor) * factor for side in (height, width))
-    return image.resize((w, h))
-
-
 def cut_at_stop(text: str, until: list[str]) -> str:
     """The text before the first stop sequence."""
     for stop in until:
@@ -197,8 +174,6 @@ class DyMUModel(lmms):
     is_simple = True
     family = ""
     exits_on_error = False
-    system_prompt: Optional[str] = None  # a system turn before every question, as the family's own model writes
-    processor_options: dict[str, Any] = {}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "DyMUModel":
@@ -212,7 +187,7 @@ class DyMUModel(lmms):
 
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
                  random: Any = None, seed: Any = None, metric: Optional[str] = None, window: Any = None,
-                 temporal: Any = None, mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
+                 temporal: Any = None, min_pixels: Any = 256 * 28 * 28, max_pixels: Any = 1605632, mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
                  device: Optional[str] = None, batch_size: int = 1, chat_template: Optional[str] = None,
                  download: Any = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
                  max_batch_size: Optional[int] = None, **unknown: Any) -> None:
@@ -227,6 +202,7 @@ class DyMUModel(lmms):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         family = family_named(self.family)
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         setting = parse_setting(self.family, thresholds, tome, pool, random, seed)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
@@ -266,18 +242,15 @@ class DyMUModel(lmms):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _prepared(self, contexts: list[str], visuals: list[list[Any]]) -> tuple[list[str], list[list[Any]]]:
-        """Questions and pictures as this family's own lmms-eval model hands them on (LLaVA: as
-        they come)."""
-        return contexts, visuals
-
     def _inputs(self, contexts: list[str], visuals: list[list[Any]]) -> dict[str, Any]:
-        contexts, visuals = self._prepared(contexts, visuals)
-        placeholder = family_named(self.family).placeholder("image")
-        prompts = [build_prompt(self.processor, c, len(v), self.chat_template, placeholder, self.system_prompt)
-                   for c, v in zip(contexts, visuals)]
+        """Prompts and pictures as the family's own lmms-eval model builds them (its system turn,
+        pictures and processor options: ``VLMFamily.lmms_*``), batched."""
+        family = family_named(self.family)
+        visuals = [family.lmms_pictures(self.model, v) for v in visuals]
+        prompts = [build_prompt(self.processor, c, len(v), self.chat_template, family.placeholder("image"),
+                                family.lmms_system_prompt) for c, v in zip(contexts, visuals)]
         inputs = self.processor(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True,
-                                **self.processor_options)
+                                **family.lmms_processor_options(self.min_pixels, self.max_pixels))
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     @_failing_the_run
@@ -398,36 +371,13 @@ class DyMULlavaOneVision(DyMUModel):
     family = "onevision"
 
 
-class QwenModel(DyMUModel):
-    """The Qwen families, prompted as lmms-eval's own (chat) ``qwen2_5_vl`` / ``qwen3_vl``
-    models prompt: the pictures, then the question, in one user turn; each picture resized by
-    ``qwen_resized`` to multiples of the tower's unit within qwen_vl_utils' default bounds (4 to
-    16384 units); then the processor, which for Qwen2.5-VL resizes again within ``min_pixels`` /
-    ``max_pixels`` (their model arguments and defaults) and for Qwen3-VL does not resize."""
-
-    def __init__(self, min_pixels: Any = 256 * 28 * 28, max_pixels: Any = 1605632, **arguments: Any) -> None:
-        super().__init__(**arguments)
-        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
-        vision = self.model.config.vision_config
-        self.factor = vision.patch_size * vision.spatial_merge_size
-        if self.processor_options.get("do_resize", True):  # the processor's bounds, as theirs loads it
-            self.processor_options = {**self.processor_options,
-                                      "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
-
-    def _prepared(self, contexts: list[str], visuals: list[list[Any]]) -> tuple[list[str], list[list[Any]]]:
-        bounds = (4 * self.factor ** 2, 16384 * self.factor ** 2)
-        return contexts, [[qwen_resized(v, self.factor, *bounds) for v in vs] for vs in visuals]
-
-
-class DyMUQwen2VL(QwenModel):
+class DyMUQwen2VL(DyMUModel):
     """``--model dymu_qwen2_5_vl``: HF Qwen2-VL / Qwen2.5-VL with DToMe rounds after the tower."""
 
     family = "qwen2_vl"
 
 
-class DyMUQwen3VL(QwenModel):
+class DyMUQwen3VL(DyMUModel):
     """``--model dymu_qwen3_vl``: HF Qwen3-VL (dense or MoE) with DToMe rounds, DeepStack merged alike."""
 
     family = "qwen3_vl"
-    system_prompt = "You are a helpful assistant."  # theirs adds it (for Qwen2.5-VL, its chat template does)
-    processor_options = {"do_resize": False}  # the pictures come resized, as in lmms-eval's own qwen3_vl

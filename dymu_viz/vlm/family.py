@@ -73,6 +73,7 @@ class VLMFamily:
     config_arguments: tuple[str, ...] = ()  # forward arguments DyMU takes from the config only
     lmms_name: Optional[str] = None  # its lmms-eval model name, if it has one
     default_pretrained: Optional[str] = None  # the lmms-eval model's default checkpoint
+    lmms_system_prompt: Optional[str] = None  # a system turn lmms-eval's own model of the family writes
     presets: dict[str, str] = {}  # lmms-eval thresholds=NAME -> a published reference checkpoint
     baselines: bool = False  # the matched-budget ToMe / pooling baselines apply (merging inside a ViT)
     rounds: bool = False  # merges in rounds after its tower, calibrated by ``calibrate_rounds``
@@ -121,6 +122,14 @@ class VLMFamily:
                          batch_size: int, **options: Any) -> Any:
         """Thresholds of the rounds after the tower, found on ``images`` (families with ``rounds``)."""
         raise NotImplementedError(f"the {self.name} family merges inside its tower: calibrate the tower instead")
+
+    def lmms_pictures(self, model: nn.Module, images: list[Any]) -> list[Any]:
+        """Pictures as lmms-eval's own model of the family hands them to the processor."""
+        return images
+
+    def lmms_processor_options(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
+        """Processor call options of lmms-eval's own model of the family (pixel bounds it loads with)."""
+        return {}
 
     def placeholder(self, kind: str) -> str:
         return self.placeholders.get(kind, f"<{kind}>")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from ...calibrate import dist_info, gather_objects, mean_thresholds
@@ -545,6 +546,27 @@ QWEN2_VIT = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size
 QWEN25_TOWER = "Qwen2.5-VL ViT (32 x 1280, window attention)"
 
 
+def lmms_resized(image: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The picture lmms-eval's own Qwen models hand the processor (through qwen_vl_utils): RGB
+    (transparency on white), each side rounded to a multiple of ``factor`` (the tower's patch
+    times its merge size), then scaled down or up, keeping the aspect ratio, to fit
+    [min_pixels, max_pixels], and resized with PIL's bicubic filter."""
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        image = background
+    image = image.convert("RGB")
+    width, height = image.size
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (max(factor, math.floor(side / beta / factor) * factor) for side in (height, width))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = (math.ceil(side * beta / factor) * factor for side in (height, width))
+    return image.resize((w, h))
+
+
 class Qwen2VL(VLMFamily):
     """Qwen2-VL and Qwen2.5-VL: the tower as HF runs it, DToMe rounds on its output units, M-RoPE."""
 
@@ -556,6 +578,19 @@ class Qwen2VL(VLMFamily):
     rounds = True
     lmms_name = "dymu_qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
+    lmms_processor_resizes = True  # lmms-eval's own model lets the processor resize within its pixel bounds
+
+    def lmms_pictures(self, model: nn.Module, images: list[Any]) -> list[Any]:
+        """As lmms-eval's own (chat) Qwen models: resized as qwen_vl_utils does, to multiples of
+        the tower's unit within its default bounds (4 to 16384 units)."""
+        vision = model.config.vision_config
+        factor = vision.patch_size * vision.spatial_merge_size
+        return [lmms_resized(image, factor, 4 * factor ** 2, 16384 * factor ** 2) for image in images]
+
+    def lmms_processor_options(self, min_pixels: int, max_pixels: int) -> dict[str, Any]:
+        if not self.lmms_processor_resizes:
+            return {"do_resize": False}
+        return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
     checkpoints = {
         "Qwen/Qwen2.5-VL-7B-Instruct": VLMSpec("qwen2.5", QWEN25_TOWER, QWEN25_VIT, "Qwen2.5-7B", (28, 3584, 152064), {}),
         "Qwen/Qwen2.5-VL-3B-Instruct": VLMSpec("qwen2.5", QWEN25_TOWER, QWEN25_VIT, "Qwen2.5-3B", (36, 2048, 151936), {}),

@@ -65,6 +65,8 @@ class Qwen3VL(Qwen2VL):
     inputs = (IMAGE_UNITS, VIDEO_FRAMES)
     lmms_name = "dymu_qwen3_vl"
     default_pretrained = "Qwen/Qwen3-VL-8B-Instruct"
+    lmms_system_prompt = "You are a helpful assistant."  # lmms-eval's own qwen3_vl writes it
+    lmms_processor_resizes = False  # theirs hands the processor resized pictures (do_resize=False)
     checkpoints = {
         "Qwen/Qwen3-VL-8B-Instruct": VLMSpec("qwen3", "Qwen3-VL ViT (27 x 1152, DeepStack 8/16/24)", QWEN3_VIT_8B,
                                              "Qwen3-8B", (36, 4096, 151936), {}),
