@@ -26,7 +26,7 @@ import torch
 
 from dymu_viz import sample_photos, shapes_image, vlm
 from dymu_viz.vtu import find_decoder, hooked_decoders
-from tiny_models import tiny_qwen, tiny_qwen3, tiny_vlm
+from tiny_models import tiny_internvl, tiny_qwen, tiny_qwen3, tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -43,6 +43,10 @@ CASES = {
                  "<|im_end|>\n<|im_start|>user and the colors ?<|im_end|>\n<|im_start|>assistant\n"),
     "qwen3_vl_moe": ("qwen3_vl", lambda dtype: tiny_qwen3(dtype, moe=True), [0.0] * 3,
                      "<|im_end|>\n<|im_start|>user and the colors ?<|im_end|>\n<|im_start|>assistant\n"),
+    "internvl": ("internvl", lambda dtype: tiny_internvl(dtype), [0.0] * 3,
+                 "<|im_end|>\n<|im_start|>user\nand the colors ?<|im_end|>\n<|im_start|>assistant\n"),
+    "internvl_tower": ("internvl", lambda dtype: tiny_internvl(dtype), 0.3,
+                       "<|im_end|>\n<|im_start|>user\nand the colors ?<|im_end|>\n<|im_start|>assistant\n"),
 }
 QUESTIONS = ["what is in the picture ?", "describe the colors of this photo please", "is there a cat ?"]
 DECODING = {"greedy": dict(do_sample=False),
@@ -177,23 +181,25 @@ def test_second_turn_on_the_kept_cache_equals_recomputation(case: str) -> None:
         new_visual["batch_num_images"] = torch.tensor([1, 1])
     kept = model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, **new_visual, **kw)
     everything = inputs_of(processor, model, (1, 1))  # the first images, then the new one per row
-    all_visual = _concatenated(visual_arguments(everything), new_visual)
+    all_visual = _concatenated(model, everything, {**new_visual, "input_ids": extra["input_ids"]})
     fresh = model.generate(input_ids=ids, attention_mask=mask, **all_visual, **kw)
     assert torch.equal(kept.sequences, fresh.sequences)
     for a, b in zip(kept.logits, fresh.logits):
         assert torch.allclose(a, b, atol=1e-8, rtol=0)
 
 
-def _concatenated(first: dict, new: dict) -> dict:
-    """Every row's first image followed by its new one, in HF's order (row by row)."""
+def _concatenated(model, first: dict, new: dict) -> dict:
+    """Every row's first image followed by its new one, in HF's order (row by row); the rows of
+    pixels each image takes are the family's to say (patch rows, tiles, or one per image)."""
+    family = vlm.family_of(model)
+    visual = family.inputs[0]
     out = {}
-    for key, value in first.items():
+    for key, value in visual_arguments(first).items():
         if key == "batch_num_images":  # each image came alone in its turn, so each keeps its tiles
             out[key] = torch.ones(4, dtype=torch.long)
-        elif key == "pixel_values" and "image_grid_thw" in first:  # patch rows, per image
-            rows = first["image_grid_thw"].prod(-1).tolist()
-            new_rows = new["image_grid_thw"].prod(-1).tolist()
-            a, b = value.split(rows), new[key].split(new_rows)
+        elif key == visual.pixels:
+            a = value.split(family.item_rows(model, visual, first))
+            b = new[key].split(family.item_rows(model, visual, new))
             out[key] = torch.cat([a[0], b[0], a[1], b[1]])
         else:
             out[key] = torch.stack([value[0], new[key][0], value[1], new[key][1]]) if value.dim() > 1 else value

@@ -318,3 +318,28 @@ def check_causal_and_cached_decode(model: nn.Module, inputs: dict, atol: float =
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1)
     full = model(**{**inputs, "input_ids": out.sequences, "attention_mask": mask}).logits
     assert torch.allclose(out.logits[-1], full[:, -2], atol=atol, rtol=0)
+
+
+def tiny_internvl(dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0, text_layers: int = 2,
+                  max_patches: int = 4) -> tuple[nn.Module, Any]:
+    """Tiny InternVL3: a 3-block InternViT (CLS, layer scales) on 56 px tiles of 7 px patches (an
+    8 x 8 grid, 16 units after the 2 x 2 pixel shuffle), 1 to ``max_patches`` tiles plus a
+    thumbnail per image, the MLP projector and a 2-layer GQA Qwen2 decoder; the real processor
+    classes."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from dymu_viz.vlm.families.internvl import standin_processor
+
+    processor = standin_processor(56, 7, max_patches=max_patches)
+    tok = processor.tokenizer
+    text = dict(TINY_VLM_TEXT, num_hidden_layers=text_layers, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=None, model_type="qwen2")
+    vision = dict(TINY_VLM_VISION, num_hidden_layers=3, image_size=56, patch_size=7, hidden_act="gelu",
+                  attention_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True)
+    _seeded(seed)
+    model = InternVLForConditionalGeneration(InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=processor.image_seq_length)).to(dtype).eval()
+    model.config.get_text_config()._attn_implementation = attn
+    model.config.vision_config._attn_implementation = "sdpa"
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, processor

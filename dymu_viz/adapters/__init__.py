@@ -5,12 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .base import EncoderAdapter
-from .hf_vision import HFCLIPVisionAdapter, HFSiglipVisionAdapter
+from .hf_vision import HFCLIPVisionAdapter, HFInternVLVisionAdapter, HFSiglipVisionAdapter
 from .open_clip_vit import OpenClipViTAdapter
 from .timm_vit import TimmViTAdapter
 
 ADAPTERS: tuple[type[EncoderAdapter], ...] = (
-    OpenClipViTAdapter, TimmViTAdapter, HFCLIPVisionAdapter, HFSiglipVisionAdapter)
+    OpenClipViTAdapter, TimmViTAdapter, HFCLIPVisionAdapter, HFSiglipVisionAdapter, HFInternVLVisionAdapter)
 
 
 def adapter_for(module: nn.Module) -> type[EncoderAdapter] | None:

@@ -93,3 +93,42 @@ class HFSiglipVisionAdapter(HFVisionAdapter):
         h = head.attention(head.probe.repeat(B, 1, 1), x, x, attn_mask=bias)[0]
         h = h + head.mlp(head.layernorm(h))
         return h[:, 0]
+
+
+class HFInternVLVisionAdapter(HFVisionAdapter):
+    """InternViT (``InternVLVisionModel``, InternVL3's tower): CLS first, optional q/k RMS norms
+    over the whole width, layer scales on both branches, and a final LayerNorm that is the
+    identity when the model pools by mean (InternVL3)."""
+
+    family = "HF InternVLVisionModel"
+    model_class = "InternVLVisionModel"
+    protected = 1
+
+    def build_blocks(self) -> list[BlockParts]:
+        parts = []
+        for layer in self.module.encoder.layer:
+            attn = layer.attention
+            q = nn.Sequential(attn.q_proj, attn.q_norm)  # the norms act on the whole width, before the heads split
+            k = nn.Sequential(attn.k_proj, attn.k_norm)
+            parts.append(BlockParts(
+                norm1=layer.layernorm_before, qkv=separate_qkv(q, k, attn.v_proj, attn.num_heads),
+                proj=attn.projection_layer, norm2=layer.layernorm_after, mlp=layer.mlp,
+                ls1=layer_scale(layer.lambda_1), ls2=layer_scale(layer.lambda_2)))
+        return parts
+
+    def expected_size(self) -> tuple[int, int]:
+        return tuple(self.module.config.image_size)
+
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.module.config.patch_size)
+
+    def embed(self, pixels: Tensor, **kwargs: Any) -> Tensor:
+        return self.module.embeddings(pixels)
+
+    def last_hidden_state(self, result: EncoderResult) -> Tensor:
+        return self.module.layernorm(result.tokens)
+
+
+def layer_scale(gamma: nn.Parameter) -> Any:
+    """A per-channel layer scale as a callable of the block loop: x -> gamma * x."""
+    return lambda x: gamma * x

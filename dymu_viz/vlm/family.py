@@ -111,6 +111,14 @@ class VLMFamily:
         total = int((arguments["input_ids"] == getattr(model.config, visual.token)).sum())
         return [total // max(len(pixels), 1)] * len(pixels)
 
+    def item_rows(self, model: nn.Module, visual: VisualInput, arguments: dict[str, Any]) -> list[int]:
+        """How many rows of ``visual.pixels`` each item takes (for ``generate``'s per-sample
+        expansion): t * h * w patch rows per item when pixels are patch rows (``visual.grid``),
+        else one per item."""
+        if visual.grid:
+            return arguments[visual.grid].prod(-1).tolist()
+        return [1] * len(arguments[visual.pixels])
+
     def build_random(self, spec: VLMSpec, vision_layers: Optional[int], text_layers: int,
                      text_width: int) -> tuple[nn.Module, Any, str]:
         """A random initialisation of ``spec``'s classes (the tower at its real shape, the first

@@ -235,10 +235,9 @@ def _expand_per_sample(self: nn.Module, expand_size: int = 1, is_encoder_decoder
         counts = fill_rows(per_row, lengths)
         first = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
         order = [i for f, n in zip(first, counts) for _ in range(expand_size) for i in range(f, f + n)]
-        grids = items.get(visual.grid) if visual.grid else None
         for key, value in items.items():
-            if key == visual.pixels and grids is not None:  # patch rows, t * h * w per item
-                chunks = value.split(grids.prod(-1).tolist())
+            if key == visual.pixels:  # the family says how many rows each item takes
+                chunks = value.split(family.item_rows(self, visual, {**items, "input_ids": input_ids}))
                 expanded[key] = torch.cat([chunks[i] for i in order])
             else:
                 expanded[key] = value[torch.tensor(order, device=value.device)]

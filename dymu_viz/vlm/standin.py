@@ -40,7 +40,8 @@ there's it's i you we they he she his her their my your our
 def build_tokenizer(specials: dict[str, str], extra: dict[str, str], roles: list[str], bos: bool = False) -> Any:
     """A small word-level ``PreTrainedTokenizerFast`` (lower-cased words and punctuation) with a
     family's special tokens: ``specials`` (pad / unk / bos / eos), ``extra`` ones (its image and
-    video placeholders among them, as ``image_token`` / ``video_token``), the chat ``roles``, and
+    video placeholders among them: names ending in ``_token`` become the tokenizer's attributes, as
+    ``image_token``), the chat ``roles``, and
     with ``bos`` the BOS token before every text (as Llama's tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -55,7 +56,7 @@ def build_tokenizer(specials: dict[str, str], extra: dict[str, str], roles: list
         first = specials["bos_token"]
         tok.post_processor = processors.TemplateProcessing(single=f"{first} $A", pair=f"{first} $A $B",
                                                            special_tokens=[(first, vocab[first])])
-    extra_special = {k: v for k, v in extra.items() if k in ("image_token", "video_token")}
+    extra_special = {k: v for k, v in extra.items() if k.endswith("_token")}  # tokenizer.image_token etc.
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", extra_special_tokens=extra_special,
                                         **specials)
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special_words if t not in

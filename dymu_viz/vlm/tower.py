@@ -25,13 +25,13 @@ class TowerSettings:
     reduction: Optional[OutputReduction] = None
 
 
-def tower_features(model: nn.Module, pixels: Tensor, reduction: Optional[OutputReduction] = None) -> ImageSegments:
-    """Per input image (or crop): (compact features (n, D) after the projector, mapping from
-    each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row).
-    The DToMe tower runs batched, up to ``vision_feature_layer`` and no further; ``reduction``:
-    the pooling or random-pruning baseline on its (unmerged) output."""
-    cfg = model.config
-    layer = cfg.vision_feature_layer
+def tower_output(model: nn.Module, pixels: Tensor, reduction: Optional[OutputReduction] = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The DToMe tower run batched on ``pixels`` (B, 3, H, W), up to ``vision_feature_layer`` and
+    no further, then ``reduction`` (the pooling or random-pruning baseline on its unmerged
+    output): tokens (B, N, C), groups (B, positions) -- the row each position (protected tokens
+    first, then the patch grid) ends in -- and sizes (B, N), in the encoder's conventions."""
+    layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
         raise NotImplementedError("DyMU supports a single vision_feature_layer")
     tower = model.model.vision_tower
@@ -43,10 +43,18 @@ def tower_features(model: nn.Module, pixels: Tensor, reduction: Optional[OutputR
     hidden, groups, sizes = result.tokens, result.groups, result.sizes  # the last block run is the one read
     lead = get_state(tower).adapter.protected
     if isinstance(reduction, Pool):  # the baselines on the output (the tower merged nothing)
-        hidden, groups, sizes = pooled_tower_output(hidden, lead, reduction)
-    elif isinstance(reduction, RandomPrune):
-        hidden, groups, sizes = pruned_tower_output(hidden, lead, reduction, pixels)
-    first = 1 if cfg.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
+        return pooled_tower_output(hidden, lead, reduction)
+    if isinstance(reduction, RandomPrune):
+        return pruned_tower_output(hidden, lead, reduction, pixels)
+    return hidden, groups, sizes
+
+
+def tower_features(model: nn.Module, pixels: Tensor, reduction: Optional[OutputReduction] = None) -> ImageSegments:
+    """Per input image (or crop): (compact features (n, D) after the projector, mapping from
+    each of its positions -- patches, plus CLS with the "full" strategy -- to its compact row),
+    from ``tower_output``; the projector runs once, batched."""
+    hidden, groups, sizes = tower_output(model, pixels, reduction)
+    first = 1 if model.config.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
     projected = model.model.multi_modal_projector(hidden[:, first:])  # one batched call; padding rows unused
     counts = ((sizes > 0).sum(-1) - first).tolist()
     return [(projected[b, :n], groups[b, first:] - first) for b, n in enumerate(counts)]

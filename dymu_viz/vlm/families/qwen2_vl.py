@@ -199,14 +199,17 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
 @torch.no_grad()
 def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
                      batch_size: int = 4, progress: bool = True, metric: str = "keys",
-                     window: Optional[int] = None) -> Thresholds:
+                     window: Optional[int] = None,
+                     units_of: Optional[Callable[[list[Any]], list[tuple[Tensor, Tensor]]]] = None) -> Thresholds:
     """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL tower, found on
     ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
     every round merges 1 - keep^(1 / rounds) of the current tokens (at most half, so keep >=
     2^-rounds). Batch thresholds are averaged over batches as for the encoders. Under torchrun
     each process takes every world-th batch; the result does not depend on the process count.
     Unreadable images are skipped and named in ``metadata["failures"]``. metric: see ``METRICS``
-    and window (see ``qwen_images``) are recorded in the metadata; ``patch_vlm`` then uses them."""
+    and window (see ``qwen_images``) are recorded in the metadata; ``patch_vlm`` then uses them.
+    units_of: a batch of pictures -> the rows the rounds run on, (features (U, D), metric (U, M))
+    each (another family's units; default: the Qwen tower's, per image or window)."""
     from tqdm.auto import tqdm
 
     if not 2.0 ** -rounds <= keep <= 1.0:
@@ -217,6 +220,13 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
     fraction = 1.0 - keep ** (1.0 / rounds)
     per_batch, merged, failures, used = {}, [0] * rounds, [], 0
     device = next(model.parameters()).device
+
+    def qwen_pieces(batch: list[Any]) -> list[tuple[Tensor, Tensor]]:
+        pixels = processor.image_processor(images=batch, return_tensors="pt")
+        grid = pixels["image_grid_thw"].to(device)
+        units = tower_units(model, pixels["pixel_values"].to(device), grid, metric=metric, rounds=rounds)
+        return split_pieces(units, [1] * len(units), unit_grids(model, grid), window)[0]
+
     starts = list(range(0, len(images), batch_size))
     mine = [j for j in range(len(starts)) if j % world == rank]
     for j in tqdm(mine, desc="calibrating rounds", disable=not progress or rank != 0):
@@ -228,10 +238,7 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
                 failures.append((i, f"{type(err).__name__}: {err}"))
         if not batch:
             continue
-        pixels = processor.image_processor(images=batch, return_tensors="pt")
-        grid = pixels["image_grid_thw"].to(device)
-        units = tower_units(model, pixels["pixel_values"].to(device), grid, metric=metric, rounds=rounds)
-        pieces, _ = split_pieces(units, [1] * len(units), unit_grids(model, grid), window)
+        pieces = (units_of or qwen_pieces)(batch)
         per_batch[j], merges = calibration_rounds(*padded_units(pieces), fraction, rounds, metric_views(metric, rounds))
         merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
     gathered = gather_objects((per_batch, merged, failures, used))
