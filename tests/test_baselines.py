@@ -132,7 +132,7 @@ def test_clear_errors() -> None:
         match_budget(model, processor, photos()[:1], 10, "pool", mode="full")
     qwen, _ = tiny_qwen("2.5")
     for baseline in (Pool(2, 2), RandomPrune(4)):
-        with pytest.raises(ValueError, match="LLaVA-1.5 / OneVision"):
+        with pytest.raises(ValueError, match="LLaVA-1.5, LLaVA-OneVision, InternVL3"):
             vlm.patch_vlm(qwen, baseline)
 
 

@@ -1,5 +1,6 @@
-"""Matched-budget baselines for DyMU on the families that merge inside their ViT tower
-(LLaVA-1.5, LLaVA-OneVision).
+"""Matched-budget baselines for DyMU on the families whose tower DyMU can patch (LLaVA-1.5,
+LLaVA-OneVision, InternVL3: there the baselines run in or after the tower, whichever place
+DyMU's own thresholds merge in).
 
 DyMU's token count depends on the image; to compare it fairly, each baseline is sized so that
 its *mean* count on the same images equals DyMU's:
@@ -62,10 +63,11 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
     if mode == "full":
         raise ValueError('mode="full" merges nothing, so no budget can be matched; use "vtu" or "compact"')
     if not family_of(model).baselines:
-        raise ValueError("matched-budget baselines are for families that merge inside their ViT tower "
-                         "(LLaVA-1.5 / OneVision)")
+        raise ValueError("matched-budget baselines are for families whose ViT tower DyMU patches "
+                         "(LLaVA-1.5, LLaVA-OneVision, InternVL3)")
     cfg = model.config
-    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    side = (size[0] if isinstance(size, (list, tuple)) else size) // (patch[0] if isinstance(patch, (list, tuple)) else patch)
     depth = cfg.vision_config.num_hidden_layers
     layers_run = cfg.vision_feature_layer % (depth + 1)
     if kind == "tome":

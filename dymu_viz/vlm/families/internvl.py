@@ -279,6 +279,7 @@ class InternVL(VLMFamily):
     placeholders = {"image": "<IMG_CONTEXT>", "video": "<video>"}
     config_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
     rounds = True
+    baselines = True  # ToMe in the tower, pooling and random pruning on its output, then units as in "tower"
     lmms_name = "dymu_internvl"
     default_pretrained = "OpenGVLab/InternVL3-8B-hf"
     checkpoints = {

@@ -647,8 +647,8 @@ class Qwen2VL(VLMFamily):
 
     def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> RoundSettings:
         if isinstance(thresholds, BASELINES):
-            raise ValueError("the matched-budget baselines (ToMe, Pool, RandomPrune) are for towers that merge inside the ViT "
-                             "(LLaVA-1.5 / OneVision)")
+            raise ValueError("the matched-budget baselines (ToMe, Pool, RandomPrune) are for families whose ViT tower "
+                             "DyMU patches (LLaVA-1.5, LLaVA-OneVision, InternVL3)")
         metric, temporal, window = options.get("metric"), options.get("temporal"), options.get("window")
         unit_metric = unit_metric_of(thresholds, metric)
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
