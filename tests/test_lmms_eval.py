@@ -1,6 +1,6 @@
 """DyMU in lmms-eval: the models registered through its entry points, run by its own CLI on the
-offline ``dymu_photos`` task with tiny random LLaVA-1.5 / OneVision / Qwen2.5-VL / Qwen3-VL
-checkpoints saved to local folders (loaded with ``from_pretrained`` as real ones are);
+offline ``dymu_photos`` task with tiny random LLaVA-1.5 / OneVision / Qwen2.5-VL / Qwen3-VL /
+InternVL3 checkpoints saved to local folders (loaded with ``from_pretrained`` as real ones are);
 ``mode=full`` against lmms-eval's own HF LLaVA model (LLaVA families) or HF's own ``generate``
 (Qwen families); the accounting in the logged samples and the summary in the results."""
 
@@ -14,19 +14,21 @@ import torch
 
 from dymu_viz.eval import (MODELS, SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results,  # noqa: E402
                            load_samples, run_cli, run_rows, summarize, summary_of_results, task_docs)
-from tiny_models import tiny_qwen, tiny_qwen3, tiny_vlm  # noqa: E402
+from tiny_models import tiny_internvl, tiny_qwen, tiny_qwen3, tiny_vlm  # noqa: E402
 
 FAMILIES = {"llava": "dymu_llava", "onevision": "dymu_llava_onevision", "qwen2_vl": "dymu_qwen2_5_vl",
-            "qwen3_vl": "dymu_qwen3_vl"}
+            "qwen3_vl": "dymu_qwen3_vl", "internvl": "dymu_internvl"}
 TOWER_FAMILIES = ("llava", "onevision")  # DToMe inside the tower: its FLOPs are measured
 DOCS = len(task_docs())  # 12 questions
 TAU = 0.5  # merges a few of the tiny towers' 16 patches per crop
 # what merges some of every family's image tokens, and how many depends on the image
-MERGING = {"llava": str(TAU), "onevision": str(TAU), "qwen2_vl": "0.9/0.9/0.9", "qwen3_vl": "0.9/0.9/0.9"}
+MERGING = {"llava": str(TAU), "onevision": str(TAU), "qwen2_vl": "0.9/0.9/0.9", "qwen3_vl": "0.9/0.9/0.9",
+           "internvl": "0.9/0.9/0.9"}
 
 
 def tiny(family: str):
-    return tiny_qwen("2.5") if family == "qwen2_vl" else tiny_qwen3() if family == "qwen3_vl" else tiny_vlm(family)
+    factories = {"qwen2_vl": lambda: tiny_qwen("2.5"), "qwen3_vl": tiny_qwen3, "internvl": tiny_internvl}
+    return factories.get(family, lambda: tiny_vlm(family))()
 
 
 def harness_class(family: str) -> type:
@@ -124,6 +126,20 @@ def test_mode_full_answers_what_lmms_eval_own_qwen_answers(family, theirs, check
     assert sum(len(s["filtered_resps"].split()) for s in ours) >= DOCS  # real answers, not empty strings
     assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
     assert all(s["dymu"]["image_positions"] > 100 for s in ours)  # resized as theirs (the stand-in processor: <= 64)
+
+
+def test_mode_full_answers_what_lmms_eval_own_internvl_hf_answers(checkpoints, tmp_path):
+    """InternVL3: ``mode=full`` answers what lmms-eval's own InternVL model (``internvl_hf``, its
+    chat model: the same turn through the processor's template, 1 to 12 tiles, bfloat16)
+    answers, answer for answer, one question at a time on both sides."""
+    ours, _ = run("dymu_internvl", f"pretrained={checkpoints['internvl']},mode=full,dtype=bfloat16", 1,
+                  tmp_path / "dymu")
+    reference, _ = run("internvl_hf", f"pretrained={checkpoints['internvl']},device_map=cpu", 1,
+                       tmp_path / "theirs")
+    assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in reference]
+    assert sum(len(s["filtered_resps"].split()) for s in ours) >= DOCS  # real answers, not empty strings
+    assert all(s["dymu"]["image_tokens"] == s["dymu"]["image_positions"] for s in ours)  # nothing merged
+    assert all(len(s["dymu"]["crop_tokens"]) > 1 for s in ours)  # tiles and a thumbnail, as theirs
 
 
 def evaluate(model_args: str, batch_size: int = 2, gen_kwargs: str | None = None) -> list[dict]:

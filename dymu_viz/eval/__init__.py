@@ -6,7 +6,8 @@ entry-point group lmms-eval 0.7 reads (``lmms_eval.models``):
 * ``dymu_llava``: HF LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf`` or a local folder);
 * ``dymu_llava_onevision``: HF LLaVA-OneVision (``llava-hf/llava-onevision-qwen2-7b-ov-hf`` ...);
 * ``dymu_qwen2_5_vl``: HF Qwen2-VL / Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct`` ...);
-* ``dymu_qwen3_vl``: HF Qwen3-VL, dense or MoE (``Qwen/Qwen3-VL-8B-Instruct`` ...).
+* ``dymu_qwen3_vl``: HF Qwen3-VL, dense or MoE (``Qwen/Qwen3-VL-8B-Instruct`` ...);
+* ``dymu_internvl``: HF InternVL3 (``OpenGVLab/InternVL3-8B-hf`` ...).
 
     python -m lmms_eval eval --model dymu_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,thresholds=low,mode=vtu \\
@@ -36,7 +37,7 @@ SUMMARY_KEYS = ("image_tokens", "llm_compact_length", "llm_virtual_length", "kv_
 STATISTICS = ("mean", "std", "min", "median", "max")
 # lmms-eval model name -> its class in ``harness`` (one per VLM family with an lmms_name)
 MODELS = {"dymu_llava": "DyMULlava", "dymu_llava_onevision": "DyMULlavaOneVision",
-          "dymu_qwen2_5_vl": "DyMUQwen2VL", "dymu_qwen3_vl": "DyMUQwen3VL"}
+          "dymu_qwen2_5_vl": "DyMUQwen2VL", "dymu_qwen3_vl": "DyMUQwen3VL", "dymu_internvl": "DyMUInternVL"}
 
 
 def manifests() -> list:
@@ -118,7 +119,8 @@ def run_cli(model: str, model_args: str, output_path: Union[str, Path], tasks: s
             overwrite: bool = False, processes: int = 1) -> Path:
     """Run ``python -m lmms_eval eval`` (logged samples on, ``TASKS_DIR`` included) into a new
     ``output_path`` (an existing non-empty one is an error unless ``overwrite``: then it is
-    emptied first) and return it; a failed run raises with the end of its output. processes > 1:
+    emptied first) and return it; a failed run (a non-zero exit, or no results written) raises
+    with the end of its output. processes > 1:
     data parallel through ``accelerate launch --num_processes`` (one GPU each; on ``device="cpu"``
     CPU processes)."""
     output_path = Path(output_path)
@@ -135,6 +137,8 @@ def run_cli(model: str, model_args: str, output_path: Union[str, Path], tasks: s
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"lmms-eval exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
+    if not any(output_path.rglob("*_results.json")):  # lmms-eval logs some failures and still exits 0
+        raise RuntimeError(f"lmms-eval wrote no results:\n{(done.stdout + done.stderr)[-4000:]}")
     return Path(output_path)
 
 

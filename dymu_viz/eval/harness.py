@@ -381,3 +381,10 @@ class DyMUQwen3VL(DyMUModel):
     """``--model dymu_qwen3_vl``: HF Qwen3-VL (dense or MoE) with DToMe rounds, DeepStack merged alike."""
 
     family = "qwen3_vl"
+
+
+class DyMUInternVL(DyMUModel):
+    """``--model dymu_internvl``: HF InternVL3 with DyMU (tiles batched; rounds after the projector
+    or DToMe inside InternViT, by the thresholds given)."""
+
+    family = "internvl"

@@ -1,0 +1,713 @@
+"""Every GPU figure in one run: DToMe encoders, LLaVA-1.5-7B prefill and decode with VTU,
+LLaVA-OneVision-7B and Qwen2.5-VL-7B end to end, and the SDPA backend of every attention call.
+
+    python benchmarks/gpu.py --out DIR                    # one CUDA GPU, bfloat16, the real shapes
+    python benchmarks/gpu.py --out DIR --smoke            # tiny shapes, a few steps, runs on a CPU (CI)
+    python benchmarks/gpu.py --out DIR --only encoder     # one section (repeat --only for more)
+
+Random weights of the real architectures (HF classes built from their configs on the device, no
+open_clip), photos bundled with scikit-image. Sections, the most important figures first:
+
+* encoder: HF ``CLIPVisionModel`` of ViT-L-14-336 (QuickGELU) with the reference's published
+  72out thresholds at batch 1 (astronaut), 16 and 64 (photos and shape images), and HF
+  ``SiglipVisionModel`` SO400M-384 with thresholds calibrated on the same 16 images (72out) at
+  batch 16: unpatched, patched with merging off, DToMe; DToMe's speed-up against the FLOP bound
+  of its measured per-layer token counts (``stats.flop_ratio``);
+* llava: LLaVA-1.5-7B (CLIP-L-336 tower read at layer -2, Llama 32 x 4096). Its language model,
+  as ``vlm.py`` measures it on a CPU: prefill at 576 / 394 / 195 / 89 image tokens (full, VTU with
+  both cache policies, w/o VTU, FLOP-equivalent) with peak memory and KV bytes; then the whole
+  model on one photo (tower included, ``vlm.costs.stage_costs``: full, DyMU with VTU, DyMU w/o VTU,
+  published 72out thresholds); then decoding: per step and prefill + ``--decode-steps`` steps
+  for full, VTU compact cache, VTU decode-fast and w/o VTU at batch 1 and 8;
+* onevision: LLaVA-OneVision-7B (SO400M tower, Qwen2-7B) on one AnyRes photo, tower thresholds
+  calibrated to 72out on scikit-image's calibration pictures, ``stage_costs`` as above;
+* qwen: Qwen2.5-VL-7B (its 32-block ViT, Qwen2.5-7B) on one photo at 672 px, four DToMe rounds
+  after the tower calibrated to keep 0.3, ``stage_costs`` as above.
+
+Timing: modes run interleaved within every repetition (decode: step by step), the first
+``--warmup`` repetitions are thrown away, ratios are medians of the per-repetition (paired)
+ratios. Marks are CUDA events on a GPU and ``perf_counter`` on a CPU (``vlm.costs``' clock).
+
+Routes: each section runs one call of every attention kind it timed under torch's profiler and
+records which SDPA kernel ran (flash / memory-efficient / cuDNN / math), with VTU's own route
+counters. Any call on the math kernel fails the run (exit 1), as does a section that raised
+(its traceback goes into the JSON; the next section still runs).
+
+Output: DIR/gpu.json (machine, versions, settings, every row, the routes) and DIR/gpu.md (the
+same as tables), both rewritten after every row, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # this tree's dymu_viz, installed or not
+
+import encoder as encoder_bench  # noqa: E402
+import vlm as llm_bench  # noqa: E402
+from common import DTYPES  # noqa: E402
+from qwen import resized  # noqa: E402
+
+import dymu_viz  # noqa: E402
+from dymu_viz import vlm  # noqa: E402
+from dymu_viz.calibrate import find_thresholds  # noqa: E402
+from dymu_viz.data import calibration_photos, sample_photos, shapes_image  # noqa: E402
+from dymu_viz.models import HF_MODELS, image_transform  # noqa: E402
+from dymu_viz.stats import flop_ratio, padded_flop_overhead  # noqa: E402
+from dymu_viz.versions import TESTED_TRANSFORMERS, UNTESTED_OK, check_transformers  # noqa: E402
+from dymu_viz.vlm.costs import _Clock, cost_table, llm_prefill_flops, stage_costs  # noqa: E402
+from dymu_viz.vlm.models import VLM_MODELS  # noqa: E402
+from dymu_viz.vtu import VTUState, cache_bytes, find_decoder, patch_llm  # noqa: E402
+
+SECTIONS = ("encoder", "llava", "onevision", "qwen")
+CLIP_L, SO400M = "openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384"
+LLAVA, ONEVISION, QWEN = "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "Qwen/Qwen2.5-VL-7B-Instruct"
+# scikit-image's photos only: the GPU machine has neither scikit-learn nor matplotlib
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
+BACKENDS = ("flash", "memory_efficient", "cudnn", "math", "other")
+DECODE_MODES = ("full", "vtu", "vtu_fast", "compact")
+
+
+def real_llm(model_id: str, intermediate: int, heads: int, kv_heads: int, **more: Any) -> dict[str, Any]:
+    """The text config of ``model_id``'s real LLM: layers, width and vocabulary from its
+    ``VLMSpec``, the rest given (head dim = width / heads)."""
+    layers, width, vocab = VLM_MODELS[model_id].llm_shape
+    return dict(num_hidden_layers=layers, hidden_size=width, vocab_size=vocab, intermediate_size=intermediate,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=width // heads, **more)
+
+
+def tiny_llm(kv_heads: int) -> dict[str, Any]:
+    """A 2 x 128 LLM of head dim 64 (the random builds' head dim, so M-RoPE sections still fit)."""
+    return dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                num_key_value_heads=kv_heads, head_dim=64)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures: shapes (config overrides; empty: the real ones), sizes, repetitions."""
+
+    encoder_shape: dict[str, Any]  # overrides of the HF_MODELS vision configs
+    encoder_batches: tuple[int, ...]  # ViT-L-14-336; SigLIP runs at the second one
+    towers: dict[str, dict[str, Any]]  # per VLM: overrides of its tower's config
+    vision_layers: dict[str, Optional[int]]  # per VLM: tower blocks built (None: all)
+    llms: dict[str, dict[str, Any]]  # per VLM: its LLM's text config
+    decode_batches: tuple[int, ...]
+    decode_steps: int
+    new_tokens: int  # per generate of the whole-model rows
+    qwen_side: int  # the Qwen photo's longest side, px
+    reps: int
+    warmup: int
+    decode_reps: int
+
+
+FULL = Plan(
+    encoder_shape={}, encoder_batches=(1, 16, 64), towers={}, vision_layers={},
+    llms={LLAVA: real_llm(LLAVA, 11008, 32, 32),
+          ONEVISION: real_llm(ONEVISION, 18944, 28, 4),
+          QWEN: real_llm(QWEN, 18944, 28, 4,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})},
+    decode_batches=(1, 8), decode_steps=128, new_tokens=16, qwen_side=672, reps=5, warmup=2, decode_reps=1)
+TINY_VIT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
+SMOKE = Plan(
+    encoder_shape=dict(TINY_VIT, image_size=112), encoder_batches=(1, 4, 8),
+    towers={LLAVA: TINY_VIT, ONEVISION: TINY_VIT, QWEN: dict(hidden_size=64, intermediate_size=128, num_heads=2)},
+    vision_layers={ONEVISION: 2, QWEN: 2},
+    llms={LLAVA: tiny_llm(2), ONEVISION: tiny_llm(1), QWEN: tiny_llm(1)},
+    decode_batches=(1, 8), decode_steps=4, new_tokens=3, qwen_side=336, reps=2, warmup=1, decode_reps=1)
+
+
+class Mode(NamedTuple):
+    """One timed mode: ``prepare`` and ``after`` run untimed around the timed ``run``."""
+
+    prepare: Callable[[], Any]
+    run: Callable[[], Any]
+    after: Callable[[], Any] = lambda: None
+
+
+@dataclass
+class Run:
+    """One run: its plan, device and dtype, clock, and the report it fills."""
+
+    plan: Plan
+    device: str
+    dtype: torch.dtype
+    report: "Report"
+    clock: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clock = _Clock(torch.device(self.device))
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def interleaved(self, modes: dict[str, Mode], reps: int, warmup: int) -> dict[str, list[float]]:
+        """Seconds of each mode's ``run`` per repetition, the modes interleaved in every repetition;
+        the first ``warmup`` repetitions are dropped."""
+        marks: dict[str, list[tuple[Any, Any]]] = {m: [] for m in modes}
+        for rep in range(warmup + reps):
+            for name, mode in modes.items():
+                mode.prepare()
+                start = self.clock.mark()
+                mode.run()
+                end = self.clock.mark()
+                mode.after()
+                if rep >= warmup:
+                    marks[name].append((start, end))
+        return {m: [self.clock.seconds(a, b) for a, b in v] for m, v in marks.items()}
+
+    def peak_start(self) -> int:
+        """Reset the peak-memory counter; bytes allocated now (CUDA; 0 on a CPU)."""
+        if not self.cuda:
+            return 0
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    def peak_growth(self, start: int) -> Optional[int]:
+        """Peak bytes allocated above ``start`` since ``peak_start`` (None on a CPU)."""
+        return torch.cuda.max_memory_allocated() - start if self.cuda else None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDPA routes
+
+
+def sdpa_backend(op: str) -> Optional[str]:
+    """The SDPA kernel an aten op of the profiler is (None: not one)."""
+    if not op.startswith("aten::_scaled_dot_product"):
+        return None
+    return next((b for key, b in (("math", "math"), ("cudnn", "cudnn"), ("efficient", "memory_efficient"),
+                                  ("flash", "flash")) if key in op), "other")
+
+
+def vtu_state(model: nn.Module) -> Optional[VTUState]:
+    """The VTU state of the decoder inside ``model`` (None: not VTU-patched, or no decoder)."""
+    try:
+        return getattr(find_decoder(model), "dymu_vtu", None)
+    except ValueError:
+        return None
+
+
+@torch.no_grad()
+def probe(run: Run, section: str, kind: str, call: Callable[[], Any], model: nn.Module) -> dict[str, Any]:
+    """Run ``call`` once under the profiler: its SDPA calls, the kernels they ran on, VTU's route
+    counters over the call, and whether it kept off the math kernel; added to the report."""
+    state = vtu_state(model)
+    before = Counter(state.routes) if state is not None else Counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    if run.cuda:
+        torch.cuda.synchronize()
+    kernels: Counter[str] = Counter()
+    calls = 0
+    for event in prof.key_averages():
+        if event.key == "aten::scaled_dot_product_attention":
+            calls += event.count
+        elif sdpa_backend(event.key) is not None:
+            kernels[sdpa_backend(event.key)] += event.count
+    record = {"section": section, "kind": kind, "sdpa_calls": calls, "kernels": {b: kernels[b] for b in BACKENDS},
+              "unaccounted": calls - sum(kernels.values()),
+              "vtu_routes": dict(Counter(state.routes) - before) if state is not None else {},
+              "fused": kernels["math"] == 0}
+    run.report.data["routes"].append(record)
+    run.report.save()
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+
+
+def encoder_images() -> list[Any]:
+    """16 images of mixed complexity: scikit-image's photos (astronaut first) and shape images."""
+    images = list(sample_photos(PHOTOS).values())
+    return images + [shapes_image(n, seed=n) for n in (0, 1, 2, 4, 6, 9, 12, 24, 48, 96)]
+
+
+def hf_encoder(hf_id: str, shape: dict[str, Any], device: str, dtype: torch.dtype) -> tuple[nn.Module, Callable]:
+    """HF vision model ``hf_id`` (``HF_MODELS``' exact config, ``shape`` overriding) built on the
+    device in dtype, random weights, and its eval transform."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    family, config, proc = HF_MODELS[hf_id]
+    config = {**config, **shape}
+    model_cls, config_cls = (CLIPVisionModel, CLIPVisionConfig) if family == "clip" else (SiglipVisionModel, SiglipVisionConfig)
+    with torch.device(device):
+        model = model_cls._from_config(config_cls(**config), dtype=dtype).eval()
+    return model, image_transform(**{**proc, "size": config["image_size"]})
+
+
+@torch.no_grad()
+def encoder_rows(run: Run, name: str, hf_id: str, target: str, batches: tuple[int, ...]) -> None:
+    """Unpatched, merging off and DToMe at each batch size (see the module docstring)."""
+    plan, section = run.plan, run.report.section("encoder")
+    model, preprocess = hf_encoder(hf_id, plan.encoder_shape, run.device, run.dtype)
+    pixels = torch.stack([preprocess(im) for im in encoder_images()]).to(run.device, run.dtype)  # (16, 3, S, S)
+    if target == "published":
+        thresholds = dymu_viz.Thresholds.published("ViT-L-14-336-tome-72out")
+    else:
+        thresholds = find_thresholds(model, [pixels], target=target, name=name)
+    cfg = model.config
+    for bs in batches:
+        batch = pixels[torch.arange(bs) % len(pixels)]  # batch 1: the astronaut
+        dymu_viz.patch(model, thresholds)
+        counts = dymu_viz.encode(model, batch).counts.cpu()  # (bs, L + 1)
+        modes = {"unpatched": Mode(lambda: dymu_viz.get_state(model) and dymu_viz.unpatch(model), lambda: model(batch)),
+                 "off": Mode(lambda: dymu_viz.patch(model), lambda: model(batch)),
+                 "dtome": Mode(lambda: dymu_viz.patch(model, thresholds), lambda: model(batch))}
+        t = run.interleaved(modes, plan.reps, plan.warmup)
+        speedup = encoder_bench.paired(t, "unpatched", "dtome")
+        bound = flop_ratio(counts, cfg.hidden_size, cfg.intermediate_size)
+        row = {"model": name, "thresholds": "published 72out" if target == "published" else f"calibrated {target}",
+               "batch": bs, "seconds": {m: median(v) for m, v in t.items()},
+               "images_per_s": {m: bs / median(v) for m, v in t.items()},
+               "off_over_unpatched_time": encoder_bench.paired(t, "off", "unpatched"),
+               "dtome_speedup": speedup, "flop_bound": bound, "dtome_over_bound": speedup / bound,
+               "mean_output_tokens": float(counts[:, -1].float().mean()),
+               "padding_flop_share": padded_flop_overhead(counts, cfg.hidden_size, cfg.intermediate_size)}
+        section["rows"].setdefault("encoder", []).append(row)
+        run.report.save()
+    for mode in ("unpatched", "dtome"):
+        modes[mode].prepare()
+        probe(run, "encoder", f"{name} {mode}, batch {batches[-1]}", modes[mode].run, model)
+
+
+def encoder_section(run: Run) -> None:
+    batches = run.plan.encoder_batches
+    encoder_rows(run, "ViT-L-14-336", CLIP_L, "published", batches)
+    encoder_rows(run, "SigLIP-SO400M-384", SO400M, "72out", batches[1:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision-language models
+
+
+def build_vlm(run: Run, model_id: str) -> tuple[nn.Module, Any]:
+    """``model_id``'s random build (``vlm.load_vlm``: its classes, configs and stand-in processor)
+    with the plan's LLM and tower shapes, built on the device in the run's dtype."""
+    plan = run.plan
+    with torch.device("meta"):  # only the config, generation settings and processor are kept
+        loaded = vlm.load_vlm(model_id, "random", device="meta", dtype=torch.float32,
+                              vision_layers=plan.vision_layers.get(model_id))
+    config = copy.deepcopy(loaded.model.config)
+    config.text_config.update(plan.llms[model_id])
+    config.vision_config.update(plan.towers.get(model_id, {}))
+    if hasattr(config.vision_config, "out_hidden_size"):  # Qwen2.5-VL: the PatchMerger feeds the LLM
+        config.vision_config.out_hidden_size = config.text_config.hidden_size
+    with torch.device(run.device):
+        model = type(loaded.model)._from_config(config, dtype=run.dtype).eval()
+    model.generation_config = loaded.model.generation_config
+    return model, loaded.processor
+
+
+def prompt_inputs(model: nn.Module, processor: Any, images: list[Any]) -> dict[str, Any]:
+    """The processor's inputs for one "describe the image" prompt per image, on the model's device."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "describe the image"}]}], add_generation_prompt=True)
+    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def vlm_rows(run: Run, section: str, label: str, model: nn.Module, inputs: dict[str, Any], dymu: Any) -> None:
+    """``stage_costs`` of full, DyMU with VTU and DyMU w/o VTU (thresholds ``dymu``) on one prompt,
+    the settings interleaved in every repetition; medians, and each setting's total time against
+    full's as the median of per-repetition ratios. Then routes of one prefill per setting."""
+    settings = {"full": (None, "full"), "dymu vtu": (dymu, "vtu"), "dymu compact": (dymu, "compact")}
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in settings}
+    for rep in range(run.plan.warmup + run.plan.reps):
+        for setting, (spec, mode) in settings.items():
+            vlm.patch_vlm(model, spec, mode=mode)
+            row = stage_costs(model, inputs, run.plan.new_tokens, warmup=0, reps=1)
+            if rep >= run.plan.warmup:
+                runs[setting].append(row)
+    rows = run.report.section(section)["rows"].setdefault("vlm", [])
+    for setting, done in runs.items():
+        row = dict(done[-1], sample=label, setting=setting)
+        row.update({key: median([r[key] for r in done]) for key in
+                    ("vision_s", "prefill_s", "decode_s", "decode_s_per_token", "total_s")})
+        row["total_over_full"] = median([r["total_s"] / f["total_s"] for r, f in zip(done, runs["full"])])
+        rows.append(row)
+    run.report.save()
+    for setting, (spec, mode) in settings.items():
+        vlm.patch_vlm(model, spec, mode=mode)
+        probe(run, section, f"{label} {setting}: prefill (tower + LLM)", lambda: model(**inputs, use_cache=False), model)
+
+
+@torch.no_grad()
+def llm_prefill_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
+    """``vlm.py``'s prefill rows at batch 1 on LLaVA's language model: every mode of
+    ``vlm.MODES`` interleaved per level, KV bytes after prefill and peak memory growth."""
+    plan, cfg, virtual = run.plan, lm.config, full_embeds.shape[1]
+    rows = run.report.section("llava")["rows"].setdefault("llm_prefill", [])
+    for n in llm_bench.LEVELS:
+        inputs = {mode: llm_bench.inputs_for(mode, n, full_embeds) for mode in llm_bench.MODES}
+        kv: dict[str, int] = {}
+        peak: dict[str, Optional[int]] = {}
+
+        def mode_of(mode: str) -> Mode:
+            """One prefill in ``mode`` on a fresh cache; its KV bytes and peak memory growth after it."""
+            held: dict[str, Any] = {}
+
+            def prepare() -> None:
+                llm_bench.use_mode(lm, mode)
+                embeds, layout = inputs[mode]
+                if layout is not None:
+                    lm.dymu_vtu.start(layout, embeds.shape[1])
+                held.update(cache=DynamicCache(), start=run.peak_start())
+
+            def after() -> None:
+                kv[mode], peak[mode] = cache_bytes(held["cache"]), run.peak_growth(held["start"])
+            return Mode(prepare, lambda: lm(inputs_embeds=inputs[mode][0], past_key_values=held["cache"],
+                                            use_cache=True), after)
+
+        t = run.interleaved({mode: mode_of(mode) for mode in llm_bench.MODES}, plan.reps, plan.warmup)
+        ratio = lambda num, den="full": encoder_bench.paired(t, num, den)  # noqa: E731
+        compact = llm_bench.BEFORE + n + llm_bench.AFTER
+        bound = llm_prefill_flops(cfg, compact, virtual) / llm_prefill_flops(cfg, virtual, virtual)
+        rows.append({"image_tokens": n, "compact": compact, "virtual": virtual,
+                     "seconds": {m: median(v) for m, v in t.items()},
+                     "vtu_time_ratio": ratio("vtu"), "vtu_fast_time_ratio": ratio("vtu_fast"),
+                     "compact_time_ratio": ratio("compact"), "flop_equivalent_time_ratio": ratio("flop_equivalent"),
+                     "vtu_flop_ratio": bound, "vtu_over_bound": ratio("vtu") / bound,
+                     "vtu_over_flop_equivalent": ratio("vtu", "flop_equivalent"), "kv_bytes": kv,
+                     "kv_ratio_vtu": kv["vtu"] / kv["full"], "kv_ratio_vtu_fast": kv["vtu_fast"] / kv["full"],
+                     "expected_kv_ratio": compact / virtual, "expected_kv_ratio_fast": (virtual + compact) / (2 * virtual),
+                     "peak_growth_bytes": peak})
+        run.report.save()
+        if n in (576, 394):  # nothing merged and merged: the VTU routes differ
+            for mode in DECODE_MODES:
+                once = mode_of(mode)
+                once.prepare()
+                probe(run, "llava", f"LLM prefill {mode}, {n} image tokens, batch 1", once.run, lm)
+    llm_bench.use_mode(lm, "full")
+
+
+@torch.no_grad()
+def llm_decode_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
+    """``vlm.py``'s decode rows: per batch and level, every mode prefilled on its own decoder (the
+    VTU ones share ``lm``'s weights) and cache, then the modes' single-token steps interleaved
+    step by step; a step ratio is the median of step-to-step ratios. Warm-up repetitions run 4
+    steps. Routes of one more step per mode at batch 1 (merged, and nothing merged)."""
+    plan = run.plan
+    llm_bench.use_mode(lm, "full")
+    decoders = {"full": lm, "compact": lm, "vtu": llm_bench.shared_copy(lm), "vtu_fast": llm_bench.shared_copy(lm)}
+    patch_llm(decoders["vtu"], cache="compact")
+    patch_llm(decoders["vtu_fast"], cache="decode_fast")
+    rows = run.report.section("llava")["rows"].setdefault("llm_decode", [])
+    for batch in plan.decode_batches:
+        embeds = full_embeds.expand(batch, -1, -1).contiguous()
+        for n in llm_bench.LEVELS:
+            inputs = {mode: llm_bench.inputs_for(mode, n, embeds) for mode in DECODE_MODES}
+            step_t: dict[str, list[float]] = {m: [] for m in DECODE_MODES}
+            step_r: dict[str, list[float]] = {m: [] for m in DECODE_MODES}
+            total_t: dict[str, list[float]] = {m: [] for m in DECODE_MODES}
+            for rep in range(plan.warmup + plan.decode_reps):
+                caches, marks = {}, {m: [] for m in DECODE_MODES}
+                for mode in DECODE_MODES:
+                    (x, layout), caches[mode] = inputs[mode], DynamicCache()
+                    if layout is not None:
+                        decoders[mode].dymu_vtu.start(layout, x.shape[1])
+                    start = run.clock.mark()
+                    decoders[mode](inputs_embeds=x, past_key_values=caches[mode], use_cache=True)
+                    marks[mode].append((start, run.clock.mark()))
+                for _ in range(plan.decode_steps if rep >= plan.warmup else min(4, plan.decode_steps)):
+                    for mode in DECODE_MODES:  # the modes' steps interleaved: paired step by step
+                        start = run.clock.mark()
+                        decoders[mode](inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode], use_cache=True)
+                        marks[mode].append((start, run.clock.mark()))
+                if rep < plan.warmup:
+                    continue
+                seconds = {m: [run.clock.seconds(a, b) for a, b in v] for m, v in marks.items()}
+                for mode in DECODE_MODES:
+                    steps = seconds[mode][1:]
+                    step_t[mode].append(median(steps))
+                    step_r[mode].append(median([a / b for a, b in zip(steps, seconds["full"][1:])]))
+                    total_t[mode].append(sum(seconds[mode]))
+            rows.append({"batch": batch, "image_tokens": n, "decode_steps": plan.decode_steps,
+                         "step_seconds": {m: median(v) for m, v in step_t.items()},
+                         "step_ratio": {m: median(step_r[m]) for m in DECODE_MODES[1:]},
+                         "end_to_end_seconds": {m: median(v) for m, v in total_t.items()},
+                         "end_to_end_ratio": {m: encoder_bench.paired(total_t, m, "full") for m in DECODE_MODES[1:]}})
+            run.report.save()
+            if batch == plan.decode_batches[0] and n in (576, 394):
+                for mode in DECODE_MODES:
+                    probe(run, "llava", f"LLM decode step {mode}, {n} image tokens, batch {batch}",
+                          lambda: decoders[mode](inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
+                                                 use_cache=True), decoders[mode])
+            del caches
+
+
+def llava_section(run: Run) -> None:
+    model, processor = build_vlm(run, LLAVA)
+    lm = model.model.language_model  # LlamaModel: vlm.py's decoder at the real shape
+    torch.manual_seed(0)
+    full_embeds = torch.randn(1, llm_bench.BEFORE + llm_bench.IMAGE + llm_bench.AFTER, lm.config.hidden_size,
+                              device=run.device, dtype=run.dtype)
+    llm_prefill_rows(run, lm, full_embeds)
+    photos = sample_photos(["chelsea", "rocket"])
+    published = dymu_viz.Thresholds.published("ViT-L-14-336-tome-72out")
+    vlm_rows(run, "llava", "LLaVA-1.5-7B, chelsea", model, prompt_inputs(model, processor, [photos["chelsea"]]), published)
+    two = prompt_inputs(model, processor, list(photos.values()))  # different counts: a padded batch
+    vlm.patch_vlm(model, published, mode="vtu")
+    probe(run, "llava", "LLaVA-1.5-7B dymu vtu: prefill of 2 photos (padded rows)", lambda: model(**two, use_cache=False),
+          model)
+    vlm.unpatch_vlm(model)
+    llm_decode_rows(run, lm, full_embeds)
+
+
+def onevision_section(run: Run) -> None:
+    model, processor = build_vlm(run, ONEVISION)
+    tower = model.model.vision_tower
+    crops = [processor.image_processor(images=[im], return_tensors="pt")["pixel_values"][0].to(run.device, run.dtype)
+             for im in calibration_photos(["camera", "coins", "brick", "grass"]).values()]  # (crops, 3, 384, 384) each
+    thresholds = find_thresholds(tower, crops, target="72out", name="SigLIP-SO400M-384 (OneVision tower)")
+    image = sample_photos(["astronaut"])["astronaut"]
+    vlm_rows(run, "onevision", "LLaVA-OneVision-7B, astronaut (AnyRes)", model, prompt_inputs(model, processor, [image]),
+             thresholds)
+
+
+def qwen_section(run: Run) -> None:
+    model, processor = build_vlm(run, QWEN)
+    side = run.plan.qwen_side
+    calibration = [resized(im, side) for im in calibration_photos().values()]
+    thresholds = vlm.qwen.calibrate_rounds(model, processor, calibration, keep=0.3, rounds=4, progress=False)
+    image = resized(sample_photos(["chelsea"])["chelsea"], side)
+    vlm_rows(run, "qwen", f"Qwen2.5-VL-7B, chelsea at {side} px", model, prompt_inputs(model, processor, [image]),
+             thresholds)
+
+
+SECTION_RUNS: dict[str, Callable[[Run], None]] = {
+    "encoder": encoder_section, "llava": llava_section, "onevision": onevision_section, "qwen": qwen_section}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def machine(device: str) -> dict[str, Any]:
+    """The device and host, in words and numbers."""
+    info: dict[str, Any] = {"device_type": "cuda" if device.startswith("cuda") else "cpu",
+                            "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+                            "platform": platform.platform()}
+    if info["device_type"] == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, memory_gib=props.total_memory / 2 ** 30,
+                    capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    sdpa_enabled={"flash": torch.backends.cuda.flash_sdp_enabled(),
+                                  "memory_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                                  "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                                  "math": torch.backends.cuda.math_sdp_enabled()})
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def versions() -> dict[str, Any]:
+    """Python, torch, transformers, dymu_viz and this tree's commit; the transformers check."""
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    try:
+        check_transformers()
+        refused = None
+    except RuntimeError as err:
+        refused = str(err)
+    minor = ".".join(transformers.__version__.split(".")[:2])
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "dymu_viz": dymu_viz.__version__, "commit": commit,
+            "transformers_check": {"tested": minor in TESTED_TRANSFORMERS, "override": os.environ.get(UNTESTED_OK) == "1",
+                                   "refusal": refused}}
+
+
+class Report:
+    """The run's JSON and markdown in ``out``, rewritten whole (atomically) by ``save``."""
+
+    def __init__(self, out: Path, data: dict[str, Any]):
+        self.out, self.data = out, data
+        out.mkdir(parents=True, exist_ok=True)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.data["sections"][name]
+
+    def save(self) -> None:
+        for name, text in (("gpu.json", json.dumps(self.data, indent=1) + "\n"), ("gpu.md", markdown(self.data))):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
+
+
+def fmt(value: Optional[float], spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def mib(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / 2 ** 20:.0f}"
+
+
+def encoder_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | thresholds | batch | unpatched im/s | off / unpatched time | DToMe speed-up | FLOP bound "
+             "| DToMe / bound | padding FLOPs | mean tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['thresholds']} | {r['batch']} | {r['images_per_s']['unpatched']:.1f} "
+              f"| {r['off_over_unpatched_time']:.3f} | {r['dtome_speedup']:.2f}x | {r['flop_bound']:.2f}x "
+              f"| **{r['dtome_over_bound']:.2f}** | {100 * r['padding_flop_share']:.1f} % | {r['mean_output_tokens']:.1f} |"
+              for r in rows]
+    return lines
+
+
+def prefill_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| image tokens | compact / virtual | full prefill ms | VTU / full | decode-fast VTU / full | FLOP ratio "
+             "| VTU / bound | FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full "
+             "| KV VTU / full (expected) | KV decode-fast / full (expected) | peak growth MiB full / VTU / w/o VTU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = r["peak_growth_bytes"]
+        lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {1e3 * r['seconds']['full']:.2f} "
+                     f"| {r['vtu_time_ratio']:.3f} | {r['vtu_fast_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} "
+                     f"| {r['vtu_over_bound']:.2f} | {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} "
+                     f"| {r['vtu_over_flop_equivalent']:.2f} | {r['compact_time_ratio']:.3f} "
+                     f"| {r['kv_ratio_vtu']:.3f} ({r['expected_kv_ratio']:.3f}) "
+                     f"| {r['kv_ratio_vtu_fast']:.3f} ({r['expected_kv_ratio_fast']:.3f}) "
+                     f"| {' / '.join(mib(peak[m]) for m in ('full', 'vtu', 'compact'))} |")
+    return lines
+
+
+def decode_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| batch | image tokens | full step ms | step: VTU compact cache | VTU decode-fast | w/o VTU "
+             "| end to end: VTU compact cache | VTU decode-fast | w/o VTU | full end to end s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st, e2e = r["step_ratio"], r["end_to_end_ratio"]
+        lines.append(f"| {r['batch']} | {r['image_tokens']} | {1e3 * r['step_seconds']['full']:.2f} | {st['vtu']:.2f} "
+                     f"| **{st['vtu_fast']:.2f}** | {st['compact']:.2f} | {e2e['vtu']:.2f} | {e2e['vtu_fast']:.2f} "
+                     f"| {e2e['compact']:.2f} | {r['end_to_end_seconds']['full']:.3f} |")
+    return lines
+
+
+def routes_table(routes: list[dict[str, Any]]) -> list[str]:
+    lines = ["| section | call | SDPA calls | flash | memory-efficient | cuDNN | math | other | VTU routes | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in routes:
+        k = r["kernels"]
+        vtu_routes = ", ".join(f"{name} {n}" for name, n in sorted(r["vtu_routes"].items())) or "-"
+        lines.append(f"| {r['section']} | {r['kind']} | {r['sdpa_calls']} | {k['flash']} | {k['memory_efficient']} "
+                     f"| {k['cudnn']} | {k['math']} | {k['other']} | {vtu_routes} "
+                     f"| {'fused' if r['fused'] else '**MATH: FAILED**'} |")
+    return lines
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The report as markdown: a header on the run, then every section's tables and the routes."""
+    m, v, s = data["machine"], data["versions"], data["settings"]
+    check = v["transformers_check"]
+    release = "a tested release" if check["tested"] else \
+        f"UNTESTED, run with {UNTESTED_OK}=1" if check["override"] else "untested: the VLM path refuses it"
+    lines = [f"# GPU kit: {m['device']} ({s['dtype']}{', SMOKE: tiny shapes' if data['smoke'] else ''})", "",
+             f"Started {data['started']}, finished {data['finished'] or 'not yet'}; status: **{data['status']}**. "
+             f"torch {v['torch']} (CUDA {m.get('cuda', '-')}), transformers {v['transformers']} ({release}), "
+             f"Python {v['python']}, dymu_viz {v['dymu_viz']} at {v['commit'] or 'an unknown commit'}; "
+             f"repetitions {s['reps']} after {s['warmup']} warm-up, decode {s['decode_steps']} steps.", ""]
+    titles = {"encoder": "Encoders", "llm_prefill": "LLaVA-1.5-7B language model: prefill, batch 1",
+              "llm_decode": f"LLaVA-1.5-7B language model: decode ({s['decode_steps']} steps after the prefill), "
+                            "time ratios to the full model", "vlm": "Whole model (tower included), batch 1"}
+    tables = {"encoder": encoder_table, "llm_prefill": prefill_table, "llm_decode": decode_table,
+              "vlm": lambda rows: cost_table(rows).splitlines() + ["", "Total time / full (median of paired ratios): "
+                                                                   + ", ".join(f"{r['setting']} {r['total_over_full']:.2f}"
+                                                                               for r in rows)]}
+    for name, section in data["sections"].items():
+        lines += [f"## {name}: {section['status']}" + (f" ({section['seconds']:.0f} s)" if section["seconds"] else ""), ""]
+        if section["error"]:
+            lines += ["```", section["error"].rstrip(), "```", ""]
+        for table, rows in section["rows"].items():
+            lines += [f"{titles[table]}:", "", *tables[table](rows), ""]
+    lines += ["## SDPA routes", "", *routes_table(data["routes"]), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps (a CPU does it in seconds)")
+    p.add_argument("--only", action="append", choices=SECTIONS, help="run this section only (repeatable)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--reps", type=int, help="timed repetitions (default: the plan's)")
+    p.add_argument("--decode-steps", type=int, help="decode steps after each prefill (default: the plan's)")
+    args = p.parse_args(argv)
+    overrides = {"reps": args.reps, "decode_steps": args.decode_steps}
+    plan = dataclasses.replace(SMOKE if args.smoke else FULL, **{k: v for k, v in overrides.items() if v is not None})
+    sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
+    data = {"kit": "benchmarks/gpu.py", "smoke": args.smoke, "argv": sys.argv[1:] if argv is None else argv,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": None, "status": "running",
+            "machine": machine(args.device), "versions": versions(),
+            "settings": {"device": args.device, "dtype": args.dtype, "reps": plan.reps, "warmup": plan.warmup,
+                         "decode_steps": plan.decode_steps, "decode_reps": plan.decode_reps,
+                         "new_tokens": plan.new_tokens, "plan": asdict(plan)},
+            "sections": {s: {"status": "pending", "seconds": None, "error": None, "rows": {}} for s in sections},
+            "routes": [], "routes_fused": None, "open_clip_imported": None, "failures": []}
+    run = Run(plan, args.device, DTYPES[args.dtype], Report(args.out, data))
+    run.report.save()
+    for name in sections:
+        section = data["sections"][name]
+        section["status"], start = "running", time.perf_counter()
+        run.report.save()
+        torch.manual_seed(0)
+        try:
+            SECTION_RUNS[name](run)
+            section["status"] = "done"
+        except Exception:  # noqa: BLE001 (the next section still runs; the traceback goes into the report)
+            section["status"], section["error"] = "failed", traceback.format_exc()
+            data["failures"].append(f"section {name} failed")
+            print(section["error"], file=sys.stderr, flush=True)
+        section["seconds"] = time.perf_counter() - start
+        gc.collect()
+        if run.cuda:
+            torch.cuda.empty_cache()
+        run.report.save()
+        print(f"{name}: {section['status']} in {section['seconds']:.1f} s", flush=True)
+    math = [r["kind"] for r in data["routes"] if not r["fused"]]
+    data["failures"] += [f"SDPA on the math kernel: {kind}" for kind in math]
+    data.update(routes_fused=not math, open_clip_imported="open_clip" in sys.modules,
+                finished=time.strftime("%Y-%m-%d %H:%M:%S"), status="failed" if data["failures"] else "ok")
+    run.report.save()
+    print(f"{data['status']}: {args.out / 'gpu.json'}, {args.out / 'gpu.md'}" +
+          "".join(f"\n  {f}" for f in data["failures"]), flush=True)
+    return 1 if data["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
