@@ -111,6 +111,19 @@ def test_hooked_keys_are_the_last_blocks_keys_of_each_units_patches() -> None:
     assert torch.allclose(metric, keys[:, patches].flatten(-2), atol=1e-12, rtol=0)
 
 
+def test_tile_unit_maps_put_every_unit_on_its_tiles_grid() -> None:
+    """A unit's place on the map is its 2 x 2 block of patches: with the mapping set to each
+    unit's own index (HF's order), the map holds, at every grid cell, the unit of that block."""
+    model, _ = tiny_internvl()
+    patches = internvl.unit_patches(model, torch.device("cpu"))
+    image = vlm.tokens.ImageTokens(torch.zeros(32, 1), torch.arange(32), [16, 16])
+    maps = internvl.tile_unit_maps(model, image)
+    assert maps.shape == (2, 4, 4) and torch.equal(maps[1], maps[0] + 16)
+    for r in range(4):
+        for c in range(4):
+            assert 2 * r * 8 + 2 * c in patches[maps[0, r, c]].tolist()  # the block's top-left patch is the unit's
+
+
 def _compact_rows(model, inputs: dict, images: list) -> torch.Tensor:
     media = {model.config.image_token_id: ("image", "<IMG_CONTEXT>", images, False)}
     return vlm.pipeline.compact_chunk(model, inputs["input_ids"], inputs["attention_mask"], media).rows

@@ -80,6 +80,16 @@ def unit_patches(model: nn.Module, device: torch.device) -> Tensor:
     return shuffled.reshape(-1, shuffled.shape[-1]).long()
 
 
+def tile_unit_maps(model: nn.Module, image: ImageTokens) -> Tensor:
+    """(tiles, rows / 2, cols / 2) the compact row of every unit of an item's tiles, units laid
+    out on their tile's grid (raster order), for merge maps (``viz.plot_unit_merge_maps``)."""
+    rows, cols = grid_of(model)
+    first = unit_patches(model, image.mapping.device)[:, 0]  # each unit's top-left patch
+    raster = first // cols // 2 * (cols // 2) + first % cols // 2  # (S,) its place on the unit grid
+    per_tile = image.mapping.view(-1, len(raster))
+    return torch.empty_like(per_tile).index_copy_(1, raster, per_tile).view(-1, rows // 2, cols // 2)
+
+
 def units_per_tile(model: nn.Module) -> int:
     rows, cols = grid_of(model)
     ratio = model.config.downsample_ratio
