@@ -16,7 +16,7 @@ from dymu_viz.vlm.baselines import (Pool, RandomPrune, ToMe, match_budget, mean_
                                     random_keep, tome_r)
 from dymu_viz.vlm.reductions import crop_seed
 from dymu_viz.vlm.tokens import ImageTokens
-from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, encode_images, tiny_qwen, tiny_vlm
+from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, encode_images, tiny_qwen, tiny_qwen3, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -132,8 +132,8 @@ def test_clear_errors() -> None:
         match_budget(model, processor, photos()[:1], 10, "pool", mode="full")
     qwen, _ = tiny_qwen("2.5")
     for baseline in (Pool(2, 2), RandomPrune(4)):
-        with pytest.raises(ValueError, match="LLaVA-1.5, LLaVA-OneVision, InternVL3"):
-            vlm.patch_vlm(qwen, baseline)
+        with pytest.raises(ValueError, match="temporal= and window= do not apply"):
+            vlm.patch_vlm(qwen, baseline, window=4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,3 +213,51 @@ def test_tome_r_is_r_in_every_layer_llava_reads_the_papers_tome_row() -> None:
     assert counts[-1] == 94 and counts == [577 - 21 * i for i in range(24)]
     vlm.patch_vlm(model, parse_setting("llava", None, "21/5", None), mode="compact")
     assert mean_image_tokens(model, processor, photos()[:1]) == 576 - 26
+
+
+# Families that merge in rounds after their tower: the baselines reduce each image's units.
+ROUND_FAMILIES = {"qwen2_5_vl": lambda dtype=torch.float32: tiny_qwen("2.5", dtype),
+                  "qwen3_vl": lambda dtype=torch.float32: tiny_qwen3(dtype)}
+
+
+@pytest.mark.parametrize("family", ROUND_FAMILIES)
+@pytest.mark.parametrize("kind", ["tome", "pool", "random"])
+def test_unit_baselines_of_round_families_reach_dymus_mean(family: str, kind: str) -> None:
+    model, processor = ROUND_FAMILIES[family]()
+    pictures = [p.resize((168, 112)) for p in sample_photos().values()]
+    vlm.patch_vlm(model, [0.3] * 2)
+    target = mean_image_tokens(model, processor, pictures)
+    baseline = match_budget(model, processor, pictures, target, kind)
+    assert baseline.measured == pytest.approx(target, rel=0.15)
+    assert model.dymu_vlm.settings.reduction == baseline and model.dymu_vlm.unit_thresholds is None
+    out = vlm.chat(model, processor, pictures[:2], ["what ?", "and here ?"], max_new_tokens=2)
+    assert [acc["image_tokens"] for acc in out.accounting] == [round(baseline.measured)] * 2 or kind == "tome"
+    assert all(acc["image_tokens"] < acc["image_positions"] for acc in out.accounting)
+
+
+@pytest.mark.parametrize("family", ROUND_FAMILIES)
+def test_unit_baselines_are_means_of_units_and_deepstack_alike(family: str) -> None:
+    """Pool: every token is the mean of its cell's units (and of their DeepStack features); ToMe:
+    every image loses exactly its r merges, whatever it shows; RandomPrune: kept units keep
+    their own features, the same alone as in a batch."""
+    model, processor = ROUND_FAMILIES[family](torch.float64)
+    pictures = [p.resize((168, 112)) for p in sample_photos(["rocket", "chelsea", "coffee"]).values()]
+    pixels = processor.image_processor(images=pictures, return_tensors="pt")
+    values, grids = pixels["pixel_values"].to(torch.float64), pixels["image_grid_thw"]
+    vanilla = model.model.get_image_features(values, grids)
+    units = vanilla.pooler_output
+    for image, unit in zip(vlm.qwen.qwen_images(model, values, grids, reduction=Pool(2, 2)), units):
+        sizes = torch.bincount(image.mapping, minlength=4).to(unit)
+        assert len(image.features) == 4
+        means = torch.zeros(4, unit.shape[1], dtype=unit.dtype).index_add_(0, image.mapping, unit) / sizes[:, None]
+        assert torch.allclose(image.features, means, atol=1e-12, rtol=0)
+        if image.extras is not None:  # Qwen3-VL: DeepStack pooled with the same cells
+            assert image.extras.shape[:2] == (4, len(model.config.vision_config.deepstack_visual_indexes))
+    for image, unit in zip(vlm.qwen.qwen_images(model, values, grids, reduction=ToMe((3, 2))), units):
+        assert len(image.features) == len(unit) - 5
+    together = vlm.qwen.qwen_images(model, values, grids, reduction=RandomPrune(5, seed=1))
+    first_rows = int(grids[0].prod())
+    alone = vlm.qwen.qwen_images(model, values[:first_rows], grids[:1], reduction=RandomPrune(5, seed=1))[0]
+    assert torch.equal(alone.mapping, together[0].mapping) and torch.allclose(alone.features, together[0].features)
+    for image, unit in zip(together, units):
+        assert len(image.features) == 5 and all(any(torch.equal(f, u) for u in unit) for f in image.features)

@@ -224,32 +224,41 @@ def test_tower_thresholds_are_calibrated_on_tiles_with_the_encoder_calibration(t
     assert get_state(model.model.vision_tower) is None
 
 
-@pytest.mark.parametrize("kind", ["pool", "random"])
-def test_matched_budget_baselines_reach_dymus_mean(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["tome", "pool", "random"])
+def test_matched_budget_baselines_on_the_units_reach_dymus_mean(kind: str) -> None:
     model, processor = tiny_internvl()
     photos = [p.resize((112, 84)) for p in sample_photos().values()]
     vlm.patch_vlm(model, [0.2] * 2)
     target = mean_image_tokens(model, processor, photos)
     baseline = match_budget(model, processor, photos, target, kind)
-    assert baseline.measured == pytest.approx(target, rel=0.25)
-    assert model.dymu_vlm.settings.placement == "tower"
+    # the tiny tiles' 4 x 4 unit grid pools to 16, 12, 9, 6, 4 ... tokens: coarse steps
+    assert baseline.measured == pytest.approx(target, rel=0.25 if kind == "pool" else 0.1)
+    settings = model.dymu_vlm.settings
+    assert settings.placement == "rounds" and settings.reduction == baseline and settings.rounds is None
     out = vlm.chat(model, processor, photos[:2], ["what ?", "and here ?"], max_new_tokens=2)
-    assert all(acc["image_tokens"] < acc["image_positions"] for acc in out.accounting)
+    for acc in out.accounting:  # the same count in every tile: the baselines ignore the content
+        assert len(set(acc["crop_tokens"])) == 1 and acc["image_tokens"] < acc["image_positions"]
 
 
-def test_tome_in_the_tower_shrinks_units_only_where_whole_units_merge() -> None:
-    """ToMe's fixed merges inside InternViT: the tower's tokens fall by r per layer, but a unit
-    shrinks only when its four patches' tokens repeat, so at ToMe's most (half the patches)
-    InternVL keeps far more units than DyMU's rounds; matched budgets use pooling or random
-    pruning (README)."""
-    from dymu_viz.vlm.baselines import ToMe, tome_r
+def test_unit_baselines_pool_the_tiles_grid_and_prune_at_random_by_the_tiles_pixels() -> None:
+    """Pool(2, 2): each token is the mean of a 2 x 2 block of the tile's 4 x 4 unit grid;
+    RandomPrune: kept units keep their own features, and a tile keeps the same units alone."""
+    from dymu_viz.vlm.baselines import Pool, RandomPrune
 
-    model, processor = tiny_internvl()
-    photos = [p.resize((112, 84)) for p in sample_photos().values()]
-    vlm.patch_vlm(model, ToMe(tome_r(63, 3, 3)))
-    most = mean_image_tokens(model, processor, photos)
-    vlm.patch_vlm(model, [0.0] * 4)
-    assert mean_image_tokens(model, processor, photos) < most < 16 * 9
+    model, processor = tiny_internvl(torch.float64)
+    tiles = inputs_of(processor, pictures())["pixel_values"]
+    vanilla = model.model.get_image_features(pixel_values=tiles).pooler_output
+    maps = internvl.tile_unit_maps(model, vlm.tokens.ImageTokens(torch.zeros(16, 1), torch.arange(16), [16]))[0]
+    for t, (tokens, rows) in enumerate(internvl.round_tokens(model, tiles, None, "keys", Pool(2, 2))):
+        for cell in range(4):
+            block = maps[cell // 2 * 2:cell // 2 * 2 + 2, cell % 2 * 2:cell % 2 * 2 + 2].flatten()  # HF unit indices
+            assert torch.equal(rows[block], torch.full((4,), cell))
+            assert torch.allclose(tokens[cell], vanilla[t, block].mean(0), atol=1e-12, rtol=0)
+    together = internvl.round_tokens(model, tiles, None, "keys", RandomPrune(5, seed=3))
+    alone = internvl.round_tokens(model, tiles[2:3], None, "keys", RandomPrune(5, seed=3))
+    assert torch.equal(together[2][1], alone[0][1])
+    for t, (tokens, rows) in enumerate(together):
+        assert len(tokens) == 5 and all(any(torch.equal(tok, u) for u in vanilla[t]) for tok in tokens)
 
 
 @pytest.mark.parametrize("model_id", list(internvl.InternVL.checkpoints))

@@ -1,13 +1,13 @@
-"""Matched-budget baselines for DyMU on the families whose tower DyMU can patch (LLaVA-1.5,
-LLaVA-OneVision, InternVL3: there the baselines run in or after the tower, whichever place
-DyMU's own thresholds merge in).
+"""Matched-budget baselines for DyMU, on every family's own grid: the tower's patches where
+DyMU merges inside the tower (LLaVA-1.5, LLaVA-OneVision), each image's (tile's) units where it
+merges in rounds after the tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL3).
 
 DyMU's token count depends on the image; to compare it fairly, each baseline is sized so that
 its *mean* count on the same images equals DyMU's:
 
-* ``ToMe``: fixed r in the tower (the same count for every crop), as in ToMe;
-* ``Pool``: uniform 2-D average pooling of each crop's patch grid to rows x cols cells;
-* ``RandomPrune``: ``keep`` patches of each crop drawn at random (seeded), the rest dropped.
+* ``ToMe``: fixed r per tower layer or per round (the same count for every crop or image), as in ToMe;
+* ``Pool``: uniform 2-D average pooling of each crop's (image's) grid to rows x cols cells;
+* ``RandomPrune``: ``keep`` patches (units) of each crop (image) drawn at random (seeded), the rest dropped.
 
 The reductions themselves are in ``dymu_viz.vlm.reductions``; they run through the same LLM
 path as DyMU: ``patch_vlm(model, ToMe(...) | Pool(...) | RandomPrune(...), mode=...)``.
@@ -55,27 +55,25 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
                  mode: str = "vtu", batch_size: int = 8, seed: int = 0) -> Baseline:
     """The ``kind`` baseline ("tome", "pool" or "random") whose mean image tokens on ``images``
     is closest to ``target`` (e.g. a DyMU run's ``mean_image_tokens``): a binary search over
-    ToMe's merges per crop, the pooling grids of ``pool_grids`` or the patches random pruning
-    keeps per crop (drawn with ``seed``), measuring with the real tower each time. The model is
+    ToMe's merges per crop (image), the pooling grids of ``pool_grids`` or the patches (units)
+    random pruning keeps (drawn with ``seed``), on the family's grid (``baseline_grid``, the
+    smallest of ``images``), measuring with the real tower each time. The model is
     left patched with the result (``mode`` as in ``patch_vlm``); ``measured`` holds its mean."""
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
     if mode == "full":
         raise ValueError('mode="full" merges nothing, so no budget can be matched; use "vtu" or "compact"')
-    if not family_of(model).baselines:
-        raise ValueError("matched-budget baselines are for families whose ViT tower DyMU patches "
-                         "(LLaVA-1.5, LLaVA-OneVision, InternVL3)")
-    cfg = model.config
-    size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
-    side = (size[0] if isinstance(size, (list, tuple)) else size) // (patch[0] if isinstance(patch, (list, tuple)) else patch)
-    depth = cfg.vision_config.num_hidden_layers
-    layers_run = cfg.vision_feature_layer % (depth + 1)
+    family = family_of(model)
+    if not family.baselines:
+        raise ValueError(f"the {family.title} family has no matched-budget baselines")
+    rows, cols = family.baseline_grid(model, processor, images)
     if kind == "tome":
-        candidates: list[Baseline] = [ToMe(tome_r(m, layers_run, depth)) for m in range(side * side)]
+        steps_run, steps = family.baseline_steps(model)
+        candidates: list[Baseline] = [ToMe(tome_r(m, steps_run, steps)) for m in range(rows * cols)]
     elif kind == "pool":  # like ToMe: the count falls along the list
-        candidates = [Pool(rows, cols) for rows, cols in pool_grids(side)]
+        candidates = [Pool(r, c) for r, c in pool_grids(min(rows, cols))]
     else:
-        candidates = [RandomPrune(keep, seed) for keep in range(side * side, 0, -1)]
+        candidates = [RandomPrune(keep, seed) for keep in range(rows * cols, 0, -1)]
 
     def measure(i: int) -> float:
         patch_vlm(model, candidates[i], mode=mode)

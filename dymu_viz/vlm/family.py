@@ -75,7 +75,7 @@ class VLMFamily:
     default_pretrained: Optional[str] = None  # the lmms-eval model's default checkpoint
     lmms_system_prompt: Optional[str] = None  # a system turn lmms-eval's own model of the family writes
     presets: dict[str, str] = {}  # lmms-eval thresholds=NAME -> a published reference checkpoint
-    baselines: bool = False  # the matched-budget ToMe / pooling baselines apply (merging inside a ViT)
+    baselines: bool = False  # the matched-budget ToMe / pooling / random baselines apply (``baseline_grid``)
     rounds: bool = False  # merges in rounds after its tower, calibrated by ``calibrate_rounds``
     checkpoints: dict[str, VLMSpec] = {}  # the ids ``load_vlm`` knows, with their real shapes
     model_types: dict[str, str] = {}  # HF config model_type -> the class it loads (``from_pretrained``)
@@ -130,6 +130,16 @@ class VLMFamily:
                          batch_size: int, **options: Any) -> Any:
         """Thresholds of the rounds after the tower, found on ``images`` (families with ``rounds``)."""
         raise NotImplementedError(f"the {self.name} family merges inside its tower: calibrate the tower instead")
+
+    def baseline_grid(self, model: nn.Module, processor: Any, images: Any) -> tuple[int, int]:
+        """(rows, columns) of the grid the matched-budget baselines reduce, the smallest among
+        ``images`` (families with ``baselines``)."""
+        raise NotImplementedError(f"the {self.name} family has no matched-budget baselines")
+
+    def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
+        """(steps that merge, all steps) over which ToMe's merges are spread: tower layers the
+        LLM reads and the tower's depth, or rounds."""
+        raise NotImplementedError(f"the {self.name} family has no matched-budget baselines")
 
     def lmms_pictures(self, model: nn.Module, images: list[Any]) -> list[Any]:
         """Pictures as lmms-eval's own model of the family hands them to the processor."""

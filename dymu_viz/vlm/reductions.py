@@ -1,4 +1,5 @@
-"""The matched-budget baselines as pure reductions of a tower's patches: ToMe with a fixed r,
+"""The matched-budget baselines as pure reductions of a grid of tokens -- a tower's patches,
+or the units that families merging after their tower merge in rounds: ToMe with a fixed r,
 uniform 2-D average pooling and random pruning (``baselines.match_budget`` sizes them to DyMU's
 mean count).
 
@@ -68,26 +69,50 @@ Baseline = Union[ToMe, Pool, RandomPrune]
 BASELINES = (ToMe, Pool, RandomPrune)
 
 
-def pool_groups(side: int, rows: int, cols: int, device: torch.device) -> Tensor:
-    """(side * side,) the cell of every patch of a raster side x side grid; cells raster too."""
-    if not (1 <= rows <= side and 1 <= cols <= side):
-        raise ValueError(f"cannot pool a {side} x {side} patch grid to {rows} x {cols} cells")
-    i = torch.arange(side, device=device)
-    return ((i * rows // side)[:, None] * cols + (i * cols // side)[None, :]).flatten()
+def grid_shape(grid: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    """(rows, columns) of a grid given as its side (square) or as both."""
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def pool_groups(grid: Union[int, tuple[int, int]], rows: int, cols: int, device: torch.device) -> Tensor:
+    """(h * w,) the cell of every patch of a raster h x w grid (``grid``: h = w = side, or
+    (h, w)); cells raster too."""
+    h, w = grid_shape(grid)
+    if not (1 <= rows <= h and 1 <= cols <= w):
+        raise ValueError(f"cannot pool a {h} x {w} patch grid to {rows} x {cols} cells")
+    return ((torch.arange(h, device=device) * rows // h)[:, None] * cols +
+            (torch.arange(w, device=device) * cols // w)[None, :]).flatten()
+
+
+def cell_means(x: Tensor, groups: Tensor, cells: int) -> Tensor:
+    """(..., n, C) tokens -> (..., cells, C) the mean of each cell's (``groups``: (n,) the cell of
+    each token), taken in at least float32."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    sums = wide.new_zeros((*x.shape[:-2], cells, x.shape[-1])).index_add_(-2, groups, wide)
+    return (sums / torch.bincount(groups, minlength=cells).to(wide.dtype)[:, None]).to(x.dtype)
 
 
 def pool_patches(patches: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
     """(B, side^2, C) patch tokens -> (B, rows * cols, C) cell means and the cell of each patch
-    (side^2,). Means are taken in at least float32."""
-    B, n, C = patches.shape
+    (side^2,)."""
+    n = patches.shape[1]
     side = int(round(n ** 0.5))
     if side * side != n:
         raise ValueError(f"pooling needs a square patch grid, got {n} patches")
     groups = pool_groups(side, rows, cols, patches.device)
-    wide = patches.to(torch.promote_types(patches.dtype, torch.float32))
-    sums = wide.new_zeros((B, rows * cols, C)).index_add_(1, groups, wide)
-    counts = torch.bincount(groups, minlength=rows * cols).to(wide.dtype)
-    return (sums / counts[:, None]).to(patches.dtype), groups
+    return cell_means(patches, groups, rows * cols), groups
+
+
+def reduce_grid(x: Tensor, grid: tuple[int, int], reduction: Union["Pool", "RandomPrune"],
+                pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """A pooling or random-pruning baseline on one h x w grid of tokens x (h * w, D), raster:
+    its tokens (n, D) and the part of every grid token (h * w,). pixels: what seeds the random
+    draw (the grid's own pixels, so it is the same alone or in any batch)."""
+    if isinstance(reduction, Pool):
+        groups = pool_groups(grid, reduction.rows, reduction.cols, x.device)
+        return cell_means(x, groups, reduction.rows * reduction.cols), groups
+    kept, parts = random_keep(grid, reduction.keep, crop_seed(reduction.seed, pixels), x.device)
+    return x[kept], parts
 
 
 def crop_seed(seed: int, pixels: Tensor) -> int:
@@ -96,16 +121,18 @@ def crop_seed(seed: int, pixels: Tensor) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(data)) % (1 << 63)
 
 
-def random_keep(side: int, keep: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``keep`` patches of a raster side x side grid drawn with ``seed``: their indices (keep,),
-    ascending, and the part of every patch (side^2,) -- the rank of its nearest kept patch."""
-    if not 1 <= keep <= side * side:
-        raise ValueError(f"random pruning keeps 1 to {side * side} of a {side} x {side} patch grid, got {keep}")
+def random_keep(grid: Union[int, tuple[int, int]], keep: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``keep`` patches of a raster h x w grid (``grid``: its side, or (h, w)) drawn with
+    ``seed``: their indices (keep,), ascending, and the part of every patch (h * w,) -- the rank
+    of its nearest kept patch."""
+    h, w = grid_shape(grid)
+    if not 1 <= keep <= h * w:
+        raise ValueError(f"random pruning keeps 1 to {h * w} of a {h} x {w} patch grid, got {keep}")
     generator = torch.Generator().manual_seed(seed)
-    kept = torch.randperm(side * side, generator=generator)[:keep].sort().values.to(device)
-    i = torch.arange(side * side, device=device)
-    rows, cols = i // side, i % side
-    distance = (rows[:, None] - rows[kept][None]) ** 2 + (cols[:, None] - cols[kept][None]) ** 2  # (side^2, keep)
+    kept = torch.randperm(h * w, generator=generator)[:keep].sort().values.to(device)
+    i = torch.arange(h * w, device=device)
+    rows, cols = i // w, i % w
+    distance = (rows[:, None] - rows[kept][None]) ** 2 + (cols[:, None] - cols[kept][None]) ** 2  # (h * w, keep)
     return kept, distance.argmin(1)  # argmin returns the first of equal minima
 
 

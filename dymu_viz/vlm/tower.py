@@ -94,6 +94,15 @@ class TowerFamily(VLMFamily):
 
     baselines = True
 
+    def baseline_grid(self, model: nn.Module, processor: Any, images: Any) -> tuple[int, int]:
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
+        depth = model.config.vision_config.num_hidden_layers
+        return model.config.vision_feature_layer % (depth + 1), depth
+
     def tower_thresholds(self, model: nn.Module, thresholds: Any) -> Any:
         """The thresholds the tower is patched with (a family may map a reference file's depth)."""
         return thresholds

@@ -37,13 +37,13 @@ from ...patch import get_state, patch, unpatch
 from ...thresholds import Thresholds
 from ..chunk import runs_of
 from ..family import VisualInput, VLMFamily, VLMSpec, register
-from ..reductions import Pool, RandomPrune, ToMe, pool_groups, random_keep
+from ..reductions import BASELINES, Baseline, ToMe
 from ..standin import CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note, \
     scaled_text_config, tower_blocks
 from ..tokens import ImageTokens
-from ..tower import OutputReduction, tower_output
-from .qwen2_vl import ROUNDS_KIND, check_metric, concat_steps, metric_views, unit_metric_of, unit_round_thresholds, \
-    unit_rounds
+from ..tower import tower_output
+from .qwen2_vl import ROUNDS_KIND, check_metric, check_reduction, concat_steps, metric_views, piece_reductions, \
+    rounds_steps, unit_metric_of, unit_round_thresholds, unit_rounds
 
 PLACEMENTS = ("rounds", "tower")
 TILES = VisualInput("image", "image_token_id", "pixel_values", None, ("num_patches",))
@@ -55,13 +55,13 @@ TileTokens = tuple[Tensor, Tensor]  # a tile's compact tokens (n, D) and its uni
 @dataclass(frozen=True)
 class InternVLSettings:
     """placement: see ``PLACEMENTS``; rounds: one threshold per DToMe round (None: none), their
-    metric (``qwen2_vl.METRICS``); reduction: a pooling or random-pruning baseline on the tower's
-    output ("tower" placement; ToMe and DToMe inside the tower are its patch state)."""
+    metric (``qwen2_vl.METRICS``); reduction: a matched-budget baseline on each tile's units
+    instead of the rounds ("rounds" placement: ``qwen2_vl.piece_reductions``)."""
 
     placement: str = "rounds"
     rounds: Optional[list[float]] = None
     metric: str = "keys"
-    reduction: Optional[OutputReduction] = None
+    reduction: Optional[Baseline] = None
 
 
 def grid_of(model: nn.Module) -> tuple[int, int]:
@@ -80,12 +80,18 @@ def unit_patches(model: nn.Module, device: torch.device) -> Tensor:
     return shuffled.reshape(-1, shuffled.shape[-1]).long()
 
 
+def unit_raster(model: nn.Module, device: torch.device) -> Tensor:
+    """(S,) the place of every unit (HF's order) on its tile's unit grid, raster order."""
+    cols = grid_of(model)[1]
+    first = unit_patches(model, device).min(1).values  # each unit's top-left patch
+    return first // cols // 2 * (cols // 2) + first % cols // 2
+
+
 def tile_unit_maps(model: nn.Module, image: ImageTokens) -> Tensor:
     """(tiles, rows / 2, cols / 2) the compact row of every unit of an item's tiles, units laid
     out on their tile's grid (raster order), for merge maps (``viz.plot_unit_merge_maps``)."""
     rows, cols = grid_of(model)
-    first = unit_patches(model, image.mapping.device)[:, 0]  # each unit's top-left patch
-    raster = first // cols // 2 * (cols // 2) + first % cols // 2  # (S,) its place on the unit grid
+    raster = unit_raster(model, image.mapping.device)
     per_tile = image.mapping.view(-1, len(raster))
     return torch.empty_like(per_tile).index_copy_(1, raster, per_tile).view(-1, rows // 2, cols // 2)
 
@@ -184,8 +190,19 @@ def tile_units(model: nn.Module, tiles: Tensor, metric: str = "keys", rounds: in
 
 
 def round_tokens(model: nn.Module, tiles: Tensor, thresholds: Optional[Sequence[float]],
-                 metric: str) -> list[TileTokens]:
-    """"rounds" placement: per tile, its compact tokens and its units' rows."""
+                 metric: str, reduction: Optional[Baseline] = None) -> list[TileTokens]:
+    """"rounds" placement: per tile, its compact tokens and its units' rows; with a matched-budget
+    ``reduction``, that baseline on each tile's unit grid instead of the rounds."""
+    if reduction is not None:
+        rounds = len(reduction.r) if isinstance(reduction, ToMe) else 1
+        units, unit_metric = tile_units(model, tiles, metric if isinstance(reduction, ToMe) else "features", rounds)
+        raster = unit_raster(model, tiles.device)
+        order = raster.argsort()  # units in raster order, as the grid reductions take them
+        rows, cols = grid_of(model)
+        grid = (rows // 2, cols // 2)
+        reduced = piece_reductions(list(zip(units[:, order], unit_metric[:, order])), [grid] * len(tiles), list(tiles),
+                                   reduction, metric_views(metric, rounds) if isinstance(reduction, ToMe) else 1)
+        return [(tokens, parts[raster]) for tokens, parts in reduced]
     if not thresholds:
         units = vision_units(model, tiles)
         rows = torch.arange(units.shape[1], device=units.device)
@@ -197,11 +214,11 @@ def round_tokens(model: nn.Module, tiles: Tensor, thresholds: Optional[Sequence[
     return [(x[t, :kept[t]], groups[t]) for t in range(len(x))]
 
 
-def tower_tokens(model: nn.Module, tiles: Tensor, reduction: Optional[OutputReduction] = None) -> list[TileTokens]:
-    """"tower" placement: the DToMe tower's (or a baseline's) tokens of every tile, each patch
-    standing for the token it ended in; a unit is its four patches' tokens, and units of the
-    same four tokens are one compact token. The projector runs once per compact token."""
-    hidden, groups, _ = tower_output(model, tiles, reduction)
+def tower_tokens(model: nn.Module, tiles: Tensor) -> list[TileTokens]:
+    """"tower" placement: the DToMe tower's tokens of every tile, each patch standing for the
+    token it ended in; a unit is its four patches' tokens, and units of the same four tokens are
+    one compact token. The projector runs once per compact token."""
+    hidden, groups, _ = tower_output(model, tiles)
     if model.config.vision_feature_layer == -1:
         hidden = model.model.vision_tower.layernorm(hidden)  # HF's last_hidden_state (identity when pooling by mean)
     quads = groups[:, 1:][:, unit_patches(model, tiles.device)]  # CLS dropped ("default" strategy, see vision_units)  # (T, S, 4) the token behind each patch of each unit
@@ -217,8 +234,8 @@ def internvl_items(model: nn.Module, settings: InternVLSettings, arguments: dict
     if tiles.dim() != 4:
         raise ValueError(f"InternVL pixel_values must be (tiles, 3, H, W), got {tuple(tiles.shape)}")
     counts = item_tiles(model, arguments)
-    per_tile = tower_tokens(model, tiles, settings.reduction) if settings.placement == "tower" else \
-        round_tokens(model, tiles, settings.rounds, settings.metric)
+    per_tile = tower_tokens(model, tiles) if settings.placement == "tower" else \
+        round_tokens(model, tiles, settings.rounds, settings.metric, settings.reduction)
     out, first = [], 0
     for n in counts:
         tokens, mapping = concat_steps(per_tile[first:first + n])
@@ -289,7 +306,7 @@ class InternVL(VLMFamily):
     placeholders = {"image": "<IMG_CONTEXT>", "video": "<video>"}
     config_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
     rounds = True
-    baselines = True  # ToMe in the tower, pooling and random pruning on its output, then units as in "tower"
+    baselines = True  # on each tile's units, where the rounds merge
     lmms_name = "dymu_internvl"
     default_pretrained = "OpenGVLab/InternVL3-8B-hf"
     checkpoints = {
@@ -313,34 +330,26 @@ class InternVL(VLMFamily):
             raise NotImplementedError("DyMU supports InternVL's vision_feature_select_strategy 'default' (CLS dropped)")
         tower = model.model.vision_tower
         full = mode == "full"
-        if isinstance(thresholds, (ToMe, Pool, RandomPrune)) or placement_of(thresholds) == "tower":
+        if placement_of(thresholds) == "tower":
             if options.get("metric") is not None:
                 raise ValueError("metric= sets the rounds' similarity; DToMe inside the tower matches on its own keys")
-            return self._configure_tower(model, thresholds, full)
+            patch(tower, None if full else thresholds)
+            return InternVLSettings("tower")
         if get_state(tower) is not None:
             unpatch(tower)
         metric = unit_metric_of(thresholds, options.get("metric"))
+        if isinstance(thresholds, BASELINES):
+            rows, cols = grid_of(model)
+            check_reduction(thresholds, (rows // 2, cols // 2))
+            return InternVLSettings("rounds", None, metric, None if full else thresholds)
         return InternVLSettings("rounds", None if full else unit_round_thresholds(thresholds), metric)
 
-    def _configure_tower(self, model: nn.Module, thresholds: Any, full: bool) -> InternVLSettings:
-        tower = model.model.vision_tower
+    def baseline_grid(self, model: nn.Module, processor: Any, images: Any) -> tuple[int, int]:
         rows, cols = grid_of(model)
-        if isinstance(thresholds, (Pool, RandomPrune)):
-            if rows != cols:
-                raise ValueError("the pooling and random-pruning baselines need square tiles")
-            if isinstance(thresholds, Pool):  # a size the grid cannot take fails here, not later
-                pool_groups(rows, thresholds.rows, thresholds.cols, torch.device("cpu"))
-            else:
-                random_keep(rows, thresholds.keep, 0, torch.device("cpu"))
-            patch(tower, None)
-            return InternVLSettings("tower", reduction=None if full else thresholds)
-        if isinstance(thresholds, ToMe):
-            depth = model.config.vision_config.num_hidden_layers
-            read = model.config.vision_feature_layer % (depth + 1)
-            patch(tower, None, r=None if full else thresholds.per_layer(read, depth))
-        else:
-            patch(tower, None if full else thresholds)
-        return InternVLSettings("tower")
+        return rows // 2, cols // 2
+
+    def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
+        return rounds_steps(model)
 
     def unpatch(self, model: nn.Module) -> None:
         if get_state(model.model.vision_tower) is not None:
@@ -390,8 +399,8 @@ class InternVL(VLMFamily):
 
 
 def placement_of(thresholds: Any) -> str:
-    """Where thresholds merge: "rounds" for calibrated rounds, a list (one per round) or None;
-    "tower" for one number or a per-layer tower ``Thresholds``."""
+    """Where thresholds merge: "rounds" for calibrated rounds, a list (one per round), a
+    matched-budget baseline or None; "tower" for one number or a per-layer tower ``Thresholds``."""
     if isinstance(thresholds, (int, float)):
         return "tower"
     if isinstance(thresholds, Thresholds) and thresholds.metadata.get("kind") != ROUNDS_KIND:

@@ -31,10 +31,10 @@ from torch import Tensor, nn
 
 from ...calibrate import dist_info, gather_objects, mean_thresholds
 from ...dataset import load_rgb
-from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_threshold
+from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_fixed_r, select_threshold
 from ...thresholds import Thresholds
 from ..family import VisualInput, VLMFamily, VLMSpec, register
-from ..reductions import BASELINES
+from ..reductions import BASELINES, Baseline, Pool, RandomPrune, ToMe, pool_groups, random_keep, reduce_grid
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
                        scaled_text_config, tower_blocks)
 from ..tokens import ImageTokens
@@ -168,6 +168,36 @@ def unit_rounds(x: Tensor, metric: Tensor, size: Tensor, thresholds: Sequence[fl
     tokens of each image). Shapes and views as in ``merge_rounds``."""
     return merge_rounds(x, metric, size, len(thresholds),
                         lambda k, best, size: select_threshold(best, size, float(thresholds[k]), protected=0), views)
+
+
+def piece_reductions(pieces: list[tuple[Tensor, Tensor]], grids: Sequence[tuple[int, int]], pixels: Sequence[Tensor],
+                     reduction: Baseline, views: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """A matched-budget baseline on the rows the rounds run on (``pieces``: (features (S, D),
+    metric (S, M)) each, S = h * w units of ``grids``, raster): ToMe merges r[k] pairs of every
+    piece in round k on the rounds' metric; pooling and random pruning act on the unit grid
+    (``reductions.reduce_grid``, seeded by each piece's ``pixels``). Per piece: its tokens and
+    the row of each of its units."""
+    if isinstance(reduction, ToMe):
+        x, size, groups = merge_rounds(*padded_units(pieces), len(reduction.r),
+                                       lambda k, best, size: select_fixed_r(best, size, reduction.r[k], protected=0),
+                                       views)
+        kept = (size > 0).sum(-1).tolist()
+        return [(x[b, :kept[b]], groups[b, :len(f)]) for b, (f, _) in enumerate(pieces)]
+    return [reduce_grid(f, grid, reduction, p) for (f, _), grid, p in zip(pieces, grids, pixels)]
+
+
+def check_reduction(reduction: Baseline, grid: tuple[int, int]) -> None:
+    """A pooling grid or a random keep that a rows x cols unit grid cannot take fails here."""
+    if isinstance(reduction, Pool):
+        pool_groups(grid, reduction.rows, reduction.cols, torch.device("cpu"))
+    elif isinstance(reduction, RandomPrune):
+        random_keep(grid, reduction.keep, 0, torch.device("cpu"))
+
+
+def rounds_steps(model: nn.Module) -> tuple[int, int]:
+    """ToMe's merges spread over the rounds DyMU runs on ``model`` (4 when it runs none)."""
+    rounds = len(getattr(model.__dict__.get("dymu_vlm"), "unit_thresholds", None) or [None] * 4)
+    return rounds, rounds
 
 
 def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -306,19 +336,21 @@ def calibrate_temporal(model: nn.Module, processor: Any, videos: Sequence[Any], 
 
 def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional[Tensor] = None,
                 thresholds: Optional[Sequence[float]] = None, video: bool = False, metric: str = "keys",
-                temporal: Optional[float] = None, window: Optional[int] = None, **kwargs: Any) -> list[ImageTokens]:
+                temporal: Optional[float] = None, window: Optional[int] = None, reduction: Optional[Baseline] = None,
+                **kwargs: Any) -> list[ImageTokens]:
     """Per image: its compact unit features and the mapping from each of its U units (raster
     order, the placeholders' order) to its compact row. thresholds: one per round (None or
     empty: no merging, vanilla features). video: pixel_values and image_grid_thw are
     ``pixel_values_videos`` and ``video_grid_thw``; the rounds merge within each time step, then
     ``temporal`` (a threshold; None: no merging across time) merges tokens of neighbouring steps
     (see ``merge_time_steps``). metric: see ``METRICS``. window: match only inside blocks of
-    window x window units (``window_order``; None: the whole image)."""
+    window x window units (``window_order``; None: the whole image). reduction: a matched-budget
+    baseline instead of the rounds (``piece_reductions``)."""
     across_time = video and temporal is not None
     D = model.config.get_text_config().hidden_size
     out = []
     for unit_metric, steps, width in step_rows(model, pixel_values, image_grid_thw, thresholds, video, metric,
-                                               across_time, window):
+                                               across_time, window, reduction):
         feats, mapping = (merge_time_steps(steps, unit_metric, width, float(temporal)) if across_time
                           else concat_steps(steps))
         extras = feats[:, D:].unflatten(1, (-1, D)) if feats.shape[1] > D else None  # DeepStack, merged alike
@@ -327,24 +359,30 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
 
 
 def step_rows(model: nn.Module, pixel_values: Tensor, grid_thw: Optional[Tensor], thresholds: Optional[Sequence[float]],
-              video: bool, metric: str, time_metric: bool = False,
-              window: Optional[int] = None) -> list[tuple[Tensor, list[tuple[Tensor, Tensor]], int]]:
+              video: bool, metric: str, time_metric: bool = False, window: Optional[int] = None,
+              reduction: Optional[Baseline] = None) -> list[tuple[Tensor, list[tuple[Tensor, Tensor]], int]]:
     """Per image or video, after the rounds inside each time step (inside each ``window`` x
-    ``window`` block of units when given: see ``window_order``): (its units' metric for matching
+    ``window`` block of units when given: see ``window_order``), or after the matched-budget
+    ``reduction`` of each time step (``piece_reductions``): (its units' metric for matching
     across time (U, M) -- the last block's part with "blocks"; the unit features when
     ``time_metric`` is False and nothing merges --, per time step (tokens (n_t, D), its units'
     rows (S,)), units per grid row)."""
     if grid_thw is None:
         raise ValueError(f"Qwen2-VL models need {'video' if video else 'image'}_grid_thw with their pixel values "
                          "(the processor returns both)")
-    metric = metric if thresholds or time_metric else "features"
-    rounds = len(thresholds or [None])
+    tome = reduction.r if isinstance(reduction, ToMe) else None
+    metric = metric if thresholds or time_metric or tome else "features"
+    rounds = len(tome or thresholds or [None])
     views = metric_views(metric, rounds)
     units = tower_units(model, pixel_values, grid_thw, video, metric, rounds)
     steps = [int(t) for t in grid_thw[:, 0]] if video else [1] * len(units)
     grids = unit_grids(model, grid_thw)
     pieces, orders = split_pieces(units, steps, grids, window)
-    if thresholds:
+    if reduction is not None:
+        step_patches = [h * w for (_, h, w), t in zip(grid_thw.tolist(), steps) for _ in range(t)]
+        step_grids = [grid for grid, t in zip(grids, steps) for _ in range(t)]
+        rows = piece_reductions(pieces, step_grids, pixel_values.split(step_patches), reduction, views)
+    elif thresholds:
         x, size, groups = unit_rounds(*padded_units(pieces), thresholds, views)
         kept = (size > 0).sum(-1).tolist()
         rows = [(x[b, :kept[b]], groups[b, :len(f)]) for b, (f, _) in enumerate(pieces)]
@@ -504,12 +542,14 @@ class RoundSettings:
     """rounds: one threshold per DToMe round after the PatchMerger (None: no merging); metric:
     their similarity (``METRICS``); temporal: the threshold for merging across a video's time
     steps (None: none); window: the rounds match inside blocks of window x window units (None:
-    the whole image)."""
+    the whole image); reduction: a matched-budget baseline on every image's (time step's) units
+    instead of the rounds (``piece_reductions``)."""
 
     rounds: Optional[list[float]] = None
     metric: str = "keys"
     temporal: Optional[float] = None
     window: Optional[int] = None
+    reduction: Optional[Baseline] = None  # a matched-budget baseline instead of the rounds
 
 
 def unit_metric_of(thresholds: Any, metric: Optional[str]) -> str:
@@ -583,6 +623,7 @@ class Qwen2VL(VLMFamily):
     inputs = (IMAGE_UNITS, VIDEO_UNITS)
     placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     rounds = True
+    baselines = True  # on each image's units, where the rounds merge (``piece_reductions``)
     lmms_name = "dymu_qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
     lmms_processor_resizes = True  # lmms-eval's own model lets the processor resize within its pixel bounds
@@ -646,10 +687,14 @@ class Qwen2VL(VLMFamily):
         return calibrate_rounds(model, processor, images, keep, rounds, batch_size, **options)
 
     def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> RoundSettings:
-        if isinstance(thresholds, BASELINES):
-            raise ValueError("the matched-budget baselines (ToMe, Pool, RandomPrune) are for families whose ViT tower "
-                             "DyMU patches (LLaVA-1.5, LLaVA-OneVision, InternVL3)")
         metric, temporal, window = options.get("metric"), options.get("temporal"), options.get("window")
+        if isinstance(thresholds, BASELINES):
+            if temporal is not None or window is not None:
+                raise ValueError("the matched-budget baselines reduce each image's (time step's) units as a whole: "
+                                 "temporal= and window= do not apply")
+            if metric is not None:
+                check_metric(metric)
+            return RoundSettings(None, metric or "keys", reduction=None if mode == "full" else thresholds)
         unit_metric = unit_metric_of(thresholds, metric)
         rounds = None if mode == "full" else unit_round_thresholds(thresholds)
         if isinstance(thresholds, Thresholds):  # what calibrate_rounds / calibrate_temporal recorded
@@ -669,7 +714,15 @@ class Qwen2VL(VLMFamily):
         video = visual.kind == "video"
         return qwen_images(model, arguments[visual.pixels], arguments.get(visual.grid), settings.rounds, video=video,
                            metric=settings.metric, temporal=settings.temporal if video else None,
-                           window=settings.window)
+                           window=settings.window, reduction=settings.reduction)
+
+    def baseline_grid(self, model: nn.Module, processor: Any, images: Sequence[Any]) -> tuple[int, int]:
+        """The unit grid every image's baseline must fit: the fewest unit rows and columns."""
+        grids = unit_grids(model, processor.image_processor(images=list(images), return_tensors="pt")["image_grid_thw"])
+        return min(h for h, _ in grids), min(w for _, w in grids)
+
+    def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
+        return rounds_steps(model)
 
     def positions(self, model: nn.Module, input_ids: Tensor, mask: Tensor, start: Tensor,
                   arguments: dict[str, Any]) -> Optional[Tensor]:
