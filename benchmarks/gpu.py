@@ -24,14 +24,17 @@ open_clip), photos bundled with scikit-image. Sections, the most important figur
 * qwen: Qwen2.5-VL-7B (its 32-block ViT, Qwen2.5-7B) on one photo at 672 px, four DToMe rounds
   after the tower calibrated to keep 0.3, ``stage_costs`` as above.
 
-Timing: modes run interleaved within every repetition (decode: step by step), the first
-``--warmup`` repetitions are thrown away, ratios are medians of the per-repetition (paired)
-ratios. Marks are CUDA events on a GPU and ``perf_counter`` on a CPU (``vlm.costs``' clock).
+Timing: modes run interleaved within every repetition, warm-up repetitions are thrown away
+(``Plan.warmup``), ratios are medians of the per-repetition (paired) ratios; decoding runs one
+repetition whose steps are interleaved step by step, its ratios medians over the step pairs.
+Marks are CUDA events on a GPU and ``perf_counter`` on a CPU (``vlm.costs``' clock).
 
-Routes: each section runs one call of every attention kind it timed under torch's profiler and
-records which SDPA kernel ran (flash / memory-efficient / cuDNN / math), with VTU's own route
-counters. Any call on the math kernel fails the run (exit 1), as does a section that raised
-(its traceback goes into the JSON; the next section still runs).
+Routes: each section runs one call of every attention kind it timed once more, counting its
+``F.scaled_dot_product_attention`` calls (a torch function mode) and the fused kernels they reach
+(flash / memory-efficient / cuDNN: aten ops seen by a dispatch mode; a call that reaches none ran
+on the math kernel), with VTU's own route counters. Any call on the math kernel fails the run
+(exit 1), as does a section that raised (its traceback goes into the JSON; the next section
+still runs).
 
 Output: DIR/gpu.json (machine, versions, settings, every row, the routes) and DIR/gpu.md (the
 same as tables), both rewritten after every row, so a run cut short keeps what it measured.
@@ -46,19 +49,23 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from statistics import median
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +89,12 @@ from dymu_viz.vtu import VTUState, cache_bytes, find_decoder, patch_llm  # noqa:
 
 SECTIONS = ("encoder", "llava", "onevision", "qwen")
 CLIP_L, SO400M = "openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384"
-LLAVA, ONEVISION, QWEN = "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "Qwen/Qwen2.5-VL-7B-Instruct"
+LLAVA, ONEVISION = "llava-hf/llava-1.5-7b-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
 # scikit-image's photos only: the GPU machine has neither scikit-learn nor matplotlib
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
-BACKENDS = ("flash", "memory_efficient", "cudnn", "math", "other")
+CALIBRATION = ["camera", "coins", "brick", "grass"]  # disjoint from PHOTOS (``data.CALIBRATION_PHOTOS``)
+KERNELS = ("flash", "memory_efficient", "cudnn", "other")  # the fused ones; "math" is what reaches none
 DECODE_MODES = ("full", "vtu", "vtu_fast", "compact")
 
 
@@ -110,11 +119,12 @@ class Plan:
     encoder_shape: dict[str, Any]  # overrides of the HF_MODELS vision configs
     encoder_batches: tuple[int, ...]  # ViT-L-14-336; SigLIP runs at the second one
     towers: dict[str, dict[str, Any]]  # per VLM: overrides of its tower's config
-    vision_layers: dict[str, Optional[int]]  # per VLM: tower blocks built (None: all)
+    vision_layers: dict[str, int | None]  # per VLM: tower blocks built (None: all)
     llms: dict[str, dict[str, Any]]  # per VLM: its LLM's text config
     decode_batches: tuple[int, ...]
     decode_steps: int
     new_tokens: int  # per generate of the whole-model rows
+    onevision_side: int  # the OneVision photo's longest side, px (its AnyRes grid follows)
     qwen_side: int  # the Qwen photo's longest side, px
     reps: int
     warmup: int
@@ -127,14 +137,16 @@ FULL = Plan(
           ONEVISION: real_llm(ONEVISION, 18944, 28, 4),
           QWEN: real_llm(QWEN, 18944, 28, 4,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})},
-    decode_batches=(1, 8), decode_steps=128, new_tokens=16, qwen_side=672, reps=5, warmup=2, decode_reps=1)
+    decode_batches=(1, 8), decode_steps=128, new_tokens=16, onevision_side=512, qwen_side=672, reps=5, warmup=2,
+    decode_reps=1)
 TINY_VIT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2)
 SMOKE = Plan(
-    encoder_shape=dict(TINY_VIT, image_size=112), encoder_batches=(1, 4, 8),
+    encoder_shape=dict(TINY_VIT, image_size=168, num_hidden_layers=4), encoder_batches=(1, 2, 4),
     towers={LLAVA: TINY_VIT, ONEVISION: TINY_VIT, QWEN: dict(hidden_size=64, intermediate_size=128, num_heads=2)},
-    vision_layers={ONEVISION: 2, QWEN: 2},
+    vision_layers={LLAVA: 4, ONEVISION: 2, QWEN: 2},
     llms={LLAVA: tiny_llm(2), ONEVISION: tiny_llm(1), QWEN: tiny_llm(1)},
-    decode_batches=(1, 8), decode_steps=4, new_tokens=3, qwen_side=336, reps=2, warmup=1, decode_reps=1)
+    decode_batches=(1, 2), decode_steps=2, new_tokens=3, onevision_side=384, qwen_side=224, reps=1, warmup=1,
+    decode_reps=1)
 
 
 class Mode(NamedTuple):
@@ -152,7 +164,7 @@ class Run:
     plan: Plan
     device: str
     dtype: torch.dtype
-    report: "Report"
+    report: Report
     clock: Any = field(init=False)
 
     def __post_init__(self) -> None:
@@ -184,28 +196,57 @@ class Run:
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
 
-    def peak_growth(self, start: int) -> Optional[int]:
+    def peak_growth(self, start: int) -> int | None:
         """Peak bytes allocated above ``start`` since ``peak_start`` (None on a CPU)."""
         return torch.cuda.max_memory_allocated() - start if self.cuda else None
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def published_72out(layers: int) -> dymu_viz.Thresholds:
+    """The reference's published ViT-L-14-336 72out thresholds for a tower of ``layers`` blocks
+    (all 24 at the real shape, the first ones for the smoke run's shallower towers)."""
+    return dymu_viz.Thresholds.published("ViT-L-14-336-tome-72out").truncated(layers)
 
 
 # ---------------------------------------------------------------------------------------------
 # SDPA routes
 
 
-def sdpa_backend(op: str) -> Optional[str]:
-    """The SDPA kernel an aten op of the profiler is (None: not one)."""
+def sdpa_kernel_of(op: str) -> str | None:
+    """The SDPA kernel an aten op is (None: not one). The math kernel is usually no op of its own
+    (it decomposes into matrix products): an SDPA call that reaches no fused kernel ran on it."""
     if not op.startswith("aten::_scaled_dot_product"):
         return None
-    return next((b for key, b in (("math", "math"), ("cudnn", "cudnn"), ("efficient", "memory_efficient"),
-                                  ("flash", "flash")) if key in op), "other")
+    return next((kernel for key, kernel in (("math", "math"), ("cudnn", "cudnn"), ("efficient", "memory_efficient"),
+                                            ("flash", "flash")) if key in op), "other")
 
 
-def vtu_state(model: nn.Module) -> Optional[VTUState]:
+class SdpaCalls(TorchFunctionMode):
+    """Counts the calls of ``F.scaled_dot_product_attention`` made inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.calls += func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+class SdpaKernels(TorchDispatchMode):
+    """Counts the SDPA kernels (``sdpa_kernel_of``) the aten ops inside it reach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kernel = sdpa_kernel_of(func._schema.name)
+        if kernel is not None:
+            self.kernels[kernel] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def vtu_state(model: nn.Module) -> VTUState | None:
     """The VTU state of the decoder inside ``model`` (None: not VTU-patched, or no decoder)."""
     try:
         return getattr(find_decoder(model), "dymu_vtu", None)
@@ -215,25 +256,18 @@ def vtu_state(model: nn.Module) -> Optional[VTUState]:
 
 @torch.no_grad()
 def probe(run: Run, section: str, kind: str, call: Callable[[], Any], model: nn.Module) -> dict[str, Any]:
-    """Run ``call`` once under the profiler: its SDPA calls, the kernels they ran on, VTU's route
-    counters over the call, and whether it kept off the math kernel; added to the report."""
+    """Run ``call`` once, counting its SDPA calls and the kernels they ran on (those that reached
+    no fused kernel ran on the math one) and VTU's route counters over the call; added to the
+    report, ``fused`` False when any call ran on the math kernel."""
     state = vtu_state(model)
     before = Counter(state.routes) if state is not None else Counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with SdpaCalls() as calls, SdpaKernels() as kernels:
         call()
-    if run.cuda:
-        torch.cuda.synchronize()
-    kernels: Counter[str] = Counter()
-    calls = 0
-    for event in prof.key_averages():
-        if event.key == "aten::scaled_dot_product_attention":
-            calls += event.count
-        elif sdpa_backend(event.key) is not None:
-            kernels[sdpa_backend(event.key)] += event.count
-    record = {"section": section, "kind": kind, "sdpa_calls": calls, "kernels": {b: kernels[b] for b in BACKENDS},
-              "unaccounted": calls - sum(kernels.values()),
+    counts = {kernel: kernels.kernels[kernel] for kernel in KERNELS}
+    counts["math"] = calls.calls - sum(counts.values())
+    record = {"section": section, "kind": kind, "sdpa_calls": calls.calls, "kernels": counts,
               "vtu_routes": dict(Counter(state.routes) - before) if state is not None else {},
-              "fused": kernels["math"] == 0}
+              "fused": counts["math"] == 0}
     run.report.data["routes"].append(record)
     run.report.save()
     return record
@@ -252,11 +286,17 @@ def encoder_images() -> list[Any]:
 def hf_encoder(hf_id: str, shape: dict[str, Any], device: str, dtype: torch.dtype) -> tuple[nn.Module, Callable]:
     """HF vision model ``hf_id`` (``HF_MODELS``' exact config, ``shape`` overriding) built on the
     device in dtype, random weights, and its eval transform."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     family, config, proc = HF_MODELS[hf_id]
     config = {**config, **shape}
-    model_cls, config_cls = (CLIPVisionModel, CLIPVisionConfig) if family == "clip" else (SiglipVisionModel, SiglipVisionConfig)
+    model_cls, config_cls = (CLIPVisionModel, CLIPVisionConfig) if family == "clip" else \
+        (SiglipVisionModel, SiglipVisionConfig)
     with torch.device(device):
         model = model_cls._from_config(config_cls(**config), dtype=dtype).eval()
     return model, image_transform(**{**proc, "size": config["image_size"]})
@@ -268,11 +308,9 @@ def encoder_rows(run: Run, name: str, hf_id: str, target: str, batches: tuple[in
     plan, section = run.plan, run.report.section("encoder")
     model, preprocess = hf_encoder(hf_id, plan.encoder_shape, run.device, run.dtype)
     pixels = torch.stack([preprocess(im) for im in encoder_images()]).to(run.device, run.dtype)  # (16, 3, S, S)
-    if target == "published":
-        thresholds = dymu_viz.Thresholds.published("ViT-L-14-336-tome-72out")
-    else:
-        thresholds = find_thresholds(model, [pixels], target=target, name=name)
     cfg = model.config
+    thresholds = published_72out(cfg.num_hidden_layers) if target == "published" else \
+        find_thresholds(model, [pixels], target=target, name=name)
     for bs in batches:
         batch = pixels[torch.arange(bs) % len(pixels)]  # batch 1: the astronaut
         dymu_viz.patch(model, thresholds)
@@ -284,7 +322,7 @@ def encoder_rows(run: Run, name: str, hf_id: str, target: str, batches: tuple[in
         speedup = encoder_bench.paired(t, "unpatched", "dtome")
         bound = flop_ratio(counts, cfg.hidden_size, cfg.intermediate_size)
         row = {"model": name, "thresholds": "published 72out" if target == "published" else f"calibrated {target}",
-               "batch": bs, "seconds": {m: median(v) for m, v in t.items()},
+               "batch": bs, "attention": cfg._attn_implementation, "seconds": {m: median(v) for m, v in t.items()},
                "images_per_s": {m: bs / median(v) for m, v in t.items()},
                "off_over_unpatched_time": encoder_bench.paired(t, "off", "unpatched"),
                "dtome_speedup": speedup, "flop_bound": bound, "dtome_over_bound": speedup / bound,
@@ -325,11 +363,14 @@ def build_vlm(run: Run, model_id: str) -> tuple[nn.Module, Any]:
     return model, loaded.processor
 
 
-def prompt_inputs(model: nn.Module, processor: Any, images: list[Any]) -> dict[str, Any]:
-    """The processor's inputs for one "describe the image" prompt per image, on the model's device."""
-    prompt = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "describe the image"}]}], add_generation_prompt=True)
-    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+def prompt_inputs(model: nn.Module, processor: Any, images: list[Any],
+                  questions: list[str] | None = None) -> dict[str, Any]:
+    """The processor's inputs for one prompt per image (``questions``, default "describe the
+    image"), left-padded to the longest, on the model's device."""
+    turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+             for q in questions or ["describe the image"] * len(images)]
+    prompts = [processor.apply_chat_template(turn, add_generation_prompt=True) for turn in turns]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -357,7 +398,8 @@ def vlm_rows(run: Run, section: str, label: str, model: nn.Module, inputs: dict[
     run.report.save()
     for setting, (spec, mode) in settings.items():
         vlm.patch_vlm(model, spec, mode=mode)
-        probe(run, section, f"{label} {setting}: prefill (tower + LLM)", lambda: model(**inputs, use_cache=False), model)
+        probe(run, section, f"{label} {setting}: prefill (tower + LLM)", partial(model, **inputs, use_cache=False),
+              model)
 
 
 @torch.no_grad()
@@ -369,7 +411,7 @@ def llm_prefill_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
     for n in llm_bench.LEVELS:
         inputs = {mode: llm_bench.inputs_for(mode, n, full_embeds) for mode in llm_bench.MODES}
         kv: dict[str, int] = {}
-        peak: dict[str, Optional[int]] = {}
+        peak: dict[str, int | None] = {}
 
         def mode_of(mode: str) -> Mode:
             """One prefill in ``mode`` on a fresh cache; its KV bytes and peak memory growth after it."""
@@ -388,17 +430,19 @@ def llm_prefill_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
                                             use_cache=True), after)
 
         t = run.interleaved({mode: mode_of(mode) for mode in llm_bench.MODES}, plan.reps, plan.warmup)
-        ratio = lambda num, den="full": encoder_bench.paired(t, num, den)  # noqa: E731
+        ratio = partial(encoder_bench.paired, t)  # (num, den): the median of paired time ratios
         compact = llm_bench.BEFORE + n + llm_bench.AFTER
         bound = llm_prefill_flops(cfg, compact, virtual) / llm_prefill_flops(cfg, virtual, virtual)
         rows.append({"image_tokens": n, "compact": compact, "virtual": virtual,
                      "seconds": {m: median(v) for m, v in t.items()},
-                     "vtu_time_ratio": ratio("vtu"), "vtu_fast_time_ratio": ratio("vtu_fast"),
-                     "compact_time_ratio": ratio("compact"), "flop_equivalent_time_ratio": ratio("flop_equivalent"),
-                     "vtu_flop_ratio": bound, "vtu_over_bound": ratio("vtu") / bound,
+                     "vtu_time_ratio": ratio("vtu", "full"), "vtu_fast_time_ratio": ratio("vtu_fast", "full"),
+                     "compact_time_ratio": ratio("compact", "full"),
+                     "flop_equivalent_time_ratio": ratio("flop_equivalent", "full"),
+                     "vtu_flop_ratio": bound, "vtu_over_bound": ratio("vtu", "full") / bound,
                      "vtu_over_flop_equivalent": ratio("vtu", "flop_equivalent"), "kv_bytes": kv,
                      "kv_ratio_vtu": kv["vtu"] / kv["full"], "kv_ratio_vtu_fast": kv["vtu_fast"] / kv["full"],
-                     "expected_kv_ratio": compact / virtual, "expected_kv_ratio_fast": (virtual + compact) / (2 * virtual),
+                     "expected_kv_ratio": compact / virtual,
+                     "expected_kv_ratio_fast": (virtual + compact) / (2 * virtual),
                      "peak_growth_bytes": peak})
         run.report.save()
         if n in (576, 394):  # nothing merged and merged: the VTU routes differ
@@ -440,7 +484,8 @@ def llm_decode_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
                 for _ in range(plan.decode_steps if rep >= plan.warmup else min(4, plan.decode_steps)):
                     for mode in DECODE_MODES:  # the modes' steps interleaved: paired step by step
                         start = run.clock.mark()
-                        decoders[mode](inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode], use_cache=True)
+                        decoders[mode](inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
+                                       use_cache=True)
                         marks[mode].append((start, run.clock.mark()))
                 if rep < plan.warmup:
                     continue
@@ -458,9 +503,10 @@ def llm_decode_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
             run.report.save()
             if batch == plan.decode_batches[0] and n in (576, 394):
                 for mode in DECODE_MODES:
-                    probe(run, "llava", f"LLM decode step {mode}, {n} image tokens, batch {batch}",
-                          lambda: decoders[mode](inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
-                                                 use_cache=True), decoders[mode])
+                    step = partial(decoders[mode], inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
+                                   use_cache=True)
+                    probe(run, "llava", f"LLM decode step {mode}, {n} image tokens, batch {batch}", step,
+                          decoders[mode])
             del caches
 
 
@@ -472,12 +518,14 @@ def llava_section(run: Run) -> None:
                               device=run.device, dtype=run.dtype)
     llm_prefill_rows(run, lm, full_embeds)
     photos = sample_photos(["chelsea", "rocket"])
-    published = dymu_viz.Thresholds.published("ViT-L-14-336-tome-72out")
-    vlm_rows(run, "llava", "LLaVA-1.5-7B, chelsea", model, prompt_inputs(model, processor, [photos["chelsea"]]), published)
-    two = prompt_inputs(model, processor, list(photos.values()))  # different counts: a padded batch
+    published = published_72out(model.config.vision_config.num_hidden_layers)
+    vlm_rows(run, "llava", "LLaVA-1.5-7B, chelsea", model, prompt_inputs(model, processor, [photos["chelsea"]]),
+             published)
+    two = prompt_inputs(model, processor, list(photos.values()),  # prompts of two lengths: padded rows
+                        ["describe the image", "what is the large white object in the middle of this photo"])
     vlm.patch_vlm(model, published, mode="vtu")
-    probe(run, "llava", "LLaVA-1.5-7B dymu vtu: prefill of 2 photos (padded rows)", lambda: model(**two, use_cache=False),
-          model)
+    probe(run, "llava", "LLaVA-1.5-7B dymu vtu: prefill of 2 photos (padded rows)",
+          partial(model, **two, use_cache=False), model)
     vlm.unpatch_vlm(model)
     llm_decode_rows(run, lm, full_embeds)
 
@@ -486,17 +534,18 @@ def onevision_section(run: Run) -> None:
     model, processor = build_vlm(run, ONEVISION)
     tower = model.model.vision_tower
     crops = [processor.image_processor(images=[im], return_tensors="pt")["pixel_values"][0].to(run.device, run.dtype)
-             for im in calibration_photos(["camera", "coins", "brick", "grass"]).values()]  # (crops, 3, 384, 384) each
+             for im in calibration_photos(CALIBRATION).values()]  # (crops, 3, 384, 384) each
     thresholds = find_thresholds(tower, crops, target="72out", name="SigLIP-SO400M-384 (OneVision tower)")
-    image = sample_photos(["astronaut"])["astronaut"]
-    vlm_rows(run, "onevision", "LLaVA-OneVision-7B, astronaut (AnyRes)", model, prompt_inputs(model, processor, [image]),
-             thresholds)
+    side = run.plan.onevision_side
+    image = resized(sample_photos(["astronaut"])["astronaut"], side)
+    vlm_rows(run, "onevision", f"LLaVA-OneVision-7B, astronaut at {side} px (AnyRes)", model,
+             prompt_inputs(model, processor, [image]), thresholds)
 
 
 def qwen_section(run: Run) -> None:
     model, processor = build_vlm(run, QWEN)
     side = run.plan.qwen_side
-    calibration = [resized(im, side) for im in calibration_photos().values()]
+    calibration = [resized(im, side) for im in calibration_photos(CALIBRATION).values()]
     thresholds = vlm.qwen.calibrate_rounds(model, processor, calibration, keep=0.3, rounds=4, progress=False)
     image = resized(sample_photos(["chelsea"])["chelsea"], side)
     vlm_rows(run, "qwen", f"Qwen2.5-VL-7B, chelsea at {side} px", model, prompt_inputs(model, processor, [image]),
@@ -514,8 +563,8 @@ SECTION_RUNS: dict[str, Callable[[Run], None]] = {
 def machine(device: str) -> dict[str, Any]:
     """The device and host, in words and numbers."""
     info: dict[str, Any] = {"device_type": "cuda" if device.startswith("cuda") else "cpu",
-                            "host_cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-                            "platform": platform.platform()}
+                            "host_cpu": platform.processor() or platform.machine(),
+                            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
     if info["device_type"] == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device=props.name, memory_gib=props.total_memory / 2 ** 30,
@@ -536,7 +585,7 @@ def versions() -> dict[str, Any]:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+                                timeout=10, check=False).stdout.strip() or None
     except OSError:
         commit = None
     try:
@@ -547,8 +596,8 @@ def versions() -> dict[str, Any]:
     minor = ".".join(transformers.__version__.split(".")[:2])
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "dymu_viz": dymu_viz.__version__, "commit": commit,
-            "transformers_check": {"tested": minor in TESTED_TRANSFORMERS, "override": os.environ.get(UNTESTED_OK) == "1",
-                                   "refusal": refused}}
+            "transformers_check": {"tested": minor in TESTED_TRANSFORMERS,
+                                   "override": os.environ.get(UNTESTED_OK) == "1", "refusal": refused}}
 
 
 class Report:
@@ -568,11 +617,7 @@ class Report:
             tmp.replace(self.out / name)
 
 
-def fmt(value: Optional[float], spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def mib(value: Optional[int]) -> str:
+def mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2 ** 20:.0f}"
 
 
@@ -581,7 +626,8 @@ def encoder_table(rows: list[dict[str, Any]]) -> list[str]:
              "| DToMe / bound | padding FLOPs | mean tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['thresholds']} | {r['batch']} | {r['images_per_s']['unpatched']:.1f} "
               f"| {r['off_over_unpatched_time']:.3f} | {r['dtome_speedup']:.2f}x | {r['flop_bound']:.2f}x "
-              f"| **{r['dtome_over_bound']:.2f}** | {100 * r['padding_flop_share']:.1f} % | {r['mean_output_tokens']:.1f} |"
+              f"| **{r['dtome_over_bound']:.2f}** | {100 * r['padding_flop_share']:.1f} % "
+              f"| {r['mean_output_tokens']:.1f} |"
               for r in rows]
     return lines
 
@@ -615,6 +661,12 @@ def decode_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def vlm_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``vlm.costs.cost_table`` and each setting's total time over full's (paired)."""
+    ratios = ", ".join(f"{r['setting']} {r['total_over_full']:.2f}" for r in rows)
+    return [*cost_table(rows).splitlines(), "", f"Total time / full (median of paired ratios): {ratios}"]
+
+
 def routes_table(routes: list[dict[str, Any]]) -> list[str]:
     lines = ["| section | call | SDPA calls | flash | memory-efficient | cuDNN | math | other | VTU routes | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -641,12 +693,10 @@ def markdown(data: dict[str, Any]) -> str:
     titles = {"encoder": "Encoders", "llm_prefill": "LLaVA-1.5-7B language model: prefill, batch 1",
               "llm_decode": f"LLaVA-1.5-7B language model: decode ({s['decode_steps']} steps after the prefill), "
                             "time ratios to the full model", "vlm": "Whole model (tower included), batch 1"}
-    tables = {"encoder": encoder_table, "llm_prefill": prefill_table, "llm_decode": decode_table,
-              "vlm": lambda rows: cost_table(rows).splitlines() + ["", "Total time / full (median of paired ratios): "
-                                                                   + ", ".join(f"{r['setting']} {r['total_over_full']:.2f}"
-                                                                               for r in rows)]}
+    tables = {"encoder": encoder_table, "llm_prefill": prefill_table, "llm_decode": decode_table, "vlm": vlm_table}
     for name, section in data["sections"].items():
-        lines += [f"## {name}: {section['status']}" + (f" ({section['seconds']:.0f} s)" if section["seconds"] else ""), ""]
+        took = f" ({section['seconds']:.0f} s)" if section["seconds"] else ""
+        lines += [f"## {name}: {section['status']}{took}", ""]
         if section["error"]:
             lines += ["```", section["error"].rstrip(), "```", ""]
         for table, rows in section["rows"].items():
@@ -658,7 +708,7 @@ def markdown(data: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps (a CPU does it in seconds)")
@@ -701,7 +751,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{name}: {section['status']} in {section['seconds']:.1f} s", flush=True)
     math = [r["kind"] for r in data["routes"] if not r["fused"]]
     data["failures"] += [f"SDPA on the math kernel: {kind}" for kind in math]
-    data.update(routes_fused=not math, open_clip_imported="open_clip" in sys.modules,
+    data.update(routes_fused=not math, open_clip_imported=sys.modules.get("open_clip") is not None,
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), status="failed" if data["failures"] else "ok")
     run.report.save()
     print(f"{data['status']}: {args.out / 'gpu.json'}, {args.out / 'gpu.md'}" +

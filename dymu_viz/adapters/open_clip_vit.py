@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch.nn.functional as F
@@ -24,8 +25,10 @@ class OpenClipViTAdapter(EncoderAdapter):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        from open_clip.transformer import VisionTransformer
-        return isinstance(module, VisionTransformer)
+        """An open_clip ViT, recognised without importing open_clip: where it is not imported (or
+        not installed) no module is one of its models."""
+        transformer = sys.modules.get("open_clip.transformer")
+        return transformer is not None and isinstance(module, transformer.VisionTransformer)
 
     def check_supported(self) -> None:
         from open_clip.transformer import ResidualAttentionBlock
