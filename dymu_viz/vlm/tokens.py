@@ -19,7 +19,8 @@ from torch import Tensor
 class ImageTokens:
     """features: (n, D) compact rows; mapping: (V_img,) virtual image position -> compact row;
     crop_tokens: tokens the tower returned per crop (one crop for a plain image; base crop then
-    tiles for AnyRes; the units for towers that merge after their output); extras: (n, k, D)
+    tiles for AnyRes; the units for towers that merge after their output; InternVL3: each tile's
+    compact tokens after its rounds, so per-tile counts show in the accounting); extras: (n, k, D)
     per compact row, what the family adds to the LLM's first k layers at the image's rows
     (Qwen3-VL's DeepStack features, merged with the same groups), or None."""
 
