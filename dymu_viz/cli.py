@@ -2,7 +2,7 @@
 
 demo              DToMe on the bundled photos: a token-count table and merge-map PNGs.
 calibrate         threshold finding on an image set (JSON list or folder); also under torchrun.
-calibrate-rounds  the same for Qwen2-VL / Qwen2.5-VL's DToMe rounds after the PatchMerger.
+calibrate-rounds  the same for the DToMe rounds after the tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL3).
 """
 
 from __future__ import annotations
@@ -161,9 +161,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_rounds_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate-rounds", help="find the thresholds of Qwen2-VL / Qwen2.5-VL's DToMe rounds after "
-                                                "the PatchMerger on an image set (works under torchrun)")
-    p.add_argument("--model", required=True, help="a known Qwen id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a local folder")
+    p = sub.add_parser("calibrate-rounds", help="find the thresholds of the DToMe rounds after the tower (Qwen2-VL, "
+                                                "Qwen2.5-VL, Qwen3-VL, InternVL3) on an image set (works under torchrun)")
+    p.add_argument("--model", required=True, help="a known id (e.g. Qwen/Qwen2.5-VL-7B-Instruct, "
+                                                  "OpenGVLab/InternVL3-8B-hf) or a local folder")
     p.add_argument("--pretrained", default="auto", help="'auto', 'random', 'pretrained' or a local folder")
     p.add_argument("--download", action="store_true", help="allow downloading the weights")
     p.add_argument("--vision-layers", type=int, help="random init only: ViT blocks to build (default: all)")

@@ -197,6 +197,27 @@ def test_calibrated_rounds_keep_about_the_asked_share_and_patch_vlm_follows_them
         model_family().calibrate_rounds(model, processor, photos, 0.5, 2, 3, window=4)
 
 
+def test_calibrate_rounds_cli_writes_thresholds_patch_vlm_follows(tmp_path, capsys) -> None:
+    from dymu_viz import cli
+
+    model, processor = tiny_internvl()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    for name, photo in sample_photos().items():
+        photo.save(tmp_path / f"{name}.png")
+    out = tmp_path / "rounds.json"
+    assert cli.main(["calibrate-rounds", "--model", str(tmp_path / "model"), "--folder", str(tmp_path), "--keep",
+                     "0.5", "--rounds", "2", "--batch-size", "3", "--out", str(out), "--quiet"]) == 0
+    thresholds = Thresholds.load(out)
+    assert thresholds.metadata["kind"] == vlm.qwen.ROUNDS_KIND and thresholds.metadata["n_images"] == 9
+    vlm.patch_vlm(model, thresholds)
+    assert model.dymu_vlm.settings.placement == "rounds" and model.dymu_vlm.unit_thresholds == thresholds.values
+    assert cli.main(["calibrate-rounds", "--model", str(tmp_path / "model"), "--folder", str(tmp_path), "--keep",
+                     "0.5", "--window", "4", "--out", str(tmp_path / "w.json"), "--quiet"]) == 2
+    assert "error: window= is for Qwen-VL" in capsys.readouterr().err  # refused clearly, nothing written
+    assert not (tmp_path / "w.json").exists()
+
+
 def model_family():
     return vlm.FAMILIES["internvl"]
 
