@@ -1,7 +1,8 @@
 """Qwen3-VL's own parts, on tiny random models of its real classes (the family contract -- no
 merging = vanilla, cached turns, copies -- is in test_family_contract.py): DeepStack features
-merged with the same groups as the units, and VTU with DeepStack equal to the virtual
-computation, layer by layer, written out by hand."""
+merged with the same groups as the units, VTU with DeepStack equal to the virtual
+computation, layer by layer, written out by hand, and each photo the same alone and in a batch
+(Qwen2.5-VL too)."""
 
 from __future__ import annotations
 
@@ -187,3 +188,25 @@ def test_merged_videos_decode_from_the_kept_cache_as_recomputed_and_merge_across
     grid = inputs["video_grid_thw"][0].tolist()
     assert across[0][0] == per_step[0][0] // grid[0]  # the still clip: one time step's tokens
     assert [a[1] for a in across] == [a[1] for a in per_step] and across[1][0] < per_step[1][0]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])
+def test_each_photo_gives_the_same_tokens_alone_and_in_a_batch(family: str) -> None:
+    """fp64, photos of different sizes (no exact ties): an image's compact tokens, mapping and
+    DeepStack features are the same encoded alone and in a padded batch of the rounds."""
+    from tiny_models import tiny_qwen
+
+    model, processor = tiny_qwen3(torch.float64) if family == "qwen3" else tiny_qwen("2.5", torch.float64)
+    photos = [p.resize(size) for p, size in zip(sample_photos(["rocket", "chelsea", "coffee"]).values(),
+                                                 [(128, 96), (96, 160), (112, 112)])]
+    pixels = processor.image_processor(images=photos, return_tensors="pt")
+    values, grids = pixels["pixel_values"].to(torch.float64), pixels["image_grid_thw"]
+    together = vlm.qwen.qwen_images(model, values, grids, [0.0] * 3)
+    rows = grids.prod(-1).tolist()
+    for i, (image, part) in enumerate(zip(together, values.split(rows))):
+        alone = vlm.qwen.qwen_images(model, part, grids[i:i + 1], [0.0] * 3)[0]
+        assert torch.equal(alone.mapping, image.mapping) and len(alone.features) < len(alone.mapping)
+        assert torch.allclose(alone.features, image.features, atol=1e-12, rtol=0)
+        assert (alone.extras is None) == (family != "qwen3")
+        if alone.extras is not None:
+            assert torch.allclose(alone.extras, image.extras, atol=1e-12, rtol=0)
