@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dymu_viz.eval import (MODELS, SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results,  # noqa: E402
+from dymu_viz.eval import (SUMMARY_KEYS, TASKS_DIR, baseline_arg, describe, load_results, models,  # noqa: E402
                            load_samples, run_cli, run_rows, summarize, summary_of_results, task_docs)
 from tiny_models import tiny_internvl, tiny_qwen, tiny_qwen3, tiny_vlm  # noqa: E402
 
@@ -34,7 +34,7 @@ def tiny(family: str):
 def harness_class(family: str) -> type:
     from dymu_viz.eval import harness
 
-    return getattr(harness, MODELS[FAMILIES[family]])
+    return getattr(harness, models()[FAMILIES[family]])
 
 
 @pytest.fixture(scope="module")

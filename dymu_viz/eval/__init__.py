@@ -35,9 +35,12 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Per-sample numbers the summary describes (keys of a logged sample's token_counts[0]["dymu"]).
 SUMMARY_KEYS = ("image_tokens", "llm_compact_length", "llm_virtual_length", "kv_cache_entries")
 STATISTICS = ("mean", "std", "min", "median", "max")
-# lmms-eval model name -> its class in ``harness`` (one per VLM family with an lmms_name)
-MODELS = {"dymu_llava": "DyMULlava", "dymu_llava_onevision": "DyMULlavaOneVision",
-          "dymu_qwen2_5_vl": "DyMUQwen2VL", "dymu_qwen3_vl": "DyMUQwen3VL", "dymu_internvl": "DyMUInternVL"}
+def models() -> dict[str, str]:
+    """lmms-eval model name -> its class in ``harness``: one per VLM family with an lmms_name."""
+    from ..vlm.family import FAMILIES
+    from ..vlm import families  # noqa: F401  (registers every family)
+
+    return {f.lmms_name: f.lmms_class for f in FAMILIES.values() if f.lmms_name}
 
 
 def manifests() -> list:
@@ -45,7 +48,7 @@ def manifests() -> list:
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(name, simple_class_path=f"dymu_viz.eval.harness.{class_name}")
-            for name, class_name in MODELS.items()]
+            for name, class_name in models().items()]
 
 
 def describe(values: Iterable[float]) -> dict[str, float]:

@@ -359,32 +359,16 @@ class DyMUModel(lmms):
         raise NotImplementedError(f"{self.model_name()} answers single-round tasks only")
 
 
-class DyMULlava(DyMUModel):
-    """``--model dymu_llava``: HF LLaVA-1.5 with DyMU."""
-
-    family = "llava"
-
-
-class DyMULlavaOneVision(DyMUModel):
-    """``--model dymu_llava_onevision``: HF LLaVA-OneVision with DyMU (anyres crops, batched)."""
-
-    family = "onevision"
-
-
-class DyMUQwen2VL(DyMUModel):
-    """``--model dymu_qwen2_5_vl``: HF Qwen2-VL / Qwen2.5-VL with DToMe rounds after the tower."""
-
-    family = "qwen2_vl"
+def _family_models() -> dict[str, type]:
+    """One ``DyMUModel`` subclass per family with an lmms-eval name, named by the family
+    (``VLMFamily.lmms_class``) and importable from this module, as lmms-eval's registry needs."""
+    classes = {}
+    for family in FAMILIES.values():
+        if family.lmms_name:
+            classes[family.lmms_class] = type(family.lmms_class, (DyMUModel,), {
+                "family": family.name, "__module__": __name__,
+                "__doc__": f"``--model {family.lmms_name}``: HF {family.title} with DyMU."})
+    return classes
 
 
-class DyMUQwen3VL(DyMUModel):
-    """``--model dymu_qwen3_vl``: HF Qwen3-VL (dense or MoE) with DToMe rounds, DeepStack merged alike."""
-
-    family = "qwen3_vl"
-
-
-class DyMUInternVL(DyMUModel):
-    """``--model dymu_internvl``: HF InternVL3 with DyMU (tiles batched; rounds after the projector
-    or DToMe inside InternViT, by the thresholds given)."""
-
-    family = "internvl"
+globals().update(_family_models())

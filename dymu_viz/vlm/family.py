@@ -72,6 +72,7 @@ class VLMFamily:
     placeholders: dict[str, str] = {"image": "<image>"}  # kind -> its placeholder as written in prompts
     config_arguments: tuple[str, ...] = ()  # forward arguments DyMU takes from the config only
     lmms_name: Optional[str] = None  # its lmms-eval model name, if it has one
+    lmms_class: str = ""  # the name of that model's class in dymu_viz.eval.harness
     default_pretrained: Optional[str] = None  # the lmms-eval model's default checkpoint
     lmms_system_prompt: Optional[str] = None  # a system turn lmms-eval's own model of the family writes
     presets: dict[str, str] = {}  # lmms-eval thresholds=NAME -> a published reference checkpoint

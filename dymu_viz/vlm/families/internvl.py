@@ -308,6 +308,7 @@ class InternVL(VLMFamily):
     rounds = True
     baselines = True  # on each tile's units, where the rounds merge
     lmms_name = "dymu_internvl"
+    lmms_class = "DyMUInternVL"
     default_pretrained = "OpenGVLab/InternVL3-8B-hf"
     checkpoints = {
         "OpenGVLab/InternVL3-8B-hf": VLMSpec("internvl", INTERNVIT, INTERNVIT_300M, "Qwen2.5-7B", (28, 3584, 151674), {}),

@@ -66,6 +66,7 @@ class Llava(TowerFamily):
     classes = ("LlavaForConditionalGeneration",)
     config_arguments = ("vision_feature_layer", "vision_feature_select_strategy")
     lmms_name = "dymu_llava"
+    lmms_class = "DyMULlava"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
     presets = {"low": "ViT-L-14-336-tome-72out"}  # the paper's DyMU-low for LLaVA-1.5 (dymu-spec section 3.4)
     checkpoints = {"llava-hf/llava-1.5-7b-hf": VLMSpec(

@@ -159,6 +159,7 @@ class OneVision(TowerFamily):
     placeholders = {"image": "<image>", "video": "<video>"}
     config_arguments = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
     lmms_name = "dymu_llava_onevision"
+    lmms_class = "DyMULlavaOneVision"
     default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
     checkpoints = {
         "llava-hf/llava-onevision-qwen2-7b-ov-hf": VLMSpec(

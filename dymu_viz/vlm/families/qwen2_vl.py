@@ -625,6 +625,7 @@ class Qwen2VL(VLMFamily):
     rounds = True
     baselines = True  # on each image's units, where the rounds merge (``piece_reductions``)
     lmms_name = "dymu_qwen2_5_vl"
+    lmms_class = "DyMUQwen2VL"
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
     lmms_processor_resizes = True  # lmms-eval's own model lets the processor resize within its pixel bounds
 

@@ -64,6 +64,7 @@ class Qwen3VL(Qwen2VL):
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     inputs = (IMAGE_UNITS, VIDEO_FRAMES)
     lmms_name = "dymu_qwen3_vl"
+    lmms_class = "DyMUQwen3VL"
     default_pretrained = "Qwen/Qwen3-VL-8B-Instruct"
     lmms_system_prompt = "You are a helpful assistant."  # lmms-eval's own qwen3_vl writes it
     lmms_processor_resizes = False  # theirs hands the processor resized pictures (do_resize=False)
