@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 from dymu_viz import sample_photos, vlm
 from dymu_viz.eval import task_docs
-from dymu_viz.vlm.baselines import (Pool, RandomPrune, ToMe, match_budget, mean_image_tokens, pool_grids, pool_groups,
-                                    random_keep, tome_r)
+from dymu_viz.vlm.baselines import (Pool, RandomPrune, ToMe, image_token_counts, match_budget, mean_image_tokens,
+                                    pool_grids, pool_groups, random_keep, size_classes, size_key, tome_r)
 from dymu_viz.vlm.reductions import crop_seed
 from dymu_viz.vlm.tokens import ImageTokens
-from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, encode_images, tiny_qwen, tiny_qwen3, tiny_vlm
+from tiny_models import (VLM_QUESTIONS, check_causal_and_cached_decode, encode_images, tiny_internvl, tiny_qwen, tiny_qwen3,
+                         tiny_vlm)
 
 FAMILIES = ["llava", "onevision"]
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -261,3 +262,34 @@ def test_unit_baselines_are_means_of_units_and_deepstack_alike(family: str) -> N
     assert torch.equal(alone.mapping, together[0].mapping) and torch.allclose(alone.features, together[0].features)
     for image, unit in zip(together, units):
         assert len(image.features) == 5 and all(any(torch.equal(f, u) for u in unit) for f in image.features)
+
+
+SIZE_FAMILIES = {"llava": lambda: tiny_vlm("llava", patch_size=7), "onevision": lambda: tiny_vlm("onevision", patch_size=7),
+                 **ROUND_FAMILIES, "internvl": tiny_internvl}
+
+
+@pytest.mark.parametrize("family", SIZE_FAMILIES)
+def test_the_budget_search_measures_one_image_per_size_only_where_counts_ignore_pixels(family: str) -> None:
+    """match_budget measures one image of each processed size where the family says a baseline's
+    count ignores the pixels: there every image of a size gets its size's count, and the measured
+    mean equals the mean over all images. OneVision's unpadding makes counts depend on the pixels,
+    so it measures every image."""
+    model, processor = SIZE_FAMILIES[family]()
+    sizes = [(168, 112), (112, 112), (112, 168)]
+    pictures = [p.resize(sizes[i % 3]) for i, p in enumerate(sample_photos().values())]
+    classes = size_classes(processor, pictures)
+    assert sum(n for _, n in classes) == len(pictures) and 1 <= len(classes) <= 3
+    vlm.patch_vlm(model, [0.3] * 2 if vlm.family_of(model).rounds else 0.9)
+    target = mean_image_tokens(model, processor, pictures)
+    by_size = vlm.family_of(model).baseline_counts_by_size
+    assert by_size == (family != "onevision")
+    for kind in ("tome", "pool", "random"):
+        baseline = match_budget(model, processor, pictures, target, kind)
+        counts = image_token_counts(model, processor, pictures)
+        assert baseline.measured == sum(counts) / len(counts), kind
+        keys = [size_key(processor, p) for p in pictures]
+        per_size = {key: {c for c, k in zip(counts, keys) if k == key} for key in keys}
+        uniform = all(len(c) == 1 for c in per_size.values())
+        assert uniform or not by_size, kind
+        if family == "onevision" and kind == "random":  # why OneVision measures every image
+            assert not uniform

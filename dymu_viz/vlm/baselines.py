@@ -29,13 +29,13 @@ from .pipeline import patch_vlm
 from .reductions import (KINDS, Baseline, Pool, RandomPrune, ToMe, pool_grids, pool_groups,  # noqa: F401
                          pool_patches, random_keep, tome_r)
 
-__all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "match_budget", "mean_image_tokens", "pool_grids",
-           "pool_groups", "pool_patches", "random_keep", "tome_r"]
+__all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "image_token_counts", "match_budget", "mean_image_tokens", "pool_grids",
+           "pool_groups", "pool_patches", "random_keep", "size_classes", "size_key", "tome_r"]
 
 
-def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> float:
-    """Mean compact image tokens per image (what the LLM computes on: for OneVision with its
-    newline tokens) of the patched ``model`` on ``images``, one image per prompt."""
+def image_token_counts(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> list[int]:
+    """Compact image tokens of each image (what the LLM computes on: for OneVision with its
+    newline tokens) under the patched ``model``, one image per prompt."""
     family = family_of(model)
     visual = family.inputs[0]
     settings = model.dymu_vlm.settings if "dymu_vlm" in model.__dict__ else None
@@ -46,9 +46,33 @@ def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], b
         arguments = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixels.items() if k != "batch_num_images"}
         with torch.no_grad():
             counts += [len(t.features) for t in family.encode(model, settings, visual, arguments)]
+    return counts
+
+
+def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> float:
+    """Mean of ``image_token_counts``."""
+    counts = image_token_counts(model, processor, images, batch_size)
     if not counts:
         raise ValueError("no images to count tokens on")
     return sum(counts) / len(counts)
+
+
+def size_key(processor: Any, image: Any) -> tuple:
+    """What a baseline's count can depend on besides the pixels: the shapes and integer fields
+    (crops, grids, sizes) of ``image`` processed alone."""
+    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    return tuple((name, tuple(v.shape), None if v.is_floating_point() else tuple(v.flatten().tolist()))
+                 for name, v in sorted(pixels.items()) if torch.is_tensor(v))
+
+
+def size_classes(processor: Any, images: Sequence[Any]) -> list[tuple[Any, int]]:
+    """One image per distinct ``size_key`` with the number of ``images`` that share it, in
+    first-seen order: where a baseline's count ignores the pixels, one image of each class
+    measures them all."""
+    classes: dict[tuple, list] = {}
+    for image in images:
+        classes.setdefault(size_key(processor, image), [image, 0])[1] += 1
+    return [(image, count) for image, count in classes.values()]
 
 
 def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target: float, kind: str,
@@ -57,7 +81,8 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
     is closest to ``target`` (e.g. a DyMU run's ``mean_image_tokens``): a binary search over
     ToMe's merges per crop (image), the pooling grids of ``pool_grids`` or the patches (units)
     random pruning keeps (drawn with ``seed``), on the family's grid (``baseline_grid``, the
-    smallest of ``images``), measuring with the real tower each time. The model is
+    smallest of ``images``), measuring with the real tower each time, on one image of each of
+    ``size_classes`` where the family's baseline counts ignore the pixels. The model is
     left patched with the result (``mode`` as in ``patch_vlm``); ``measured`` holds its mean."""
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
@@ -75,9 +100,15 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
     else:
         candidates = [RandomPrune(keep, seed) for keep in range(rows * cols, 0, -1)]
 
+    if not images:
+        raise ValueError("no images to count tokens on")
+    classes = size_classes(processor, images) if family.baseline_counts_by_size else [(image, 1) for image in images]
+    shown = [image for image, _ in classes]
+
     def measure(i: int) -> float:
         patch_vlm(model, candidates[i], mode=mode)
-        return mean_image_tokens(model, processor, images, batch_size)
+        counts = image_token_counts(model, processor, shown, batch_size)
+        return sum(c * n for c, (_, n) in zip(counts, classes)) / len(images)
 
     low, high = 0, len(candidates) - 1  # the count falls from low to high
     counts = {low: measure(low), high: measure(high)}

@@ -77,6 +77,7 @@ class VLMFamily:
     lmms_system_prompt: Optional[str] = None  # a system turn lmms-eval's own model of the family writes
     presets: dict[str, str] = {}  # lmms-eval thresholds=NAME -> a published reference checkpoint
     baselines: bool = False  # the matched-budget ToMe / pooling / random baselines apply (``baseline_grid``)
+    baseline_counts_by_size: bool = True  # a baseline's count depends on an image's processed size alone
     rounds: bool = False  # merges in rounds after its tower, calibrated by ``calibrate_rounds``
     checkpoints: dict[str, VLMSpec] = {}  # the ids ``load_vlm`` knows, with their real shapes
     model_types: dict[str, str] = {}  # HF config model_type -> the class it loads (``from_pretrained``)

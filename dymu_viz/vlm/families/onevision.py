@@ -153,6 +153,8 @@ SETTINGS = dict(vision_feature_layer=-1, vision_feature_select_strategy="full", 
 
 class OneVision(TowerFamily):
     name = "onevision"
+    # unpadding drops the kept tokens that fall in an image's padding: which ones depends on the pixels
+    baseline_counts_by_size = False
     title = "LLaVA-OneVision"
     classes = ("LlavaOnevisionForConditionalGeneration",)
     inputs = (IMAGES, VIDEOS)
