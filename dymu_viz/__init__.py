@@ -1,6 +1,10 @@
 """dymu_viz: DyMU (dynamic token merging + virtual token unmerging) for open_clip, timm and
 HF transformers vision encoders, with visualizers and notebooks."""
 
+from .versions import check_minimums
+
+check_minimums()  # before anything imports torch's or HF's internals: an old release fails here, by name
+
 from .calibrate import calibrate, find_thresholds
 from .data import calibration_photos, sample_photos, shapes_image
 from .encoder import EncoderResult, MergeConfig

@@ -78,6 +78,7 @@ def test_mean_ignores_missing_values_and_flags_empty_layers():
     assert values[0] == pytest.approx(0.6) and values[1] == float("inf") and counts == [3, 0]
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("make", [make_hf_clip, make_hf_siglip], ids=["cls", "no_cls"])
 def test_calibrating_on_one_image_then_inference_equals_tome(make):
     model = make(image=112, layers=4)
@@ -140,6 +141,7 @@ def _calibrate_args(model_dir, images, out, *extra):
             "--out", out, "--workers", 0, "--quiet", *extra]
 
 
+@pytest.mark.floor
 def test_cli_end_to_end(tiny_model_dir, image_set, tmp_path, capsys):
     out = tmp_path / "th.json"
     heldout = tmp_path / "heldout.json"
@@ -202,6 +204,7 @@ def test_exif_rotation_is_applied(tmp_path):
     assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
 
 
+@pytest.mark.floor
 def test_torchrun_two_processes_equal_one(tiny_model_dir, image_set, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert _cli(*_calibrate_args(tiny_model_dir, image_set, one, "--no-report")).returncode == 0

@@ -107,6 +107,7 @@ def assert_same_generation(a, b, decoding: str) -> None:
         assert torch.allclose(x[finite], y[finite], atol=1e-4, rtol=0)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("decoding", list(DECODING))
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "flat"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -149,6 +150,7 @@ def visual_arguments(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("case", list(CASES))
 def test_second_turn_on_the_kept_cache_equals_recomputation(case: str) -> None:
     """Text only: generate again on the kept cache. With a new image: the next turn holds a new

@@ -115,11 +115,13 @@ def assert_matches(result, expected) -> None:
     assert float(pooled.norm()) == pytest.approx(expected["pooled_norm"], abs=1e-3)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("model_name,config,image", cases("threshold"))
 def test_threshold_mode_reproduces_reference(model_name: str, config: str, image: str) -> None:
     assert_matches(*run_case(model_name, "threshold", config, image))
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("model_name,config,image", cases("fixed_r"))
 def test_fixed_r_reproduces_reference(model_name: str, config: str, image: str) -> None:
     assert_matches(*run_case(model_name, "fixed_r", config, image))
@@ -189,6 +191,7 @@ def calibrate_like_golden(model_name: str, case: str) -> tuple[list[float], list
     return found.values, c["thresholds"], found.r
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("model_name,case", calibration_cases())
 def test_calibration_within_one_bf16_step_of_reference(model_name: str, case: str) -> None:
     """Every active layer within 2^-8 of the reference (measured: at most 2.7e-3 for ViT-B-16,

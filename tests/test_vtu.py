@@ -290,6 +290,7 @@ def case_samples(specs, unmerged: bool):
     return [(i, torch.arange(len(i))) for i, _ in samples] if unmerged else samples
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "exact"])
 @pytest.mark.parametrize("policy", CACHE_POLICIES)
