@@ -16,15 +16,12 @@ from importlib import metadata
 from typing import Mapping, Optional
 
 MINIMUM = {"torch": "2.11", "transformers": "5.19"}  # the floor leg of CI runs on exactly these
-TESTED_TRANSFORMERS = ("5.19", "5.20", "5.21", "5.22", "5.23")  # minor releases the VLM suite passes on
+TESTED_TRANSFORMERS = ("5.19", "5.20", "5.21", "5.22", "5.23", "5.24", "5.25")  # minor releases the VLM suite passes on
 UNTESTED_OK = "DYMU_VIZ_UNTESTED_TRANSFORMERS"  # set to 1 to run on another release anyway
 KNOWN = {  # what the suite measured on neighbouring releases
     "5.17": "HF's own beam search repeats each image beam by beam when a prompt holds several (fixed in 5.19)",
     "5.18": "HF's own beam search repeats each image beam by beam when a prompt holds several (fixed in 5.19)",
 }
-CACHE_RENAMED = ("generate passes the KV cache as cache= instead of past_key_values=, so the patched forward never sees "
-                 "it and decodes every step without the prompt: wrong tokens with no error")
-KNOWN |= {"5.24": CACHE_RENAMED, "5.25": CACHE_RENAMED}
 
 
 def release(version: str) -> tuple[int, ...]:

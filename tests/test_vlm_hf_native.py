@@ -16,6 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dymu_viz import vlm
 from dymu_viz.data import sample_photos, shapes_image
+from dymu_viz.vtu import original_rope
 from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, check_half_precision, tiny_vlm
 
 FAMILIES = ["llava", "onevision"]
@@ -132,7 +133,7 @@ def test_accounting_reports_the_policy_that_ran_after_a_fallback(monkeypatch) ->
     model, processor = tiny_vlm("llava")
     inputs = batch(processor, model)
     vlm.patch_vlm(model, thresholds=0.3, cache="decode_fast")
-    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", original_rope(llama.__name__))
     with pytest.warns(UserWarning, match="using cache='compact'"):
         out = vlm.generate(model, **inputs, max_new_tokens=3, do_sample=False)
     assert {acc["kv_cache_policy"] for acc in out.accounting} == {"compact"}

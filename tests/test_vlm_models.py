@@ -178,6 +178,39 @@ def test_half_precision_keeps_the_rope_frequencies_as_from_pretrained_does(llava
     assert next(random.parameters()).dtype == torch.bfloat16
 
 
+def test_the_kv_cache_goes_by_the_name_the_installed_transformers_gives_it(llava):
+    """transformers 5.24 renamed the KV cache argument of every forward and the field of every
+    output class from past_key_values to cache (the old name warns until 5.40); the patched
+    forward reads, passes on and returns the cache under the name the model's own code uses, so
+    on either side of the rename generate hands it over and gets it back."""
+    import dataclasses
+
+    import transformers
+
+    from dymu_viz.versions import release
+    from dymu_viz.vlm.forward import _output_class, cache_argument, cache_field
+
+    def before(input_ids=None, past_key_values=None): ...
+
+    def after(input_ids=None, cache=None): ...
+
+    assert (cache_argument(before), cache_argument(after)) == ("past_key_values", "cache")
+    old = dataclasses.make_dataclass("Old", [("logits", object, None), ("past_key_values", object, None)])
+    new = dataclasses.make_dataclass("New", [("logits", object, None), ("cache", object, None)])
+    assert (cache_field(old), cache_field(new)) == ("past_key_values", "cache")
+    name = "cache" if release(transformers.__version__) >= (5, 24) else "past_key_values"
+    assert cache_argument(llava.model.model.language_model.forward) == name
+    assert cache_field(_output_class(llava.model)) == name
+    vlm.patch_vlm(llava.model, 0.9)
+    prompt = llava.processor.apply_chat_template(QUESTION, add_generation_prompt=True)
+    inputs = llava.processor(images=[dymu_viz.shapes_image(3)], text=[prompt], return_tensors="pt")
+    out = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, cache_field(type(out)))  # the prompt's compact tokens and the steps after it
+    assert type(cache).__name__ == "DyMUCache"
+    assert cache.compact_length() == llava.model.dymu_vlm.last[0]["llm_compact_length"] + 2
+    vlm.unpatch_vlm(llava.model)
+
+
 def test_an_untested_transformers_release_is_refused_by_name(llava, monkeypatch):
     """patch_vlm on a transformers release the suite did not pass on raises, naming the tested
     release and what was measured on that one; the environment variable lets a user go on."""
@@ -187,12 +220,12 @@ def test_an_untested_transformers_release_is_refused_by_name(llava, monkeypatch)
 
     assert transformers.__version__.rsplit(".", 1)[0] in TESTED_TRANSFORMERS  # what the suite runs on
     monkeypatch.delenv(UNTESTED_OK, raising=False)
-    monkeypatch.setattr(transformers, "__version__", "5.25.0")
-    with pytest.raises(RuntimeError, match=r"tested with transformers 5\.19\.x to 5\.23\.x, not 5\.25\.0 \(measured "
-                                           r"on 5\.25: generate passes the KV cache as cache="):
+    monkeypatch.setattr(transformers, "__version__", "5.26.0")
+    with pytest.raises(RuntimeError, match=r"tested with transformers 5\.19\.x to 5\.25\.x, not 5\.26\.0\. Install a "
+                                           r"tested release \(pip install 'transformers>=5\.19,<5\.26'\)"):
         vlm.patch_vlm(llava.model, None)
-    with pytest.raises(RuntimeError, match="not 4.57.1. Install a tested release"):
-        check_transformers("4.57.1")
+    with pytest.raises(RuntimeError, match=r"not 5\.18\.0 \(measured on 5\.18: HF's own beam search repeats each image"):
+        check_transformers("5.18.0")
     for minor in TESTED_TRANSFORMERS:
         check_transformers(f"{minor}.1")
     monkeypatch.setenv(UNTESTED_OK, "1")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dymu_viz.vtu import CACHE_POLICIES, VirtualLayout, cache_bytes, cache_bytes_formula, patch_llm, unpatch_llm
+from dymu_viz.vtu import (CACHE_POLICIES, VirtualLayout, cache_bytes, cache_bytes_formula, original_rope, patch_llm,
+                          unpatch_llm)
 
 VOCAB = 128
 
@@ -181,11 +182,11 @@ def test_rope_hook_pair_orders_identity_rope_while_patched_and_is_restored_after
 
     import transformers.models.llama.modeling_llama as llama
 
-    from dymu_viz.vtu import hooked_decoders, pair_order
+    from dymu_viz.vtu import hooked_decoders, pair_order, rope_hooked
 
     gc.collect()  # patched models of earlier tests are gone and no longer count
-    original = getattr(llama.apply_rotary_pos_emb, "dymu_original", llama.apply_rotary_pos_emb)
-    assert not hooked_decoders(llama.__name__)
+    assert not hooked_decoders(llama.__name__)  # the hook itself goes at the next unpatch
+    original = original_rope(llama.__name__)
     first, second = tiny_llama(torch.float64), tiny_llama(torch.float64)
     state = patch_llm(first, cache="compact")  # keys come back at compact length
     second_state = patch_llm(second)
@@ -198,10 +199,11 @@ def test_rope_hook_pair_orders_identity_rope_while_patched_and_is_restored_after
     real_cos, real_sin = second_state.rotary(q, torch.arange(4)[None] + 3)  # the real RoPE: the original runs
     assert all(torch.equal(a, b) for a, b in zip(llama.apply_rotary_pos_emb(q, k, real_cos, real_sin),
                                                  original(q, k, real_cos, real_sin)))
+    assert rope_hooked(llama.__name__)
     unpatch_llm(first)
-    assert llama.apply_rotary_pos_emb is not original  # second is still patched
+    assert rope_hooked(llama.__name__)  # second is still patched
     unpatch_llm(second)
-    assert llama.apply_rotary_pos_emb is original
+    assert not rope_hooked(llama.__name__) and original_rope(llama.__name__) == original
 
 
 @pytest.mark.parametrize("cache", ["compact", "decode_fast"])
@@ -217,7 +219,7 @@ def test_without_the_rope_hook_vtu_gives_the_same_logits_and_tokens(kernel, cach
         model = tiny_llama(torch.float64)
         state = patch_llm(model, kernel, cache=cache)
         if not hooked:
-            monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
+            monkeypatch.setattr(llama, "apply_rotary_pos_emb", original_rope(llama.__name__))
         ids, mapping = merged_sample(seed=2)
         state.start(VirtualLayout.from_mappings([mapping]), len(ids))
         with warnings.catch_warnings(record=True) as caught:
@@ -247,7 +249,7 @@ def test_losing_the_rope_hook_after_using_it_is_an_error(monkeypatch):
     state.start(VirtualLayout.from_mappings([mapping]), len(ids))
     cache = model(input_ids=ids[None]).past_key_values
     assert state.hook_seen and state.cache == "decode_fast"
-    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb.dymu_original)
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", original_rope(llama.__name__))
     with pytest.raises(RuntimeError, match="needs every attention call to go through"):
         model(input_ids=torch.tensor([[3]]), past_key_values=cache)
 

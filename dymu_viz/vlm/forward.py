@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -83,6 +83,17 @@ class VLMState:
         self.__dict__.update(state)
 
 
+def cache_argument(function: Any) -> str:
+    """What HF calls the KV cache argument of a forward: ``cache`` from transformers 5.24 (the
+    old name only warns until 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def cache_field(output: type) -> str:
+    """What HF calls the KV cache field of an output class (renamed as ``cache_argument``)."""
+    return "cache" if "cache" in {f.name for f in fields(output)} else "past_key_values"
+
+
 def _output_class(model: nn.Module) -> type:
     """The output class the model's own forward returns: its family's own, else the generic one
     its modeling module uses (a mixture-of-experts model's has router fields, left empty here)."""
@@ -128,7 +139,7 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     use_cache = a.get("use_cache")
     if use_cache is None:
         use_cache = bool(getattr(self.config.get_text_config(), "use_cache", True))
-    cache = a.get("past_key_values")
+    cache = a.get("cache", a.get("past_key_values"))
     if cache is None and use_cache:
         from transformers import DynamicCache
         cache = DynamicCache(config=self.config.get_text_config())
@@ -168,8 +179,9 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     else:
         position_ids = (gen.compact_mask.cumsum(-1) - 1).clamp_min(0)[:, -P:]  # consecutive (VTU ignores them)
 
-    out = self.model.language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask,
-                                    position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
+    language_model = self.model.language_model
+    out = language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask, position_ids=position_ids,
+                         **{cache_argument(language_model.forward): cache}, use_cache=use_cache,
                                     output_hidden_states=a.get("output_hidden_states"), **family.llm_arguments(chunk))
     if L > 1 or items:
         _account(state, gen, chunk)
@@ -182,8 +194,9 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         loss = self.loss_function(logits=logits, labels=a["labels"], vocab_size=self.config.get_text_config().vocab_size)
     hidden = None if out.hidden_states is None else \
         tuple(_gather_positions(h, chunk.rows.to(h.device)) for h in out.hidden_states)
-    result = _output_class(self)(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
-                                 hidden_states=hidden)
+    output = _output_class(self)
+    result = output(loss=loss, logits=logits, hidden_states=hidden,
+                    **{cache_field(output): cache if use_cache else None})
     return result if a.get("return_dict", True) is not False else result.to_tuple()
 
 

@@ -28,7 +28,7 @@ from ..vtu import cache_bytes, find_decoder, patch_llm, unpatch_llm
 from .cache import DyMUCache
 from .chunk import compact_chunk  # noqa: F401  (re-exported: dymu_viz.vlm.pipeline.compact_chunk)
 from .family import family_of
-from .forward import VLMState
+from .forward import VLMState, cache_field
 from .reductions import Baseline
 
 MODES = ("vtu", "compact", "full")
@@ -120,7 +120,7 @@ def generate(model: nn.Module, input_ids: Tensor, pixel_values: Optional[Tensor]
     new = out.sequences[:, input_ids.shape[1]:]
     prompts, rows = input_ids.shape[0], len(state.last)
     per_prompt_rows, per_prompt_sequences = rows // prompts, new.shape[0] // prompts
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, cache_field(type(out)), None)
     appended = cache.compact_length() - state.prompt_entries if isinstance(cache, DyMUCache) else 0
     per_row_bytes = cache_bytes(cache) // max(cache.dymu.compact_mask.shape[0], 1) if isinstance(cache, DyMUCache) else 0
     vtu = getattr(find_decoder(model.model.language_model), "dymu_vtu", None)

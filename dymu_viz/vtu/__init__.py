@@ -41,13 +41,13 @@ function), ``hf`` (patching HF decoders), ``cache`` (KV-cache bytes).
 
 from .attention import ATTENTION_NAME, BACKENDS, CACHE_POLICIES, KERNELS, VTUState, vtu_attention
 from .cache import cache_bytes, cache_bytes_formula
-from .hf import find_decoder, hooked_decoders, patch_llm, unpatch_llm
+from .hf import find_decoder, hooked_decoders, original_rope, patch_llm, rope_hooked, unpatch_llm
 from .kernels import allowed_slots, average_copies, exact_scores, gather_rotated, gather_slots
 from .layout import VirtualLayout, VTUTrack, is_identity
 from .rope import apply_rotation, natural_order, pair_order, rotate, rotate_by_matrix, rotate_plain, rotation, rotation_matrix
 
 __all__ = ["ATTENTION_NAME", "BACKENDS", "CACHE_POLICIES", "KERNELS", "VTUState", "VTUTrack", "VirtualLayout",
            "allowed_slots", "apply_rotation", "average_copies", "cache_bytes", "cache_bytes_formula", "exact_scores",
-           "find_decoder", "gather_rotated", "gather_slots", "hooked_decoders", "is_identity", "natural_order",
-           "pair_order", "patch_llm", "rotate", "rotate_by_matrix", "rotate_plain", "rotation", "rotation_matrix",
+           "find_decoder", "gather_rotated", "gather_slots", "hooked_decoders", "is_identity", "natural_order", "original_rope",
+           "pair_order", "patch_llm", "rope_hooked", "rotate", "rotate_by_matrix", "rotate_plain", "rotation", "rotation_matrix",
            "unpatch_llm", "vtu_attention"]

@@ -69,6 +69,7 @@ class RopeHook:
         return state.hand_over(q, k)
 
 
+
 def _use_rope_hook(module_name: str, decoder: nn.Module, on: bool) -> None:
     """Count decoder in (on) or out of its modeling module; the module's apply_rotary_pos_emb
     is hooked while a patched decoder of it is alive, and is the original again once none is."""
@@ -80,8 +81,31 @@ def _use_rope_hook(module_name: str, decoder: nn.Module, on: bool) -> None:
     if on and decoder in patched:
         return  # the common case, once per forward: nothing to do
     (patched.add if on else patched.discard)(decoder)
+    if isinstance(apply, nn.Module):
+        # transformers 5.25 with the kernels package: the function is a small module object, and
+        # layers holding one unpickle by rebuilding it as type(module.apply_rotary_pos_emb)(). The
+        # object stays; its forward is hooked in place.
+        if patched:
+            apply.forward = RopeHook(original_rope(module_name))
+        else:
+            apply.__dict__.pop("forward", None)
+        return
     original = getattr(apply, "dymu_original", apply)
     module.apply_rotary_pos_emb = RopeHook(original) if patched else original
+
+
+def original_rope(module_name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A modeling module's ``apply_rotary_pos_emb`` without the hook: the function, or the
+    forward of kernels' function object."""
+    apply = sys.modules[module_name].apply_rotary_pos_emb
+    function = apply.forward if isinstance(apply, nn.Module) else apply
+    return getattr(function, "dymu_original", function)
+
+
+def rope_hooked(module_name: str) -> bool:
+    """Whether the module's ``apply_rotary_pos_emb`` goes through a RopeHook now."""
+    apply = sys.modules[module_name].apply_rotary_pos_emb
+    return isinstance(apply.forward if isinstance(apply, nn.Module) else apply, RopeHook)
 
 
 def hooked_decoders(module_name: str) -> int:
