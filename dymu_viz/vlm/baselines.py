@@ -29,8 +29,8 @@ from .pipeline import patch_vlm
 from .reductions import (KINDS, Baseline, Pool, RandomPrune, ToMe, pool_grids, pool_groups,  # noqa: F401
                          pool_patches, random_keep, tome_r)
 
-__all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "image_token_counts", "match_budget", "mean_image_tokens", "pool_grids",
-           "pool_groups", "pool_patches", "random_keep", "size_classes", "size_key", "tome_r"]
+__all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "image_token_counts", "match_budget", "mean_image_tokens",
+           "pool_grids", "pool_groups", "pool_patches", "random_keep", "size_classes", "size_key", "tome_r"]
 
 
 def image_token_counts(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> list[int]:

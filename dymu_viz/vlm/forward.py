@@ -182,7 +182,7 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     language_model = self.model.language_model
     out = language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask, position_ids=position_ids,
                          **{cache_argument(language_model.forward): cache}, use_cache=use_cache,
-                                    output_hidden_states=a.get("output_hidden_states"), **family.llm_arguments(chunk))
+                         output_hidden_states=a.get("output_hidden_states"), **family.llm_arguments(chunk))
     if L > 1 or items:
         _account(state, gen, chunk)
     keep = a.get("logits_to_keep", 0)

@@ -48,6 +48,6 @@ from .rope import apply_rotation, natural_order, pair_order, rotate, rotate_by_m
 
 __all__ = ["ATTENTION_NAME", "BACKENDS", "CACHE_POLICIES", "KERNELS", "VTUState", "VTUTrack", "VirtualLayout",
            "allowed_slots", "apply_rotation", "average_copies", "cache_bytes", "cache_bytes_formula", "exact_scores",
-           "find_decoder", "gather_rotated", "gather_slots", "hooked_decoders", "is_identity", "natural_order", "original_rope",
-           "pair_order", "patch_llm", "rope_hooked", "rotate", "rotate_by_matrix", "rotate_plain", "rotation", "rotation_matrix",
-           "unpatch_llm", "vtu_attention"]
+           "find_decoder", "gather_rotated", "gather_slots", "hooked_decoders", "is_identity", "natural_order",
+           "original_rope", "pair_order", "patch_llm", "rope_hooked", "rotate", "rotate_by_matrix", "rotate_plain",
+           "rotation", "rotation_matrix", "unpatch_llm", "vtu_attention"]
