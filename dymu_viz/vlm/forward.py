@@ -83,12 +83,15 @@ class VLMState:
         self.__dict__.update(state)
 
 
+@functools.lru_cache(maxsize=None)
 def cache_argument(function: Any) -> str:
     """What HF calls the KV cache argument of a forward: ``cache`` from transformers 5.24 (the
-    old name only warns until 5.40), ``past_key_values`` before."""
+    old name only warns until 5.40), ``past_key_values`` before. Asked once per class's forward:
+    each decode step calls it."""
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
+@functools.lru_cache(maxsize=None)
 def cache_field(output: type) -> str:
     """What HF calls the KV cache field of an output class (renamed as ``cache_argument``)."""
     return "cache" if "cache" in {f.name for f in fields(output)} else "past_key_values"
@@ -181,7 +184,7 @@ def vlm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     language_model = self.model.language_model
     out = language_model(inputs_embeds=chunk.embeds, attention_mask=gen.compact_mask, position_ids=position_ids,
-                         **{cache_argument(language_model.forward): cache}, use_cache=use_cache,
+                         **{cache_argument(type(language_model).forward): cache}, use_cache=use_cache,
                          output_hidden_states=a.get("output_hidden_states"), **family.llm_arguments(chunk))
     if L > 1 or items:
         _account(state, gen, chunk)
