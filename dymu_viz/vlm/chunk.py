@@ -133,6 +133,8 @@ def compact_chunk(model: nn.Module, input_ids: Tensor, mask: Tensor, media: dict
                                          f"give one {kind} per {written} in the prompts")
                     item = Placing(i, image.to(device))
                     acc["crop_tokens"] += image.crop_tokens
+                    if image.tower_tokens is not None:
+                        acc.setdefault("tower_tokens", []).append(image.tower_tokens)
                     acc["image_tokens"] += len(image.features)
                     acc["image_positions"] += len(image.mapping)
                 V = len(item.image.mapping)

@@ -16,7 +16,7 @@ model's numbers). What differs between model families is asked of the model's fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,7 @@ def _state(model: nn.Module) -> VLMState:
 def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float, Baseline, None] = None,
               mode: str = "vtu", kernel: str = "sdpa", backend: str = "native", cache: str = "decode_fast",
               metric: Optional[str] = None, temporal: Optional[float] = None,
-              window: Optional[int] = None) -> nn.Module:
+              window: Optional[int] = None, tower: Optional[Sequence[Optional[float]]] = None) -> nn.Module:
     """DToMe in the vision tower (thresholds None: no merging) and, in "vtu" mode, VTU in the LLM
     (kernel, scatter backend and KV-cache policy as in ``dymu_viz.vtu.patch_llm``). Afterwards
     the model's own ``forward`` / ``generate`` run DyMU. Patching a patched model changes its
@@ -65,13 +65,17 @@ def patch_vlm(model: nn.Module, thresholds: Union[Thresholds, list[float], float
     video time steps after each step's rounds (``qwen.merge_time_steps``; default: the one
     ``qwen.calibrate_temporal`` recorded in the thresholds, else None: every time step is merged
     on its own); window: restricted matching for large images, inside blocks of window x window
-    units (``qwen.window_order``; default: the calibrated one, else None: the whole image). Other
-    families refuse these options."""
+    units (``qwen.window_order``; default: the calibrated one, else None: the whole image);
+    tower: DToMe *inside* the ViT, one threshold per block (None: that block does not merge),
+    on whole 2 x 2 units with the attention on the virtual layout (``dymu_viz.vlm.unit_tower``;
+    default: the ones the thresholds record, else None: the tower runs as HF's); the rounds
+    then continue with the tower's groups. Other families refuse these options."""
     check_transformers()
     family = family_of(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    settings = family.configure(model, thresholds, mode, {"metric": metric, "temporal": temporal, "window": window})
+    settings = family.configure(model, thresholds, mode, {"metric": metric, "temporal": temporal, "window": window,
+                                                                   "tower": tower})
     if mode == "vtu":
         patch_llm(model.model.language_model, kernel, backend, cache)
     elif getattr(find_decoder(model.model.language_model), "dymu_vtu", None) is not None:

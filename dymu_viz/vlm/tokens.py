@@ -22,16 +22,18 @@ class ImageTokens:
     tiles for AnyRes; the units for towers that merge after their output; InternVL3: each tile's
     compact tokens after its rounds, so per-tile counts show in the accounting); extras: (n, k, D)
     per compact row, what the family adds to the LLM's first k layers at the image's rows
-    (Qwen3-VL's DeepStack features, merged with the same groups), or None."""
+    (Qwen3-VL's DeepStack features, merged with the same groups), or None; tower_tokens: its
+    tokens after each ViT block when the tower merged (Qwen-VL's ``unit_tower``), else None."""
 
     features: Tensor
     mapping: Tensor
     crop_tokens: list[int]
     extras: Optional[Tensor] = None
+    tower_tokens: Optional[list[int]] = None
 
     def to(self, device: torch.device) -> "ImageTokens":
         """The same image with its mapping (and rows) on ``device``: where the LLM lays it out."""
-        return ImageTokens(self.features, self.mapping.to(device), self.crop_tokens, self.extras)
+        return ImageTokens(self.features, self.mapping.to(device), self.crop_tokens, self.extras, self.tower_tokens)
 
     def in_slot_order(self) -> "ImageTokens":
         """The same image with compact rows sorted by their first virtual position (every row
@@ -43,4 +45,4 @@ class ImageTokens:
         order = first.argsort()
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
         return ImageTokens(self.features[order], rank[self.mapping], self.crop_tokens,
-                           None if self.extras is None else self.extras[order])
+                           None if self.extras is None else self.extras[order], self.tower_tokens)

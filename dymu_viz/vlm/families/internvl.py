@@ -323,10 +323,10 @@ class InternVL(VLMFamily):
         return {"min_patches": 1, "max_patches": 12}
 
     def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> InternVLSettings:
-        unused = sorted(k for k in ("temporal", "window") if options.get(k) is not None)
+        unused = sorted(k for k in ("temporal", "window", "tower") if options.get(k) is not None)
         if unused:
-            raise ValueError(f"{', '.join(unused)} apply to Qwen-VL's rounds; InternVL's tiles are matched whole and "
-                             "its frames one by one")
+            raise ValueError(f"{', '.join(unused)} apply to Qwen-VL's rounds and tower; InternVL's tiles are matched "
+                             "whole, its frames one by one, and its tower merges with patch_vlm(model, tower thresholds)")
         if model.config.vision_feature_select_strategy != "default":
             raise NotImplementedError("DyMU supports InternVL's vision_feature_select_strategy 'default' (CLS dropped)")
         tower = model.model.vision_tower

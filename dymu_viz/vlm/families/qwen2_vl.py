@@ -33,6 +33,7 @@ from ...calibrate import dist_info, gather_objects, mean_thresholds
 from ...dataset import load_rgb
 from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_fixed_r, select_threshold
 from ...thresholds import Thresholds
+from .. import unit_tower
 from ..family import VisualInput, VLMFamily, VLMSpec, register
 from ..reductions import BASELINES, Baseline, Pool, RandomPrune, ToMe, pool_groups, random_keep, reduce_grid
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
@@ -200,12 +201,35 @@ def rounds_steps(model: nn.Module) -> tuple[int, int]:
     return rounds, rounds
 
 
-def padded_units(units: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image (features, metric) -> padded x (B, U, D), metric (B, U, M), size (B, U)."""
+def padded_units(units: list[tuple[Tensor, Tensor]], sizes: Optional[list[Tensor]] = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (features, metric) -> padded x (B, U, D), metric (B, U, M), size (B, U): 1 per
+    unit, or ``sizes`` (units per row, when the tower merged), 0 for padding."""
     x = nn.utils.rnn.pad_sequence([f for f, _ in units], batch_first=True)
     metric = nn.utils.rnn.pad_sequence([m for _, m in units], batch_first=True)
+    if sizes is not None:
+        return x, metric, nn.utils.rnn.pad_sequence(sizes, batch_first=True)
     counts = torch.tensor([len(f) for f, _ in units], device=x.device)
     return x, metric, (torch.arange(x.shape[1], device=x.device) < counts[:, None]).long()
+
+
+def collapse_units(features: Tensor, metric: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Units the tower merged (``unit_tower``) as its compact rows, rows (U,) in [0, n):
+    features (U, D) and metric (U, M) -> (n, D), (n, M), the mean of each row's units (the
+    size-weighted mean the rounds keep; bitwise the row itself where its units agree, as the
+    merger's output does; DeepStack features of a row merged after their block differ), and the
+    units per row (n,)."""
+    n = int(rows.max()) + 1
+    size = torch.bincount(rows, minlength=n)
+    first = torch.full((n,), len(rows), device=rows.device).scatter_reduce(
+        0, rows, torch.arange(len(rows), device=rows.device), "amin")
+
+    def mean(values: Tensor) -> Tensor:
+        wide = values.to(score_dtype(values.dtype))
+        gained = torch.zeros_like(wide[:n]).index_add_(0, rows, wide - wide[first][rows])
+        return (wide[first] + gained / size[:, None].to(wide.dtype)).to(values.dtype)
+
+    return mean(features), mean(metric), size
 
 
 def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float, rounds: int,
@@ -349,12 +373,16 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
     across_time = video and temporal is not None
     D = model.config.get_text_config().hidden_size
     out = []
-    for unit_metric, steps, width in step_rows(model, pixel_values, image_grid_thw, thresholds, video, metric,
-                                               across_time, window, reduction):
+    items = step_rows(model, pixel_values, image_grid_thw, thresholds, video, metric, across_time, window, reduction)
+    plan = unit_tower.plan_of(model.model.visual)
+    tower = plan.last.item_counts([len(steps) for _, steps, _ in items]) if plan and plan.last else [None] * len(items)
+    for (unit_metric, steps, width), counts in zip(items, tower):
         feats, mapping = (merge_time_steps(steps, unit_metric, width, float(temporal)) if across_time
                           else concat_steps(steps))
         extras = feats[:, D:].unflatten(1, (-1, D)) if feats.shape[1] > D else None  # DeepStack, merged alike
-        out.append(ImageTokens(feats[:, :D], mapping, [len(unit_metric)], extras).in_slot_order())
+        # the tower's output: its units, or its compact units when it merged
+        out.append(ImageTokens(feats[:, :D], mapping, [counts[-1] if counts else len(unit_metric)], extras,
+                               counts).in_slot_order())
     return out
 
 
@@ -378,16 +406,25 @@ def step_rows(model: nn.Module, pixel_values: Tensor, grid_thw: Optional[Tensor]
     steps = [int(t) for t in grid_thw[:, 0]] if video else [1] * len(units)
     grids = unit_grids(model, grid_thw)
     pieces, orders = split_pieces(units, steps, grids, window)
+    tower = tower_piece_rows(model, [h * w for (h, w), t in zip(grids, steps) for _ in range(t)])
+    if tower is not None:
+        if window is not None or reduction is not None:
+            raise ValueError("with merging inside the tower, the rounds run on each image's whole unit grid: "
+                             "window= and the matched-budget baselines do not apply")
+        collapsed = [collapse_units(f, m, r) for (f, m), r in zip(pieces, tower)]
+        pieces, sizes = [(f, m) for f, m, _ in collapsed], [n for _, _, n in collapsed]
     if reduction is not None:
         step_patches = [h * w for (_, h, w), t in zip(grid_thw.tolist(), steps) for _ in range(t)]
         step_grids = [grid for grid, t in zip(grids, steps) for _ in range(t)]
         rows = piece_reductions(pieces, step_grids, pixel_values.split(step_patches), reduction, views)
     elif thresholds:
-        x, size, groups = unit_rounds(*padded_units(pieces), thresholds, views)
+        x, size, groups = unit_rounds(*padded_units(pieces, sizes if tower else None), thresholds, views)
         kept = (size > 0).sum(-1).tolist()
         rows = [(x[b, :kept[b]], groups[b, :len(f)]) for b, (f, _) in enumerate(pieces)]
     else:
         rows = [(f, torch.arange(len(f), device=f.device)) for f, _ in pieces]
+    if tower is not None:  # each unit: its row in the tower, then that row's row after the rounds
+        rows = [(x, g[r]) for (x, g), r in zip(rows, tower)]
     segments = []  # per image / time step: its windows' tokens, its units' rows in raster order
     for order, n in orders:
         if order is None:
@@ -401,6 +438,16 @@ def step_rows(model: nn.Module, pixel_values: Tensor, grid_thw: Optional[Tensor]
         out.append((m[:, -(m.shape[1] // views):], segments[first:first + t], w))
         first += t
     return out
+
+
+def tower_piece_rows(model: nn.Module, pieces: Sequence[int]) -> Optional[list[Tensor]]:
+    """When the tower merged units in its last pass (``unit_tower``): per piece (an image, a
+    video's time step) of ``pieces`` units, each unit's row among the piece's compact rows;
+    else None."""
+    plan = unit_tower.plan_of(model.model.visual)
+    if plan is None or plan.last is None or plan.last.rows is None:
+        return None
+    return plan.last.split(pieces)
 
 
 def unit_grids(model: nn.Module, grid_thw: Tensor) -> list[tuple[int, int]]:
@@ -543,13 +590,35 @@ class RoundSettings:
     their similarity (``METRICS``); temporal: the threshold for merging across a video's time
     steps (None: none); window: the rounds match inside blocks of window x window units (None:
     the whole image); reduction: a matched-budget baseline on every image's (time step's) units
-    instead of the rounds (``piece_reductions``)."""
+    instead of the rounds (``piece_reductions``); tower: a threshold per ViT block for merging
+    whole units inside the tower (``unit_tower``; None: the tower runs as HF's)."""
 
     rounds: Optional[list[float]] = None
     metric: str = "keys"
     temporal: Optional[float] = None
     window: Optional[int] = None
     reduction: Optional[Baseline] = None  # a matched-budget baseline instead of the rounds
+    tower: Optional[list[Optional[float]]] = None
+
+
+def tower_thresholds(model: nn.Module, tower: Any) -> Optional[list[Optional[float]]]:
+    """In-tower thresholds, one per ViT block: a sequence (None or inf: the block does not
+    merge), or the ``{"values": [...], "r": [...]}`` a calibration records (r[k] = 0: block k
+    never merges); None: no merging in the tower."""
+    if tower is None:
+        return None
+    if isinstance(tower, (int, float)):
+        raise ValueError("tower= takes one threshold per ViT block (None for a block that does not merge)")
+    if isinstance(tower, dict):
+        tower = [v if r else None for v, r in zip(tower["values"], tower["r"])]
+    depth = len(model.model.visual.blocks)
+    if len(tower) != depth:
+        raise ValueError(f"{len(tower)} tower thresholds for a tower of {depth} blocks; give one per block "
+                         "(None where a block does not merge)")
+    values = [None if v is None or float(v) == float("inf") else float(v) for v in tower]
+    if any(v is not None and v != v for v in values):
+        raise ValueError("a tower threshold is NaN")
+    return values if any(v is not None for v in values) else None
 
 
 def unit_metric_of(thresholds: Any, metric: Optional[str]) -> str:
@@ -688,7 +757,25 @@ class Qwen2VL(VLMFamily):
         return calibrate_rounds(model, processor, images, keep, rounds, batch_size, **options)
 
     def configure(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> RoundSettings:
+        settings = self.round_settings(model, thresholds, mode, options)
+        if settings.tower is None:
+            unit_tower.remove(model.model.visual)
+        else:
+            unit_tower.install(model.model.visual, settings.tower)
+        return settings
+
+    def unpatch(self, model: nn.Module) -> None:
+        unit_tower.remove(model.model.visual)
+
+    def round_settings(self, model: nn.Module, thresholds: Any, mode: str, options: dict[str, Any]) -> RoundSettings:
         metric, temporal, window = options.get("metric"), options.get("temporal"), options.get("window")
+        tower = options.get("tower")
+        if tower is None and isinstance(thresholds, Thresholds):
+            tower = thresholds.metadata.get("tower")
+        tower = None if mode == "full" else tower_thresholds(model, tower)
+        if tower is not None and (window is not None or isinstance(thresholds, BASELINES)):
+            raise ValueError("with merging inside the tower, the rounds run on each image's whole unit grid: "
+                             "window= and the matched-budget baselines do not apply")
         if isinstance(thresholds, BASELINES):
             if temporal is not None or window is not None:
                 raise ValueError("the matched-budget baselines reduce each image's (time step's) units as a whole: "
@@ -707,8 +794,11 @@ class Qwen2VL(VLMFamily):
         check_window(window)
         if temporal is not None and not float(temporal) == float(temporal):
             raise ValueError("the temporal threshold is NaN")
+        if tower is not None and window is not None:
+            raise ValueError("with merging inside the tower, the rounds run on each image's whole unit grid: "
+                             "window= does not apply")
         return RoundSettings(rounds, unit_metric, None if mode == "full" or temporal is None else float(temporal),
-                             None if window is None else int(window))
+                             None if window is None else int(window), tower=tower)
 
     def encode(self, model: nn.Module, settings: RoundSettings, visual: VisualInput,
                arguments: dict[str, Any]) -> list[ImageTokens]:
