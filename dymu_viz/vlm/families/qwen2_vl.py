@@ -773,9 +773,12 @@ class Qwen2VL(VLMFamily):
         if tower is None and isinstance(thresholds, Thresholds):
             tower = thresholds.metadata.get("tower")
         tower = None if mode == "full" else tower_thresholds(model, tower)
-        if tower is not None and (window is not None or isinstance(thresholds, BASELINES)):
+        if tower is not None and window is not None:
             raise ValueError("with merging inside the tower, the rounds run on each image's whole unit grid: "
-                             "window= and the matched-budget baselines do not apply")
+                             "window= does not apply")
+        if tower is not None and isinstance(thresholds, BASELINES):
+            raise ValueError("the matched-budget baselines reduce the vanilla tower's units: tower thresholds do "
+                             "not apply with them")
         if isinstance(thresholds, BASELINES):
             if temporal is not None or window is not None:
                 raise ValueError("the matched-budget baselines reduce each image's (time step's) units as a whole: "
@@ -794,9 +797,6 @@ class Qwen2VL(VLMFamily):
         check_window(window)
         if temporal is not None and not float(temporal) == float(temporal):
             raise ValueError("the temporal threshold is NaN")
-        if tower is not None and window is not None:
-            raise ValueError("with merging inside the tower, the rounds run on each image's whole unit grid: "
-                             "window= does not apply")
         return RoundSettings(rounds, unit_metric, None if mode == "full" or temporal is None else float(temporal),
                              None if window is None else int(window), tower=tower)
 

@@ -1,0 +1,282 @@
+"""DToMe inside the Qwen-VL ViT (``dymu_viz.vlm.unit_tower``): whole 2 x 2 units merge, the
+attention runs on the virtual (vanilla) layout. Tiny random models of the exact classes.
+
+The defining property is checked block by block in float64: a patched block's output, at every
+patch, is the vanilla block's (HF's own forward) on the virtually unmerged input with its
+attention's copies averaged back, then averaged over the units the block merged. A tower that
+never merges but runs the compact path is vanilla; generation, caching, batching, videos, the
+thresholds file and the accounting follow from it.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from dymu_viz import Thresholds, classswap, vlm
+from dymu_viz.vlm import unit_tower
+from test_vlm_qwen import batch, photos, vanilla, video_batch
+from tiny_models import VLM_QUESTIONS, check_causal_and_cached_decode, tiny_qwen, tiny_qwen3, tiny_vlm
+
+VERSIONS = ["2", "2.5", "3"]
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def tiny(version: str, dtype: torch.dtype = torch.float32):
+    return tiny_qwen3(dtype=dtype) if version == "3" else tiny_qwen(version, dtype=dtype)
+
+
+def tower_inputs(processor) -> dict:
+    """Three pictures of different sizes and aspects (a flat one and two photos)."""
+    return dict(processor.image_processor(images=photos(3), return_tensors="pt"))
+
+
+def patch_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each unit's compact row (U,) -> each patch's compact patch row (4U,)."""
+    return (4 * rows[:, None] + torch.arange(4)).flatten()
+
+
+def virtual(x: torch.Tensor, rows) -> torch.Tensor:
+    """Compact patch rows -> every patch's copy in the tower's order (rows None: x already is)."""
+    return x if rows is None else x[patch_rows(rows)]
+
+
+def group_mean(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each row replaced by the mean of the rows sharing its id."""
+    sums = torch.zeros(int(ids.max()) + 1, x.shape[1], dtype=x.dtype).index_add_(0, ids, x)
+    return (sums / torch.bincount(ids)[:, None].to(x.dtype))[ids]
+
+
+def record_blocks(visual) -> tuple[list[dict], list]:
+    """Hooks that keep, per block of a patched tower pass: its input, keyword arguments and output,
+    and each unit's compact row (tower order) before and after it (None: not compact yet)."""
+    records: list[dict] = []
+
+    def rows_now():
+        run = unit_tower.plan_of(visual).run
+        return run.rows.clone() if run is not None and run.compact else None
+
+    def before(block, args, kwargs):
+        records.append({"block": block, "x": args[0].clone(), "rows_in": rows_now(), "kwargs": dict(kwargs)})
+
+    def after(block, args, kwargs, out):
+        records[-1].update(out=out.clone(), rows_out=rows_now())
+
+    hooks = [h for b in visual.blocks for h in (b.register_forward_pre_hook(before, with_kwargs=True),
+                                                b.register_forward_hook(after, with_kwargs=True))]
+    return records, hooks
+
+
+def reference_block(record: dict, units: int) -> torch.Tensor:
+    """HF's own block forward on the virtually unmerged input, its attention output averaged over
+    the copies of each compact row, then the output averaged over the rows after the block."""
+    block = record["block"]
+    before = torch.arange(units) if record["rows_in"] is None else record["rows_in"]
+    hook = block.attn.register_forward_hook(lambda m, a, out: group_mean(out, patch_rows(before)))
+    try:
+        out = classswap.base_class(block).forward(block, virtual(record["x"], record["rows_in"]), **record["kwargs"])
+    finally:
+        hook.remove()
+    return group_mean(out, patch_rows(record["rows_out"])) if record["rows_out"] is not None else out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_tower_that_never_merges_is_vanilla_on_the_compact_path(version: str) -> None:
+    """Thresholds above any cosine (2.0) run every block compact, on the virtual layout: the
+    tower's output equals HF's (fp32 1e-5); infinite ones leave the tower unpatched."""
+    model, processor = tiny(version)
+    visual = model.model.visual
+    inputs = tower_inputs(processor)
+    ref = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    unit_tower.install(visual, [2.0] * len(visual.blocks))
+    out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    assert unit_tower.plan_of(visual).last.rows is not None  # the compact path ran
+    assert (out.pooler_output - ref.pooler_output).abs().max() <= 1e-5
+    assert (out.last_hidden_state - ref.last_hidden_state).abs().max() <= 1e-5
+    for a, b in zip(getattr(out, "deepstack_features", None) or [], getattr(ref, "deepstack_features", None) or []):
+        assert (a - b).abs().max() <= 1e-5
+    vlm.patch_vlm(model, None, tower=[float("inf")] * len(visual.blocks))
+    assert unit_tower.plan_of(visual) is None and not classswap.is_swapped(visual, "unit_tower")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_generate_with_a_never_merging_tower_equals_vanilla_with_images_video_and_beams(version: str) -> None:
+    model, processor = tiny(version)
+    depth = len(model.model.visual.blocks)
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    for inputs in (batch(processor, (2, 1), VLM_QUESTIONS[:2]), video_batch(processor)):
+        valid = inputs["attention_mask"].bool()
+        ref = vanilla(model, inputs).logits
+        greedy, beam = (model.generate(**inputs, max_new_tokens=4, do_sample=False), model.generate(**inputs, **beams))
+        vlm.patch_vlm(model, None, tower=[2.0] * depth)
+        assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), greedy)
+        assert torch.equal(model.generate(**inputs, **beams), beam)
+        vlm.unpatch_vlm(model)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_block_is_the_vanilla_block_on_the_virtual_input_then_the_group_mean(version: str) -> None:
+    """float64, merges in two blocks (the second after the first merged). On Qwen2.5-VL some
+    merged token spans two attention windows (112 px = 4 x 4 units), which only the virtual
+    layout can run exactly."""
+    model, processor = tiny(version, torch.float64)
+    visual = model.model.visual
+    inputs = tower_inputs(processor)
+    unit_tower.install(visual, [0.2, None, 0.0, None])
+    records, hooks = record_blocks(visual)
+    try:
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    units = len(unit_tower.window_raster(visual, inputs["image_grid_thw"]))
+    counts = unit_tower.plan_of(visual).last.counts
+    assert sum(counts[0]) < units and sum(counts[2]) < sum(counts[1])  # both blocks merged
+    for k, record in enumerate(records):
+        ours = virtual(record["out"], record["rows_out"])
+        assert (ours - reference_block(record, units)).abs().max() <= 1e-10, k
+    if version == "2.5":
+        raster = unit_tower.window_raster(visual, inputs["image_grid_thw"])
+        rows = records[-1]["rows_out"][raster.argsort()]  # raster order, images one after another
+        windows = torch.cat([(torch.arange(h // 2 * (w // 2)) // (w // 2) // 4) * 100 + torch.arange(w // 2).repeat(h // 2) // 4
+                             + 10_000 * i for i, (_, h, w) in enumerate(inputs["image_grid_thw"].tolist())])
+        spans = [len(set(windows[rows == r].tolist())) for r in rows.unique()]
+        assert max(spans) > 1
+    assert out.pooler_output.shape[0] == units  # one row per unit, as vanilla
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_merger_receives_whole_units(version: str) -> None:
+    """Each unit's output is HF's merger of that unit's own four patch rows, in slot order: the
+    merger's input holds four rows per compact unit, and applied to the virtual last hidden
+    state it gives every unit's row of the output."""
+    model, processor = tiny(version, torch.float64)
+    visual = model.model.visual
+    inputs = tower_inputs(processor)
+    unit_tower.install(visual, [0.0, 0.0, None, None])
+    seen = []
+    hook = visual.merger.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        hook.remove()
+    last = unit_tower.plan_of(visual).last
+    assert seen == [4 * sum(last.counts[-1])]
+    merger = classswap.base_class(visual.merger).forward(visual.merger, out.last_hidden_state)
+    raster = unit_tower.window_raster(visual, inputs["image_grid_thw"])
+    assert (merger[raster.argsort()] - out.pooler_output).abs().max() <= 1e-12
+    assert len(last.rows.unique()) == sum(last.counts[-1])
+
+
+@pytest.mark.parametrize("version", ["2.5", "3"])
+def test_in_tower_merging_is_batch_invariant_on_photos(version: str) -> None:
+    """Each photo alone and in a batch of three sizes: the same tokens after every block, the
+    same groups, the same features (float64)."""
+    model, processor = tiny(version, torch.float64)
+    visual = model.model.visual
+    unit_tower.install(visual, [0.3, None, 0.1, None])
+    pictures = photos(4)[1:]
+    together = processor.image_processor(images=pictures, return_tensors="pt")
+    out = visual(together["pixel_values"], grid_thw=together["image_grid_thw"]).pooler_output
+    record = unit_tower.plan_of(visual).last
+    units = (together["image_grid_thw"].prod(-1) // 4).tolist()
+    for i, (picture, part, rows) in enumerate(zip(pictures, out.split(units), record.split(units))):
+        alone = processor.image_processor(images=[picture], return_tensors="pt")
+        single = visual(alone["pixel_values"], grid_thw=alone["image_grid_thw"]).pooler_output
+        mine = unit_tower.plan_of(visual).last
+        assert [c[0] for c in mine.counts] == [c[i] for c in record.counts]
+        assert torch.equal(mine.rows, rows)
+        assert (single - part).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cached_decode_equals_recomputation_with_merging_in_the_tower(version: str) -> None:
+    model, processor = tiny(version)
+    vlm.patch_vlm(model, [0.5, 0.5], tower=[0.4, None, 0.2, None])
+    check_causal_and_cached_decode(model, batch(processor))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_generate_accounts_the_tower_tokens_of_every_block(version: str) -> None:
+    """model.generate (greedy and beams) runs; per prompt, tower_tokens holds each image's tokens
+    after every block (never rising), its last entry the tower's output (encoder_tokens); the
+    rounds then keep fewer, and the virtual length stays every unit."""
+    model, processor = tiny(version)
+    inputs = batch(processor)
+    units = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    vlm.patch_vlm(model, [0.5, 0.5], tower=[0.4, None, 0.2, None])
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+    greedy = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert greedy.shape[0] == 3
+    for acc, n in zip(model.dymu_vlm.last, units):
+        (tower,) = acc["tower_tokens"]
+        assert len(tower) == 4 and all(a >= b for a, b in zip(tower, tower[1:])) and tower[0] < n
+        assert acc["encoder_tokens"] == tower[-1] and acc["image_tokens"] <= tower[-1]
+        assert acc["image_positions"] == n
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_video_time_steps_merge_on_their_own_inside_the_tower(version: str) -> None:
+    """The tower's attention never crosses a video's time steps, and neither do its merges: a
+    still video's identical steps keep equal counts, and no token spans two steps."""
+    model, processor = tiny(version)
+    inputs = video_batch(processor)
+    vlm.patch_vlm(model, None, tower=[0.0, None, 0.0, None])
+    moving, still = vlm.qwen.qwen_images(model, inputs["pixel_values_videos"], inputs["video_grid_thw"], None,
+                                         video=True)
+    for tokens, (t, h, w) in zip((moving, still), inputs["video_grid_thw"].tolist()):
+        rows = [set(step.tolist()) for step in tokens.mapping.view(t, -1)]
+        assert all(not (rows[i] & rows[j]) for i in range(t) for j in range(i))
+        assert len(tokens.features) < t * h * w // 4
+    assert len(set(len(r) for r in (set(s.tolist()) for s in still.mapping.view(3, -1)))) == 1
+
+
+def test_the_thresholds_file_carries_the_tower_and_patch_vlm_follows_it(tmp_path) -> None:
+    """metadata["tower"] = {"values", "r"} (r = 0: the block never merges), saved and loaded,
+    patches the tower as tower= does."""
+    model, processor = tiny_qwen("2.5")
+    inputs = batch(processor)
+    tower = {"values": [0.4, 0.9, 0.2, 0.9], "r": [1, 0, 1, 0]}
+    saved = Thresholds([0.5, 0.5], [1, 1], model="Qwen2_5_VLForConditionalGeneration",
+                       metadata={"kind": vlm.qwen.ROUNDS_KIND, "tower": tower})
+    saved.save(tmp_path / "t.json")
+    vlm.patch_vlm(model, Thresholds.load(tmp_path / "t.json"))
+    assert unit_tower.plan_of(model.model.visual).thresholds == [0.4, None, 0.2, None]
+    from_file = model(**inputs).logits
+    vlm.patch_vlm(model, [0.5, 0.5], tower=[0.4, None, 0.2, None])
+    assert torch.equal(model(**inputs).logits, from_file)
+    vlm.patch_vlm(model, [0.5, 0.5])  # plain rounds: the tower is HF's again
+    assert unit_tower.plan_of(model.model.visual) is None
+    assert not any(classswap.is_swapped(m, k) for m in model.model.visual.modules() for k in ("unit_block", "unit_qkv"))
+
+
+def test_a_pickled_model_keeps_its_tower_plan() -> None:
+    model, processor = tiny_qwen("2.5")
+    inputs = batch(processor)
+    vlm.patch_vlm(model, [0.5], tower=[0.4, None, 0.2, None])
+    ref = model(**inputs).logits
+    copy = pickle.loads(pickle.dumps(model))
+    assert unit_tower.plan_of(copy.model.visual).thresholds == [0.4, None, 0.2, None]
+    assert torch.equal(copy(**inputs).logits, ref)
+    vlm.unpatch_vlm(copy)
+    assert unit_tower.plan_of(copy.model.visual) is None and type(copy.model.visual.blocks[0].attn.qkv) is torch.nn.Linear
+
+
+def test_clear_errors_for_tower_thresholds() -> None:
+    model, processor = tiny_qwen("2.5")
+    with pytest.raises(ValueError, match="4 blocks"):
+        vlm.patch_vlm(model, [0.5], tower=[0.5, 0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        vlm.patch_vlm(model, [0.5], tower=[float("nan"), None, None, None])
+    with pytest.raises(ValueError, match="one threshold per ViT block"):
+        vlm.patch_vlm(model, [0.5], tower=0.5)
+    with pytest.raises(ValueError, match="window= does not apply"):
+        vlm.patch_vlm(model, [0.5], tower=[0.5, None, None, None], window=4)
+    with pytest.raises(ValueError, match="tower thresholds do not apply"):
+        vlm.patch_vlm(model, vlm.baselines.ToMe([4]), tower=[0.5, None, None, None])
+    llava, _ = tiny_vlm("llava")
+    with pytest.raises(ValueError, match="tower"):
+        vlm.patch_vlm(llava, None, tower=[0.5])
