@@ -95,21 +95,25 @@ class Progress:
     per_batch: dict[int, BatchValues] = field(default_factory=dict)
     n_images: dict[int, int] = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
+    merges: dict[int, list[int]] = field(default_factory=dict)  # per batch, the merges of each step (rounds)
 
     def merge(self, other: "Progress") -> None:
         self.per_batch.update(other.per_batch)
         self.n_images.update(other.n_images)
+        self.merges.update(other.merges)
         known = {i for i, _ in self.failures}
         self.failures += [(i, e) for i, e in other.failures if i not in known]
 
     def to_json(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
         return {"fingerprint": fingerprint, "per_batch": {str(j): v for j, v in self.per_batch.items()},
-                "n_images": {str(j): n for j, n in self.n_images.items()}, "failures": self.failures}
+                "n_images": {str(j): n for j, n in self.n_images.items()}, "failures": self.failures,
+                "merges": {str(j): m for j, m in self.merges.items()}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Progress":
         return cls({int(j): v for j, v in data["per_batch"].items()}, {int(j): n for j, n in data["n_images"].items()},
-                   [(int(i), str(e)) for i, e in data["failures"]])
+                   [(int(i), str(e)) for i, e in data["failures"]],
+                   {int(j): m for j, m in data.get("merges", {}).items()})
 
 
 def write_atomic(path: Path, text: str) -> None:

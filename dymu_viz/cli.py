@@ -179,9 +179,15 @@ def _calibrate_rounds_parser(sub: argparse._SubParsersAction) -> None:
                    help="the rounds' similarity (dymu_viz.vlm.qwen.METRICS); recorded in the output")
     p.add_argument("--window", type=int, help="match only inside blocks of this many x this many units (large "
                                               "images; recorded in the output); default: the whole image")
+    p.add_argument("--tower-keep", type=float, help="Qwen-VL: also merge whole units inside the ViT, keeping this "
+                                                    "share of the units at its output (--keep is then reached by the "
+                                                    "rounds after it; --rounds 0 for none)")
+    p.add_argument("--tower-blocks", type=int, nargs="+", help="the ViT blocks that merge (default: every block)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch and process")
-    p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write")
+    p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write (checkpoints go beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=5, help="batches between checkpoints")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) when available, else cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -194,8 +200,8 @@ def run_calibrate_rounds(args: argparse.Namespace) -> int:
     device, rank, dtype = _start_processes(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        if args.out.exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        if args.out.exists() and not (args.overwrite or args.resume):
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it or --resume to continue")
         paths, skipped = list_images(args.json or args.folder, args.image_root)
         torch.manual_seed(args.seed)
         loaded = load_vlm(args.model, args.pretrained, device, dtype, args.download, vision_layers=args.vision_layers)
@@ -206,14 +212,21 @@ def run_calibrate_rounds(args: argparse.Namespace) -> int:
                              f"{', '.join(served)} (use calibrate for encoder towers)")
         say(f"model     : {loaded.name}\nweights   : {loaded.weights}\ndata      : {len(paths)} images "
             f"({skipped} JSON entries without an image skipped)")
+        tower = {"tower_keep": args.tower_keep, "tower_blocks": args.tower_blocks}
         thresholds = family.calibrate_rounds(loaded.model, loaded.processor, paths, args.keep, args.rounds,
                                              args.batch_size, progress=not args.quiet, metric=args.metric,
-                                             window=args.window)
+                                             window=args.window, out=args.out, resume=args.resume,
+                                             checkpoint_every=args.checkpoint_every,
+                                             **{k: v for k, v in tower.items() if v is not None})
         if rank == 0:
             thresholds.model = loaded.name
             thresholds.save(args.out)
             say(f"thresholds: {', '.join(f'{v:.4f}' for v in thresholds.values)} "
                 f"(mean merges per image and round: {thresholds.r})")
+            if "tower" in thresholds.metadata and "keep" in thresholds.metadata["tower"]:
+                blocks = thresholds.metadata["tower"]
+                say("tower     : " + ", ".join(f"block {k} {v:.4f}" for k, v in enumerate(blocks["values"])
+                                           if v is not None) + f" (mean merges per image: {blocks['merges']})")
             for i, err in thresholds.metadata["failures"]:
                 say(f"skipped {paths[i]}: {err}")
             say(f"wrote {args.out}")

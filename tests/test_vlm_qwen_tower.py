@@ -280,3 +280,100 @@ def test_clear_errors_for_tower_thresholds() -> None:
     llava, _ = tiny_vlm("llava")
     with pytest.raises(ValueError, match="tower"):
         vlm.patch_vlm(llava, None, tower=[0.5])
+
+
+def kept_shares(model, processor, images) -> tuple[float, float]:
+    """(share of units leaving the tower, share reaching the LLM) over ``images`` as one batch."""
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    tokens = vlm.qwen.qwen_images(model, pixels["pixel_values"], pixels["image_grid_thw"],
+                                  model.dymu_vlm.unit_thresholds)
+    units = sum(len(t.mapping) for t in tokens)
+    return sum(t.crop_tokens[0] for t in tokens) / units, sum(len(t.features) for t in tokens) / units
+
+
+def test_tower_calibration_keeps_the_asked_shares_and_patch_vlm_follows_it(tmp_path) -> None:
+    """One batch: the tower keeps tower_keep of the units at its output and the rounds take them on
+    to keep, as the batch rule itself does; only the named blocks merge; the saved file patches
+    the model with both."""
+    from dymu_viz.vlm.qwen import calibrate_rounds
+
+    model, processor = tiny_qwen("2.5")
+    images = photos(4)
+    thresholds = calibrate_rounds(model, processor, images, keep=0.2, rounds=2, batch_size=4, progress=False,
+                                  tower_keep=0.5, tower_blocks=[1, 2], out=tmp_path / "t.json")
+    tower = thresholds.metadata["tower"]
+    assert tower["r"] == [0, 1, 1, 0] and tower["values"][0] is None and tower["values"][3] is None
+    assert tower["keep"] == 0.5 and thresholds.layers == 2
+    assert unit_tower.plan_of(model.model.visual) is None  # calibration leaves the tower as it found it
+    assert not list(tmp_path.glob("t.json.partial*"))  # checkpoints go once the result is saved
+    vlm.patch_vlm(model, Thresholds.load(tmp_path / "t.json"))
+    assert unit_tower.plan_of(model.model.visual).thresholds == [None, *tower["values"][1:3], None]
+    after_tower, after_rounds = kept_shares(model, processor, images)
+    assert abs(after_tower - 0.5) < 0.02 and abs(after_rounds - 0.2) < 0.02, (after_tower, after_rounds)
+    with pytest.raises(ValueError, match="tower_blocks needs tower_keep"):
+        calibrate_rounds(model, processor, images, tower_blocks=[1])
+    with pytest.raises(ValueError, match="at most tower_keep"):
+        calibrate_rounds(model, processor, images, keep=0.6, tower_keep=0.5)
+    with pytest.raises(ValueError, match="tower_keep must be between"):
+        calibrate_rounds(model, processor, images, keep=0.1, tower_keep=0.2, tower_blocks=[3])
+    with pytest.raises(ValueError, match="blocks of the 4-block tower"):
+        calibrate_rounds(model, processor, images, keep=0.4, tower_keep=0.5, tower_blocks=[4])
+
+
+def test_an_interrupted_tower_calibration_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch) -> None:
+    """Killed after its second batch (checkpoints every batch), resumed: the same thresholds as
+    one uninterrupted run."""
+    from dymu_viz.vlm.families import qwen2_vl
+    from dymu_viz.vlm.qwen import calibrate_rounds
+
+    model, processor = tiny_qwen("2.5")
+    paths = []
+    for k, photo in enumerate(photos(4) * 2):
+        paths.append(tmp_path / f"{k}.png")
+        photo.convert("RGB").resize((84 + 28 * (k % 3), 112)).save(paths[-1])
+    run = dict(keep=0.25, rounds=2, batch_size=2, progress=False, tower_keep=0.5, checkpoint_every=1)
+    whole = calibrate_rounds(model, processor, paths, **run, out=tmp_path / "whole.json")
+    loads, load = [0], qwen2_vl.load_rgb
+
+    def dies_on_the_fifth(path):
+        loads[0] += 1
+        if loads[0] == 5:
+            raise KeyboardInterrupt
+        return load(path)
+
+    monkeypatch.setattr(qwen2_vl, "load_rgb", dies_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_rounds(model, processor, paths, **run, out=tmp_path / "cut.json")
+    assert len(list(tmp_path.glob("cut.json.partial*"))) == 1
+    loaded = []
+    monkeypatch.setattr(qwen2_vl, "load_rgb", lambda path: loaded.append(path) or load(path))
+    resumed = calibrate_rounds(model, processor, paths, **run, out=tmp_path / "cut.json", resume=True)
+    assert loaded == paths[4:]  # only the batches not finished before
+    assert resumed.values == whole.values and resumed.metadata["tower"] == whole.metadata["tower"]
+    assert resumed.metadata["n_images"] == 8 and resumed.r == whole.r
+
+
+def test_tower_calibration_under_torchrun_equals_one_process(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, photo in enumerate(photos(4)):
+        photo.convert("RGB").resize((112 + 28 * k, 84 + 14 * k)).save(images / f"{k}.jpg")
+    args = ["calibrate-rounds", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--pretrained", "random",
+            "--vision-layers", "2", "--folder", str(images), "--keep", "0.3", "--rounds", "1", "--batch-size", "1",
+            "--tower-keep", "0.6", "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "tower     : block 0" in one.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                "-m", "dymu_viz", *args, "--out", str(tmp_path / "two.json")]
+    two = subprocess.run(torchrun, capture_output=True, text=True, cwd=root, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (Thresholds.load(tmp_path / f"{n}.json") for n in ("one", "two"))
+    assert a.values == b.values and a.metadata["tower"] == b.metadata["tower"]
+    assert a.metadata["tower"]["r"] == [1, 1] and a.metadata["processes"] == 1 and b.metadata["processes"] == 2

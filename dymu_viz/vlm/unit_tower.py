@@ -68,8 +68,8 @@ class TowerRecord:
 @dataclass
 class TowerPlan:
     """``visual.dymu_units``: thresholds[k] of block k (None: the block never merges); select:
-    the edges a block merges instead (calibration), as ``merge_rounds`` takes it; run: the pass
-    under way; last: the last pass's ``TowerRecord``."""
+    the edges a merging block merges instead of those above its threshold (calibration), as
+    ``merge_rounds`` takes it; run: the pass under way; last: the last pass's ``TowerRecord``."""
 
     thresholds: list[Optional[float]]
     select: Optional[Selection] = None
@@ -78,10 +78,10 @@ class TowerPlan:
 
     @property
     def merges(self) -> bool:
-        return self.select is not None or any(t is not None for t in self.thresholds)
+        return any(t is not None for t in self.thresholds)
 
     def merges_at(self, block: int) -> bool:
-        return self.select is not None or self.thresholds[block] is not None
+        return self.thresholds[block] is not None
 
     def pick(self, block: int, best: Tensor, size: Tensor) -> Tensor:
         if self.select is not None:
@@ -280,8 +280,8 @@ def _parts(visual: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def install(visual: nn.Module, thresholds: Sequence[Optional[float]], select: Optional[Selection] = None) -> TowerPlan:
     """Merge units inside ``visual`` (a Qwen-VL ViT): block k merges every edge scoring above
-    thresholds[k] (None: it does not merge); or, with ``select``, the edges it picks at every
-    block (calibration). Installing again replaces the plan. Returns the plan."""
+    thresholds[k] (None: it does not merge); or, with ``select``, the edges that picks in the
+    blocks with a threshold (calibration). Installing again replaces the plan. Returns it."""
     if len(thresholds) != len(visual.blocks):
         raise ValueError(f"the tower has {len(visual.blocks)} blocks but {len(thresholds)} tower thresholds were given")
     values = [None if t is None or t == float("inf") else float(t) for t in thresholds]

@@ -27,8 +27,9 @@ positions 1-D, so VTU lays every unit at its own position, as vanilla does.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -246,11 +247,14 @@ def internvl_items(model: nn.Module, settings: InternVLSettings, arguments: dict
 
 @torch.no_grad()
 def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
-                     batch_size: int = 4, progress: bool = True, metric: str = "keys") -> Thresholds:
+                     batch_size: int = 4, progress: bool = True, metric: str = "keys",
+                     out: Optional[Union[str, Path]] = None, resume: bool = False,
+                     checkpoint_every: int = 5) -> Thresholds:
     """Thresholds for ``rounds`` DToMe rounds on InternVL's tiles, found on ``images`` so that a
     share ``keep`` of the units survives: the procedure of ``qwen2_vl.calibrate_rounds`` (batch
-    thresholds averaged over batches, torchrun-ready, unreadable images skipped and named),
-    with every tile of every image one row of the batch."""
+    thresholds averaged over batches, torchrun-ready, unreadable images skipped and named,
+    resumable from the checkpoints beside ``out``), with every tile of every image one row of
+    the batch."""
     from .qwen2_vl import calibrate_rounds as calibrate_units
 
     def units_of(batch: list[Any]) -> list[tuple[Tensor, Tensor]]:
@@ -259,7 +263,8 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
         units, unit_metric = tile_units(model, tiles.to(device), metric, rounds)
         return list(zip(units, unit_metric))
 
-    return calibrate_units(model, processor, images, keep, rounds, batch_size, progress, metric, units_of=units_of)
+    return calibrate_units(model, processor, images, keep, rounds, batch_size, progress, metric, units_of=units_of,
+                           out=out, resume=resume, checkpoint_every=checkpoint_every)
 
 
 # The stand-in's chat template (ChatML), written after the real processor's prompt format: each
@@ -370,6 +375,9 @@ class InternVL(VLMFamily):
                          batch_size: int, **options: Any) -> Thresholds:
         if options.get("window") is not None:
             raise ValueError("window= is for Qwen-VL's large images; InternVL's rounds match inside each tile")
+        if options.get("tower_keep") is not None or options.get("tower_blocks") is not None:
+            raise ValueError("tower_keep= merges inside Qwen-VL's tower; InternVL's tower is calibrated with "
+                             "dymu_viz.calibrate like an encoder")
         return calibrate_rounds(model, processor, images, keep, rounds, batch_size,
                                 **{k: v for k, v in options.items() if k != "window"})
 

@@ -20,16 +20,19 @@ from the model's ``get_rope_index``; text after an image continues at max + 1 (H
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ...calibrate import dist_info, gather_objects, mean_thresholds
+from ...calibrate import (Progress, dist_info, gather_objects, load_checkpoints, mean_thresholds, remove_checkpoints,
+                          write_atomic)
 from ...dataset import load_rgb
 from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_fixed_r, select_threshold
 from ...thresholds import Thresholds
@@ -250,65 +253,166 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
     return values, merges
 
 
+def batch_top_share(fraction: float, values: list[Optional[float]], merges: list[int]) -> Selection:
+    """Calibration's selection: step k merges the batch's best edges, ``fraction`` of all its
+    current tokens, and records the batch threshold (the best edge left, clamped >= 0; None when
+    none was left) in values[k] and its merges in merges[k]."""
+    def select(k: int, best: Tensor, size: Tensor) -> Tensor:
+        src, values[k] = select_batch_top(best, size, 0, protected=0, total=int(fraction * int((size > 0).sum())))
+        merges[k] = int(src.sum())
+        return src
+    return select
+
+
+def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float, rounds: int,
+                       views: int = 1) -> tuple[list[Optional[float]], list[int]]:
+    """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
+    current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
+    Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
+    edge left, clamped >= 0; None when none was left or the round did not run) and the merges."""
+    values: list[Optional[float]] = [None] * rounds
+    merges = [0] * rounds
+    merge_rounds(x, metric, size, rounds, batch_top_share(fraction, values, merges), views)
+    return values, merges
+
+
+def check_share(name: str, keep: float, steps: int) -> None:
+    """A share of tokens that ``steps`` merging steps (each at most halving) can reach."""
+    if not 2.0 ** -steps <= keep <= 1.0:
+        raise ValueError(f"{name} must be between 2^-{steps} = {2.0 ** -steps:g} (every step halves) and 1, got {keep}")
+
+
 @torch.no_grad()
 def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], keep: float = 0.25, rounds: int = 4,
                      batch_size: int = 4, progress: bool = True, metric: str = "keys",
                      window: Optional[int] = None,
-                     units_of: Optional[Callable[[list[Any]], list[tuple[Tensor, Tensor]]]] = None) -> Thresholds:
-    """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL tower, found on
-    ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
+                     units_of: Optional[Callable[[list[Any]], list[tuple[Tensor, Tensor]]]] = None,
+                     tower_keep: Optional[float] = None, tower_blocks: Optional[Sequence[int]] = None,
+                     out: Optional[Union[str, Path]] = None, resume: bool = False,
+                     checkpoint_every: int = 5) -> Thresholds:
+    """Thresholds for ``rounds`` DToMe rounds on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL tower, found
+    on ``images`` (PIL images or paths) so that, on them, a share ``keep`` of the units survives:
     every round merges 1 - keep^(1 / rounds) of the current tokens (at most half, so keep >=
     2^-rounds). Batch thresholds are averaged over batches as for the encoders. Under torchrun
     each process takes every world-th batch; the result does not depend on the process count.
     Unreadable images are skipped and named in ``metadata["failures"]``. metric: see ``METRICS``
     and window (see ``qwen_images``) are recorded in the metadata; ``patch_vlm`` then uses them.
+
+    tower_keep: also merge whole units *inside* the ViT (``unit_tower``), in ``tower_blocks``
+    (default: every block), so that a share tower_keep of the units leaves the tower: each of
+    those blocks merges 1 - tower_keep^(1 / blocks) of the current tokens; the rounds then take
+    the tower's tokens on to ``keep`` of the units. Recorded in ``metadata["tower"]`` (values,
+    r = 1 for a block that merges, the mean merges per image), which ``patch_vlm`` follows.
+
+    out: the thresholds are saved there, and every ``checkpoint_every`` batches each process
+    checkpoints what it finished beside it; ``resume`` continues an interrupted run from those
+    checkpoints (any process count) and ends with the thresholds of an uninterrupted one.
     units_of: a batch of pictures -> the rows the rounds run on, (features (U, D), metric (U, M))
     each (another family's units; default: the Qwen tower's, per image or window)."""
     from tqdm.auto import tqdm
 
-    if not 2.0 ** -rounds <= keep <= 1.0:
-        raise ValueError(f"keep must be between 2^-{rounds} = {2.0 ** -rounds:g} (every round halves) and 1, got {keep}")
     if not images:
         raise ValueError("calibration got no images")
+    if tower_keep is not None and (units_of is not None or window is not None):
+        raise ValueError("merging inside the tower is for Qwen-VL's tower, on whole images (no window=)")
+    previous = unit_tower.plan_of(model.model.visual) if units_of is None else None
+    if previous is not None and window is not None:
+        raise ValueError("the model's tower merges (patch_vlm(tower=...)): the rounds run on whole images, no window=")
+    depth = len(model.model.visual.blocks) if tower_keep is not None else 0
+    blocks = sorted({int(b) for b in (range(depth) if tower_blocks is None else tower_blocks)})
+    if tower_keep is None:
+        if tower_blocks is not None:
+            raise ValueError("tower_blocks needs tower_keep, the share of units the tower keeps")
+        check_share("keep", keep, rounds)
+    else:
+        if not blocks or blocks[0] < 0 or blocks[-1] >= depth:
+            raise ValueError(f"tower_blocks must name blocks of the {depth}-block tower, got {tower_blocks}")
+        check_share("tower_keep", tower_keep, len(blocks))
+        if not 0 < keep <= tower_keep or (rounds == 0 and keep != tower_keep):
+            raise ValueError(f"keep ({keep}) is the share after the tower ({tower_keep}) and the rounds: it must be "
+                             "at most tower_keep (equal when no rounds run)")
+        check_share("keep / tower_keep", keep / tower_keep, rounds)
     rank, world = dist_info()
-    fraction = 1.0 - keep ** (1.0 / rounds)
-    per_batch, merged, failures, used = {}, [0] * rounds, [], 0
+    fraction = 1.0 - (keep / (tower_keep or 1.0)) ** (1.0 / rounds) if rounds else 0.0
+    tower_fraction = 1.0 - tower_keep ** (1.0 / len(blocks)) if tower_keep is not None else 0.0
     device = next(model.parameters()).device
+    out = Path(out) if out is not None else None
+    fingerprint = {"model": type(model).__name__, "keep": keep, "rounds": rounds, "metric": metric, "window": window,
+                   "tower_keep": tower_keep, "tower_blocks": blocks if tower_keep is not None else None,
+                   "batch_size": batch_size, "n_images": len(images), "first": str(images[0])[:200]}
+    done = load_checkpoints(out, fingerprint) if out is not None and resume else Progress()
+    if out is not None and not resume and rank == 0:
+        remove_checkpoints(out)
+    tower_values: list[Optional[float]] = [None] * depth
+    tower_merges = [0] * depth
 
-    def qwen_pieces(batch: list[Any]) -> list[tuple[Tensor, Tensor]]:
+    def qwen_pieces(batch: list[Any]) -> tuple[list[tuple[Tensor, Tensor]], Optional[list[Tensor]]]:
         pixels = processor.image_processor(images=batch, return_tensors="pt")
         grid = pixels["image_grid_thw"].to(device)
-        units = tower_units(model, pixels["pixel_values"].to(device), grid, metric=metric, rounds=rounds)
-        return split_pieces(units, [1] * len(units), unit_grids(model, grid), window)[0]
+        units = tower_units(model, pixels["pixel_values"].to(device), grid, metric=metric, rounds=max(rounds, 1))
+        pieces = split_pieces(units, [1] * len(units), unit_grids(model, grid), window)[0]
+        tower = tower_piece_rows(model, [len(f) for f, _ in pieces])  # the tower merged (calibrated or patched)
+        if tower is None:
+            return pieces, None
+        collapsed = [collapse_units(f, m, r) for (f, m), r in zip(pieces, tower)]
+        return [(f, m) for f, m, _ in collapsed], [n for _, _, n in collapsed]
 
     starts = list(range(0, len(images), batch_size))
-    mine = [j for j in range(len(starts)) if j % world == rank]
-    for j in tqdm(mine, desc="calibrating rounds", disable=not progress or rank != 0):
-        batch = []
-        for i in range(starts[j], min(starts[j] + batch_size, len(images))):
-            try:
-                batch.append(images[i] if hasattr(images[i], "convert") else load_rgb(images[i]))
-            except Exception as err:  # a broken file must not stop a long run: report it
-                failures.append((i, f"{type(err).__name__}: {err}"))
-        if not batch:
-            continue
-        pieces = (units_of or qwen_pieces)(batch)
-        per_batch[j], merges = calibration_rounds(*padded_units(pieces), fraction, rounds, metric_views(metric, rounds))
-        merged, used = [m + n for m, n in zip(merged, merges)], used + len(batch)
-    gathered = gather_objects((per_batch, merged, failures, used))
-    per_batch = {j: v for part, _, _, _ in gathered for j, v in part.items()}
-    merged = [sum(part[1][k] for part in gathered) for k in range(rounds)]
-    failures = sorted(f for part in gathered for f in part[2])
-    used = sum(part[3] for part in gathered)
+    mine = [j for j in range(len(starts)) if j % world == rank and j not in done.per_batch]
+    local = Progress()
+    local.merge(done)
+    checkpoint = out.with_name(out.name + f".partial.rank{rank}.json") if out is not None else None
+    if tower_keep is not None:
+        select = batch_top_share(tower_fraction, tower_values, tower_merges)
+        unit_tower.install(model.model.visual, [0.0 if k in blocks else None for k in range(depth)], select)
+    try:
+        for n, j in enumerate(tqdm(mine, desc="calibrating rounds", disable=not progress or rank != 0)):
+            batch = []
+            for i in range(starts[j], min(starts[j] + batch_size, len(images))):
+                try:
+                    batch.append(images[i] if hasattr(images[i], "convert") else load_rgb(images[i]))
+                except Exception as err:  # a broken file must not stop a long run: report it
+                    local.failures.append((i, f"{type(err).__name__}: {err}"))
+            values, merges = [None] * (rounds + depth), [0] * (rounds + depth)
+            if batch:
+                tower_values[:], tower_merges[:] = [None] * depth, [0] * depth
+                pieces, sizes = (units_of(batch), None) if units_of is not None else qwen_pieces(batch)
+                values, merges = calibration_rounds(*padded_units(pieces, sizes), fraction, rounds,
+                                                    metric_views(metric, rounds))
+                values, merges = values + tower_values, merges + tower_merges
+            local.per_batch[j], local.n_images[j], local.merges[j] = values, len(batch), merges
+            if checkpoint is not None and ((n + 1) % checkpoint_every == 0 or n + 1 == len(mine)):
+                write_atomic(checkpoint, json.dumps(local.to_json(fingerprint)))
+    finally:
+        if tower_keep is not None:
+            if previous is None:
+                unit_tower.remove(model.model.visual)
+            else:
+                unit_tower.install(model.model.visual, previous.thresholds)
+    total = Progress()
+    for part in gather_objects(local.to_json(fingerprint)):
+        total.merge(Progress.from_json(part))
+    used = sum(total.n_images.values())
     if used == 0:
         raise ValueError("calibration could read none of the images")
-    values, counts = mean_thresholds(per_batch, rounds)
-    r = [round(m / used) for m in merged]  # mean merges per image and round, on these images
-    return Thresholds(values, r, model=type(model).__name__, schedule="constant",
-                      metadata={"kind": ROUNDS_KIND, "metric": metric, "window": window, "keep": keep,
-                                "merge_fraction": fraction, "n_images": used,
-                                "n_batches": len(per_batch), "batches_per_round": counts,
-                                "failures": [[i, e] for i, e in failures]})
+    values, counts = mean_thresholds(total.per_batch, rounds + depth)
+    merged = [sum(m[k] for m in total.merges.values()) for k in range(rounds + depth)]
+    r = [round(m / used) for m in merged]  # mean merges per image and step, on these images
+    metadata = {"kind": ROUNDS_KIND, "metric": metric, "window": window, "keep": keep, "merge_fraction": fraction,
+                "n_images": used, "n_batches": len(total.per_batch), "batches_per_round": counts[:rounds],
+                "failures": [[i, e] for i, e in sorted(total.failures)], "processes": world}
+    if tower_keep is None and previous is not None:  # the rounds were found on the patched tower's output
+        metadata["tower"] = {"values": previous.thresholds, "r": [int(v is not None) for v in previous.thresholds]}
+    if tower_keep is not None:
+        metadata["tower"] = {"values": [v if k in blocks else None for k, v in enumerate(values[rounds:])],
+                             "r": [int(k in blocks) for k in range(depth)], "merges": r[rounds:], "keep": tower_keep,
+                             "merge_fraction": tower_fraction, "batches_per_block": counts[rounds:]}
+    thresholds = Thresholds(values[:rounds], r[:rounds], model=type(model).__name__, schedule="constant",
+                            metadata=metadata)
+    if out is not None and rank == 0:
+        thresholds.save(out)
+        remove_checkpoints(out)
+    return thresholds
 
 
 @torch.no_grad()
