@@ -377,3 +377,49 @@ def test_tower_calibration_under_torchrun_equals_one_process(tmp_path) -> None:
     a, b = (Thresholds.load(tmp_path / f"{n}.json") for n in ("one", "two"))
     assert a.values == b.values and a.metadata["tower"] == b.metadata["tower"]
     assert a.metadata["tower"]["r"] == [1, 1] and a.metadata["processes"] == 1 and b.metadata["processes"] == 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tower_flops_count_what_the_tower_runs(version: str) -> None:
+    """``costs.qwen_tower_flops`` against torch's own FLOP counter on the tower's ops (eager
+    attention, so its matmuls are counted): the patch embedding (convolution), the blocks' linear
+    layers and the mergers (addmm) exactly, vanilla and merging in the tower; attention exactly
+    on the vanilla segments (frames, Qwen2.5-VL's windows), which the virtual layout keeps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dymu_viz.vlm.costs import qwen_tower_flops
+
+    model, processor = tiny(version)
+    visual = model.model.visual
+    visual.config._attn_implementation = "eager"
+    inputs = tower_inputs(processor)
+    grids = inputs["image_grid_thw"].tolist()
+    for thresholds in (None, [0.2, None, 0.0, None]):
+        if thresholds is not None:
+            unit_tower.install(visual, thresholds)
+        with FlopCounterMode(display=False) as counter:
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        tokens = [sum(c) for c in unit_tower.plan_of(visual).last.counts] if thresholds else None
+        ours = qwen_tower_flops(visual, grids, tokens)
+        assert counted["aten.convolution"] == ours["embed"]
+        assert counted["aten.addmm"] == ours["linear"] + ours["mergers"]
+        if thresholds is None:
+            assert counted["aten.bmm"] == ours["attention"]
+        else:
+            assert tokens[-1] < sum(g[1] * g[2] // 4 for g in grids) and counted["aten.addmm"] > 0
+
+
+def test_stage_costs_count_the_qwen_tower_from_the_accounting() -> None:
+    from dymu_viz.vlm.costs import qwen_tower_flops, stage_costs
+
+    model, processor = tiny_qwen("2.5")
+    inputs = batch(processor, (1,), VLM_QUESTIONS[:1])
+    grids = inputs["image_grid_thw"].tolist()
+    vlm.patch_vlm(model, None, mode="full")
+    full = stage_costs(model, inputs, new_tokens=2, warmup=0, reps=1)
+    assert full["vision_flops"] == qwen_tower_flops(model.model.visual, grids)["total"]
+    vlm.patch_vlm(model, [0.5], tower=[0.2, None, 0.0, None])
+    merged = stage_costs(model, inputs, new_tokens=2, warmup=0, reps=1)
+    (tower,) = model.dymu_vlm.last[0]["tower_tokens"]
+    assert merged["vision_flops"] == qwen_tower_flops(model.model.visual, grids, tower)["total"] < full["vision_flops"]
