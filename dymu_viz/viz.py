@@ -194,6 +194,51 @@ def plot_unit_merge_maps(images: Sequence[Any], mappings: Sequence[torch.Tensor]
     return fig
 
 
+def plot_tower_merge_maps(images: Sequence[Any], maps: Sequence[Mapping[int, torch.Tensor]], grids: torch.Tensor,
+                          titles: Optional[Sequence[str]] = None, unit: int = 28, style: str = "mean") -> Figure:
+    """Qwen-VL merge maps inside the tower (``vlm.unit_tower``), block by block: one row per
+    image, the image, then its unit grid after every block that merged. maps: per image, block ->
+    (U,) unit -> its token after that block (``TowerRecord.item_maps``, raster order); grids:
+    (images, 3) ``image_grid_thw`` in patches."""
+    blocks = sorted({k for m in maps for k in m})
+    n = len(images)
+    fig = Figure(figsize=(2.6 * (1 + len(blocks)), 2.6 * n), layout="constrained")
+    axes = np.asarray(fig.subplots(n, 1 + len(blocks), squeeze=False))
+    for i, (image, per_block, (_, gh, gw)) in enumerate(zip(images, maps, grids.tolist())):
+        h, w = gh // 2, gw // 2
+        shown = np.asarray(image.convert("RGB").resize((w * unit, h * unit)))
+        axes[i, 0].imshow(shown)
+        axes[i, 0].set_title(f"{titles[i] if titles else f'image {i}'}: {h * w} units", fontsize=9)
+        for j, block in enumerate(blocks, start=1):
+            if block in per_block:
+                groups = per_block[block].cpu().numpy().reshape(h, w)
+                axes[i, j].imshow(render_map(shown, groups, style))
+                axes[i, j].set_title(f"after block {block}: {len(np.unique(groups))} tokens", fontsize=9)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    return fig
+
+
+def tower_count_matrix(accounting: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Per image of ``accounting`` (``model.dymu_vlm.last``, prompts in order, images in each):
+    its units, then its tokens after every ViT block (Qwen-VL's in-tower merging), (n, L + 1)."""
+    rows: list[list[int]] = []
+    for acc in accounting:
+        if "tower_tokens" not in acc:
+            raise ValueError("this accounting has no tower_tokens: the tower did not merge (patch_vlm(tower=...))")
+        rows += acc["tower_tokens"]
+    return np.asarray(rows, dtype=np.int64)
+
+
+def plot_tower_counts(accounting: Sequence[Mapping[str, Any]], names: Optional[Sequence[str]] = None,
+                      ax: Optional[Axes] = None, label: str = "mean", color: Optional[str] = None) -> Axes:
+    """Tokens after every ViT block of Qwen-VL's in-tower merging, per image (thin lines) and
+    their mean ± std, from ``model.dymu_vlm.last``."""
+    ax = plot_layer_counts(tower_count_matrix(accounting), names, ax, label, color)
+    ax.set_xlabel("ViT block (0 = the units entering the tower)")
+    return ax
+
+
 def image_names(names: Optional[Sequence[str]], n: int) -> list[str]:
     """The given names, or "image 0", "image 1", ... for n images."""
     if names is not None and len(names) != n:

@@ -213,9 +213,14 @@ def test_generate_accounts_the_tower_tokens_of_every_block(version: str) -> None
     assert greedy.shape[0] == 3
     for acc, n in zip(model.dymu_vlm.last, units):
         (tower,) = acc["tower_tokens"]
-        assert len(tower) == 4 and all(a >= b for a, b in zip(tower, tower[1:])) and tower[0] < n
+        assert len(tower) == 5 and tower[0] == n and all(a >= b for a, b in zip(tower, tower[1:])) and tower[1] < n
         assert acc["encoder_tokens"] == tower[-1] and acc["image_tokens"] <= tower[-1]
         assert acc["image_positions"] == n
+    from dymu_viz import viz
+
+    assert viz.tower_count_matrix(model.dymu_vlm.last).tolist() == [a["tower_tokens"][0] for a in model.dymu_vlm.last]
+    ax = viz.plot_tower_counts(model.dymu_vlm.last)
+    assert len(ax.lines) == 3 + 1 and list(ax.lines[-1].get_xdata()) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
@@ -422,4 +427,27 @@ def test_stage_costs_count_the_qwen_tower_from_the_accounting() -> None:
     vlm.patch_vlm(model, [0.5], tower=[0.2, None, 0.0, None])
     merged = stage_costs(model, inputs, new_tokens=2, warmup=0, reps=1)
     (tower,) = model.dymu_vlm.last[0]["tower_tokens"]
-    assert merged["vision_flops"] == qwen_tower_flops(model.model.visual, grids, tower)["total"] < full["vision_flops"]
+    assert merged["vision_flops"] == qwen_tower_flops(model.model.visual, grids, tower[1:])["total"] < full["vision_flops"]
+
+
+def test_tower_merge_maps_nest_block_by_block_and_plot() -> None:
+    """The per-block maps: one for every block that merged, the last one the tower's groups, each
+    group of an earlier block inside one group of a later block; drawn as a row per image."""
+    from dymu_viz import viz
+
+    model, processor = tiny_qwen("2.5")
+    visual = model.model.visual
+    inputs = tower_inputs(processor)
+    unit_tower.install(visual, [0.3, None, 0.1, None])
+    visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    last = unit_tower.plan_of(visual).last
+    units = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    maps = last.item_maps(units)
+    for per_block, final in zip(maps, last.split(units)):
+        assert sorted(per_block) == [0, 2] and torch.equal(per_block[2], final)
+        early, late = per_block[0], per_block[2]
+        assert all(len(late[early == row].unique()) == 1 for row in early.unique())
+        assert len(early.unique()) > len(late.unique())
+    fig = viz.plot_tower_merge_maps(photos(3), maps, inputs["image_grid_thw"])
+    assert len(fig.axes) == 9
+    assert fig.axes[2].get_title() == f"after block 2: {len(maps[0][2].unique())} tokens"

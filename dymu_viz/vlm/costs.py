@@ -132,7 +132,7 @@ def _qwen_vision_flops(model: nn.Module, inputs: dict, accounting: dict[str, Any
     grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
              for g in inputs[key].tolist()]
     per_item = accounting.get("tower_tokens")
-    tokens = [sum(column) for column in zip(*per_item)] if per_item else None
+    tokens = [sum(column) for column in zip(*per_item)][1:] if per_item else None  # the units entering: not a block
     return qwen_tower_flops(visual, grids, tokens)["total"] if grids else 0.0
 
 

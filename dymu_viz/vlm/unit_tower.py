@@ -48,16 +48,24 @@ Selection = Callable[[int, Tensor, Tensor], Tensor]  # (block, best (B, Na), siz
 class TowerRecord:
     """What the last patched tower pass did. rows: (U,) the compact row of every unit, raster
     order, items one after another (None: nothing merged); counts[k]: tokens (compact units)
-    of each piece after block k; pieces: units per piece (an image, a video's time step)."""
+    of each piece after block k; pieces: units per piece (an image, a video's time step);
+    maps[k]: the rows as ``rows`` after each block k that merged (for merge maps per block)."""
 
     rows: Optional[Tensor]
     counts: list[list[int]]
     pieces: list[int]
+    maps: dict[int, Tensor] = field(default_factory=dict)
 
     def split(self, units: Sequence[int]) -> list[Tensor]:
         """For consecutive parts of ``units`` units each (pieces, or whole items): each unit's
         compact row counted from its part's first row (needs ``rows``)."""
         return [part - part.min() for part in self.rows.split(list(units))]
+
+    def item_maps(self, units: Sequence[int]) -> list[dict[int, Tensor]]:
+        """Per item of ``units`` units: block -> each unit's row after that block (raster order,
+        counted from the item's first row), for every block that merged."""
+        per_block = {k: [part - part.min() for part in rows.split(list(units))] for k, rows in self.maps.items()}
+        return [{k: parts[i] for k, parts in per_block.items()} for i in range(len(units))]
 
     def item_counts(self, pieces: Sequence[int]) -> list[list[int]]:
         """Per item of ``pieces`` consecutive pieces: its tokens after each block."""
@@ -105,6 +113,7 @@ class TowerRun:
     sizes: Optional[Tensor] = None
     counts: list[int] = field(default_factory=list)
     merged: dict[int, list[int]] = field(default_factory=dict)  # block -> counts after its merge
+    maps: dict[int, Tensor] = field(default_factory=dict)  # block -> rows after its merge (raster order)
     stash: Optional[Tensor] = None  # the compact normed input of the attention now running
     keys: Optional[Tensor] = None  # its qkv (4n, 3C)
 
@@ -204,7 +213,7 @@ def unit_tower_forward(self: nn.Module, hidden_states: Tensor, grid_thw: Tensor,
     finally:
         plan.run = None
     rows = run.rows[run.raster.argsort()] if run.compact else None
-    plan.last = TowerRecord(rows, run.per_block(len(self.blocks)), pieces)
+    plan.last = TowerRecord(rows, run.per_block(len(self.blocks)), pieces, run.maps)
     if run.compact and getattr(out, "last_hidden_state", None) is not None:
         out.last_hidden_state = run.gather(out.last_hidden_state)
     return out
@@ -232,6 +241,7 @@ def unit_block_forward(self: nn.Module, hidden_states: Tensor, cu_seqlens: Tenso
     if plan.merges_at(block):
         x = run.merge(x, unit_keys(run.keys, self.attn.num_heads), lambda best, size: plan.pick(block, best, size))
         run.merged[block] = list(run.counts)
+        run.maps[block] = run.rows[run.raster.argsort()]
     run.keys = None
     return x
 

@@ -486,7 +486,7 @@ def qwen_images(model: nn.Module, pixel_values: Tensor, image_grid_thw: Optional
         extras = feats[:, D:].unflatten(1, (-1, D)) if feats.shape[1] > D else None  # DeepStack, merged alike
         # the tower's output: its units, or its compact units when it merged
         out.append(ImageTokens(feats[:, :D], mapping, [counts[-1] if counts else len(unit_metric)], extras,
-                               counts).in_slot_order())
+                               [len(mapping), *counts] if counts else None).in_slot_order())
     return out
 
 
