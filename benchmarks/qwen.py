@@ -1,4 +1,5 @@
 """Qwen2.5-VL prefill with DyMU rounds after the PatchMerger: counts, FLOP ratio, time ratio.
+(``--tower`` and ``--tower-flops``: DToMe inside the ViT, see ``qwen_tower.py``.)
 
     python benchmarks/qwen.py                  # CPU: real-width ViT (2 of 32 blocks), LLM 4 x 1024, 672 px
 
@@ -56,16 +57,30 @@ def resized(image, side: int):
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, reps=5, warmup=1)
-    p.add_argument("--vision-layers", type=int, default=2)
-    p.add_argument("--side", type=int, default=672, help="longest side of each photo, px")
+    p.add_argument("--vision-layers", type=int, help="ViT blocks (default 2; 4 with --tower)")
+    p.add_argument("--text-layers", type=int, default=13, help="--tower: the LLM's layers (2048 wide)")
+    p.add_argument("--side", type=int, help="longest side of each photo, px (default 672; 448 with --tower*)")
     p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--images", nargs="+", default=["chelsea", "rocket", "grace_hopper"])
     p.add_argument("--metrics", action="store_true", help="compare the rounds' similarity metrics instead")
     p.add_argument("--windows", type=int, nargs="*", help="time windowed matching with these block sides instead")
     p.add_argument("--large", type=int, default=3584, help="--windows: the large image's longest side, px")
+    p.add_argument("--tower", action="store_true", help="merging inside the ViT: times at the 7B's tower : LLM "
+                                                        "proportion (with --metrics: feature errors); qwen_tower.py")
+    p.add_argument("--tower-flops", action="store_true", help="merging inside the ViT: prefill FLOPs at the real 7B "
+                                                              "shapes from counts on the real-depth tower")
     args = p.parse_args(argv)
+    tower_mode = args.tower or args.tower_flops
+    args.side = args.side or (448 if tower_mode else 672)
+    args.vision_layers = args.vision_layers or (4 if tower_mode else 2)
     torch.manual_seed(0)
+    if tower_mode:
+        import qwen_tower
+
+        if args.tower_flops:
+            return qwen_tower.real_shape_flops(args)
+        return qwen_tower.feature_errors(args) if args.metrics else qwen_tower.timed(args)
     if args.windows is not None:
         return compare_windows(args)
     loaded = vlm.load_vlm("Qwen/Qwen2.5-VL-7B-Instruct", "random", args.device, torch.float32,

@@ -234,8 +234,11 @@ def plot_tower_counts(accounting: Sequence[Mapping[str, Any]], names: Optional[S
                       ax: Optional[Axes] = None, label: str = "mean", color: Optional[str] = None) -> Axes:
     """Tokens after every ViT block of Qwen-VL's in-tower merging, per image (thin lines) and
     their mean ± std, from ``model.dymu_vlm.last``."""
+    from matplotlib.ticker import MaxNLocator
+
     ax = plot_layer_counts(tower_count_matrix(accounting), names, ax, label, color)
-    ax.set_xlabel("ViT block (0 = the units entering the tower)")
+    ax.set_xlabel("ViT blocks run (0: the units entering the tower)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return ax
 
 
