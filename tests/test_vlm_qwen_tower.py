@@ -451,3 +451,51 @@ def test_tower_merge_maps_nest_block_by_block_and_plot() -> None:
     fig = viz.plot_tower_merge_maps(photos(3), maps, inputs["image_grid_thw"])
     assert len(fig.axes) == 9
     assert fig.axes[2].get_title() == f"after block 2: {len(maps[0][2].unique())} tokens"
+
+
+def test_the_temporal_calibration_runs_after_the_tower_its_rounds_were_found_with() -> None:
+    """calibrate_temporal on thresholds that record a tower merges inside it as patch_vlm will
+    (so the share it asks for holds there), and leaves the model's tower as it was."""
+    import numpy as np
+
+    model, processor = tiny_qwen("2.5")
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 255, (4, 56, 84, 3), dtype=np.uint8),
+              np.repeat(rng.integers(0, 255, (1, 84, 112, 3), dtype=np.uint8), 6, 0)]
+    rounds = Thresholds([0.5], [1], metadata={"kind": vlm.qwen.ROUNDS_KIND,
+                                              "tower": {"values": [0.0, None, None, None], "r": [1, 0, 0, 0]}})
+    with_time = vlm.qwen.calibrate_temporal(model, processor, videos, rounds, keep=0.6, progress=False)
+    assert unit_tower.plan_of(model.model.visual) is None
+    assert with_time.metadata["tower"] == rounds.metadata["tower"]
+    vlm.patch_vlm(model, with_time)
+    clips = processor.video_processor(videos=videos, return_tensors="pt")
+    counts = [sum(len(t.features) for t in vlm.qwen.qwen_images(
+        model, clips["pixel_values_videos"], clips["video_grid_thw"], [0.5], video=True, temporal=temporal))
+        for temporal in (None, with_time.metadata["temporal"])]
+    assert unit_tower.plan_of(model.model.visual).last.rows is not None  # the tower merged
+    assert counts[1] <= 0.6 * counts[0] + 1, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tower_merging_is_finite_and_close_to_fp32(dtype: torch.dtype) -> None:
+    """The same images in half precision: finite logits, and the tower's tokens within a few of
+    fp32's (a merge is a strict score > threshold, which rounding can flip near it)."""
+    inputs = batch(tiny_qwen("2.5")[1])
+    counts = {}
+    for d in (torch.float32, dtype):
+        model, _ = tiny_qwen("2.5", dtype=d)
+        vlm.patch_vlm(model, [0.5], tower=[0.4, None, 0.2, None])
+        out = model(**{k: v.to(d) if v.is_floating_point() else v for k, v in inputs.items()}).logits
+        assert torch.isfinite(out).all()
+        counts[d] = [a["encoder_tokens"] for a in model.dymu_vlm.last]
+    assert all(abs(a - b) <= 3 for a, b in zip(counts[torch.float32], counts[dtype])), counts
+
+
+def test_compact_mode_with_tower_merging_puts_each_token_at_its_first_unit() -> None:
+    model, processor = tiny_qwen("2.5")
+    inputs = batch(processor)
+    vlm.patch_vlm(model, [0.5], tower=[0.4, None, 0.2, None], mode="compact")
+    check_causal_and_cached_decode(model, inputs)
+    acc = model.dymu_vlm.last
+    assert all(a["llm_virtual_length"] == a["llm_compact_length"] for a in acc)
+    assert all(a["image_tokens"] <= a["encoder_tokens"] < a["image_positions"] for a in acc)

@@ -32,8 +32,9 @@ rounds match, which then continue with the tower's groups.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -314,6 +315,25 @@ def remove(visual: nn.Module) -> None:
             classswap.swap_out(module)
         module.__dict__.pop("dymu_units", None)
         module.__dict__.pop("dymu_block", None)
+
+
+@contextmanager
+def installed(visual: nn.Module, thresholds: Optional[Sequence[Optional[float]]],
+              select: Optional[Selection] = None) -> Iterator[None]:
+    """While open, ``visual`` merges as ``install`` sets it (thresholds None: as HF built it);
+    afterwards the plan it had before, or none, is back."""
+    previous = plan_of(visual)
+    if thresholds is None:
+        remove(visual)
+    else:
+        install(visual, thresholds, select)
+    try:
+        yield
+    finally:
+        if previous is None:
+            remove(visual)
+        else:
+            install(visual, previous.thresholds)
 
 
 def plan_of(visual: nn.Module) -> Optional[TowerPlan]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -362,10 +362,9 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
     local = Progress()
     local.merge(done)
     checkpoint = out.with_name(out.name + f".partial.rank{rank}.json") if out is not None else None
-    if tower_keep is not None:
-        select = batch_top_share(tower_fraction, tower_values, tower_merges)
-        unit_tower.install(model.model.visual, [0.0 if k in blocks else None for k in range(depth)], select)
-    try:
+    merging = [0.0 if k in blocks else None for k in range(depth)]  # which blocks merge; select picks the edges
+    select = batch_top_share(tower_fraction, tower_values, tower_merges)
+    with unit_tower.installed(model.model.visual, merging, select) if tower_keep is not None else nullcontext():
         for n, j in enumerate(tqdm(mine, desc="calibrating rounds", disable=not progress or rank != 0)):
             batch = []
             for i in range(starts[j], min(starts[j] + batch_size, len(images))):
@@ -383,12 +382,6 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
             local.per_batch[j], local.n_images[j], local.merges[j] = values, len(batch), merges
             if checkpoint is not None and ((n + 1) % checkpoint_every == 0 or n + 1 == len(mine)):
                 write_atomic(checkpoint, json.dumps(local.to_json(fingerprint)))
-    finally:
-        if tower_keep is not None:
-            if previous is None:
-                unit_tower.remove(model.model.visual)
-            else:
-                unit_tower.install(model.model.visual, previous.thresholds)
     total = Progress()
     for part in gather_objects(local.to_json(fingerprint)):
         total.merge(Progress.from_json(part))
@@ -440,10 +433,13 @@ def calibrate_temporal(model: nn.Module, processor: Any, videos: Sequence[Any], 
     device = next(model.parameters()).device
     metric = thresholds.metadata.get("metric", "keys")
     mine = []
-    for i in tqdm(range(rank, len(videos), world), desc="encoding videos", disable=not progress or rank != 0):
-        clip = processor.video_processor(videos=[videos[i]], return_tensors="pt")
-        mine += step_rows(model, clip["pixel_values_videos"].to(device), clip["video_grid_thw"].to(device),
-                          thresholds.values, True, metric, time_metric=True, window=thresholds.metadata.get("window"))
+    tower = tower_thresholds(model, thresholds.metadata.get("tower"))  # the tower the rounds were found after
+    with unit_tower.installed(model.model.visual, tower):
+        for i in tqdm(range(rank, len(videos), world), desc="encoding videos", disable=not progress or rank != 0):
+            clip = processor.video_processor(videos=[videos[i]], return_tensors="pt")
+            mine += step_rows(model, clip["pixel_values_videos"].to(device), clip["video_grid_thw"].to(device),
+                              thresholds.values, True, metric, time_metric=True,
+                              window=thresholds.metadata.get("window"))
 
     def tokens_left(tau: float) -> int:  # summed over every process's videos
         return sum(gather_objects(sum(len(merge_time_steps(rows, m, width, tau)[0]) for m, rows, width in mine)))
