@@ -22,7 +22,9 @@ open_clip), photos bundled with scikit-image. Sections, the most important figur
 * onevision: LLaVA-OneVision-7B (SO400M tower, Qwen2-7B) on one AnyRes photo, tower thresholds
   calibrated to 72out on scikit-image's calibration pictures, ``stage_costs`` as above;
 * qwen: Qwen2.5-VL-7B (its 32-block ViT, Qwen2.5-7B) on one photo at 672 px, four DToMe rounds
-  after the tower calibrated to keep 0.3, ``stage_costs`` as above.
+  after the tower calibrated to keep 0.3, ``stage_costs`` as above; and merging inside the ViT
+  (``vlm.unit_tower``: half the units leave the tower, two rounds take them to 0.3), its
+  attention on the virtual layout through the tower's own SDPA / FlashAttention calls.
 
 Timing: modes run interleaved within every repetition, warm-up repetitions are thrown away
 (``Plan.warmup``), ratios are medians of the per-repetition (paired) ratios; decoding runs one
@@ -376,11 +378,13 @@ def prompt_inputs(model: nn.Module, processor: Any, images: list[Any],
 
 
 @torch.no_grad()
-def vlm_rows(run: Run, section: str, label: str, model: nn.Module, inputs: dict[str, Any], dymu: Any) -> None:
-    """``stage_costs`` of full, DyMU with VTU and DyMU w/o VTU (thresholds ``dymu``) on one prompt,
-    the settings interleaved in every repetition; medians, and each setting's total time against
-    full's as the median of per-repetition ratios. Then routes of one prefill per setting."""
-    settings = {"full": (None, "full"), "dymu vtu": (dymu, "vtu"), "dymu compact": (dymu, "compact")}
+def vlm_rows(run: Run, section: str, label: str, model: nn.Module, inputs: dict[str, Any], dymu: Any,
+             more: dict[str, tuple[Any, str]] | None = None) -> None:
+    """``stage_costs`` of full, DyMU with VTU and DyMU w/o VTU (thresholds ``dymu``), and of the
+    ``more`` settings (name -> (thresholds, mode)), on one prompt, the settings interleaved in every
+    repetition; medians, and each setting's total time against full's as the median of
+    per-repetition ratios. Then routes of one prefill per setting."""
+    settings = {"full": (None, "full"), "dymu vtu": (dymu, "vtu"), "dymu compact": (dymu, "compact"), **(more or {})}
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in settings}
     for rep in range(run.plan.warmup + run.plan.reps):
         for setting, (spec, mode) in settings.items():
@@ -547,9 +551,11 @@ def qwen_section(run: Run) -> None:
     side = run.plan.qwen_side
     calibration = [resized(im, side) for im in calibration_photos(CALIBRATION).values()]
     thresholds = vlm.qwen.calibrate_rounds(model, processor, calibration, keep=0.3, rounds=4, progress=False)
+    in_tower = vlm.qwen.calibrate_rounds(model, processor, calibration, keep=0.3, rounds=2, tower_keep=0.5,
+                                         progress=False)
     image = resized(sample_photos(["chelsea"])["chelsea"], side)
     vlm_rows(run, "qwen", f"Qwen2.5-VL-7B, chelsea at {side} px", model, prompt_inputs(model, processor, [image]),
-             thresholds)
+             thresholds, {"dymu in tower vtu": (in_tower, "vtu")})
 
 
 SECTION_RUNS: dict[str, Callable[[Run], None]] = {

@@ -97,13 +97,17 @@ def test_whole_model_rows(smoke):
     _, data, _ = smoke
     for section in ("llava", "onevision", "qwen"):
         rows = data["sections"][section]["rows"]["vlm"]
-        assert [r["setting"] for r in rows] == ["full", "dymu vtu", "dymu compact"]
+        tower = ["dymu in tower vtu"] if section == "qwen" else []
+        assert [r["setting"] for r in rows] == ["full", "dymu vtu", "dymu compact", *tower]
         full = rows[0]
         assert full["total_over_full"] == 1.0
         for r in rows:
             assert {"vision_s", "prefill_s", "decode_s_per_token", "total_s", "prefill_flops", "peak_mib"} <= set(r)
             assert r["image_tokens"] <= full["image_tokens"]
         assert rows[1]["llm_virtual_length"] == full["llm_virtual_length"]  # VTU attends over the full length
+    qwen = data["sections"]["qwen"]["rows"]["vlm"]
+    assert qwen[3]["vision_flops"] < qwen[0]["vision_flops"]  # merging inside the tower saves its FLOPs
+    assert qwen[3]["llm_virtual_length"] == qwen[0]["llm_virtual_length"]
 
 
 def test_route_report(smoke):
