@@ -92,7 +92,8 @@ def test_stage_cost_plot_stacks_the_stages_and_marks_slower_settings() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == ["cat · full", "cat · dymu", "cat · tome"]
 
 
-def test_stage_costs_on_qwen_report_no_tower_flops() -> None:
+def test_stage_costs_on_qwen_with_rounds_only_count_the_vanilla_tower() -> None:
+    from dymu_viz.vlm.costs import qwen_tower_flops
     from tiny_models import tiny_qwen
 
     model, processor = tiny_qwen("2.5")
@@ -102,4 +103,5 @@ def test_stage_costs_on_qwen_report_no_tower_flops() -> None:
     inputs = dict(processor(images=[sample_photos(["rocket"])["rocket"]], text=[text], return_tensors="pt"))
     vlm.patch_vlm(model, [0.5] * 2)
     row = stage_costs(model, inputs, new_tokens=2, warmup=0, reps=1)
-    assert row["vision_flops"] is None and row["image_tokens"] < row["llm_virtual_length"]
+    assert row["vision_flops"] == qwen_tower_flops(model.model.visual, inputs["image_grid_thw"].tolist())["total"]
+    assert row["image_tokens"] < row["llm_virtual_length"]
