@@ -411,38 +411,51 @@ def test_calibrated_rounds_keep_the_asked_share_of_units(batch_size: int) -> Non
         calibrate_rounds(model, processor, images, keep=0.1, rounds=3)
 
 
-def test_calibrate_rounds_cli_two_processes_equal_one_and_skip_broken_images(tmp_path) -> None:
-    """`python -m dymu_viz calibrate-rounds` on a folder, alone and under torchrun with 2
-    processes: the same thresholds exactly (batches averaged in batch order); a broken file is
-    skipped and named."""
+def calibrate_rounds_cli(tmp_path, args: list[str], port: int, broken: bool = False) -> tuple:
+    """``python -m dymu_viz calibrate-rounds`` with ``args`` on four photos of different sizes (and
+    a broken file), alone and under torchrun with 2 processes: the two completed processes (each
+    writes tmp_path/one.json, two.json); the command line and the repository root, to run again."""
     import subprocess
     import sys
     from pathlib import Path
-
-    import dymu_viz
 
     root = Path(__file__).resolve().parents[1]
     images = tmp_path / "images"
     images.mkdir()
     for k, photo in enumerate(photos(4)):
         photo.convert("RGB").resize((112 + 28 * k, 84 + 14 * k)).save(images / f"{k}.jpg")
-    (images / "broken.jpg").write_bytes(b"not an image")
-    args = ["calibrate-rounds", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--pretrained", "random",
-            "--vision-layers", "1", "--folder", str(images), "--keep", "0.4", "--rounds", "2", "--batch-size", "2",
-            "--metric", "blocks", "--device", "cpu", "--quiet"]
-    one = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
+    if broken:
+        (images / "broken.jpg").write_bytes(b"not an image")
+    command = ["calibrate-rounds", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--pretrained", "random", "--folder",
+               str(images), "--device", "cpu", "--quiet", *args]
+    one = subprocess.run([sys.executable, "-m", "dymu_viz", *command, "--out", str(tmp_path / "one.json")],
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "skipped" in one.stdout and "broken.jpg" in one.stdout
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                "-m", "dymu_viz", *args, "--out", str(tmp_path / "two.json")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                "-m", "dymu_viz", *command, "--out", str(tmp_path / "two.json")]
     two = subprocess.run(torchrun, capture_output=True, text=True, cwd=root, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    return one, two, command, root
+
+
+def test_calibrate_rounds_cli_two_processes_equal_one_and_skip_broken_images(tmp_path) -> None:
+    """`python -m dymu_viz calibrate-rounds` on a folder, alone and under torchrun with 2
+    processes: the same thresholds exactly (batches averaged in batch order); a broken file is
+    skipped and named."""
+    import subprocess
+    import sys
+
+    import dymu_viz
+
+    one, _, command, root = calibrate_rounds_cli(tmp_path, ["--vision-layers", "1", "--keep", "0.4", "--rounds", "2",
+                                                            "--batch-size", "2", "--metric", "blocks"], 29531,
+                                                 broken=True)
+    assert "skipped" in one.stdout and "broken.jpg" in one.stdout
     a, b = (dymu_viz.Thresholds.load(tmp_path / f"{n}.json") for n in ("one", "two"))
     assert a.values == b.values and a.r == b.r and a.layers == 2 and a.metadata["metric"] == "blocks"
     assert a.metadata["n_images"] == b.metadata["n_images"] == 4
     assert len(b.metadata["failures"]) == 1
-    wrong = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
+    wrong = subprocess.run([sys.executable, "-m", "dymu_viz", *command, "--out", str(tmp_path / "one.json")],
                            capture_output=True, text=True, cwd=root, timeout=300)
     assert wrong.returncode == 2 and "exists" in wrong.stderr
 

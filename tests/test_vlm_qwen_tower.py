@@ -359,26 +359,11 @@ def test_an_interrupted_tower_calibration_resumes_to_the_uninterrupted_result(tm
 
 
 def test_tower_calibration_under_torchrun_equals_one_process(tmp_path) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_vlm_qwen import calibrate_rounds_cli
 
-    root = Path(__file__).resolve().parents[1]
-    images = tmp_path / "images"
-    images.mkdir()
-    for k, photo in enumerate(photos(4)):
-        photo.convert("RGB").resize((112 + 28 * k, 84 + 14 * k)).save(images / f"{k}.jpg")
-    args = ["calibrate-rounds", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--pretrained", "random",
-            "--vision-layers", "2", "--folder", str(images), "--keep", "0.3", "--rounds", "1", "--batch-size", "1",
-            "--tower-keep", "0.6", "--device", "cpu", "--quiet"]
-    one = subprocess.run([sys.executable, "-m", "dymu_viz", *args, "--out", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, cwd=root, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    one, _, _, _ = calibrate_rounds_cli(tmp_path, ["--vision-layers", "2", "--keep", "0.3", "--rounds", "1",
+                                                   "--batch-size", "1", "--tower-keep", "0.6"], 29537)
     assert "tower     : block 0" in one.stdout
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
-                "-m", "dymu_viz", *args, "--out", str(tmp_path / "two.json")]
-    two = subprocess.run(torchrun, capture_output=True, text=True, cwd=root, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
     a, b = (Thresholds.load(tmp_path / f"{n}.json") for n in ("one", "two"))
     assert a.values == b.values and a.metadata["tower"] == b.metadata["tower"]
     assert a.metadata["tower"]["r"] == [1, 1] and a.metadata["processes"] == 1 and b.metadata["processes"] == 2

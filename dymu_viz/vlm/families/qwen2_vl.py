@@ -235,24 +235,6 @@ def collapse_units(features: Tensor, metric: Tensor, rows: Tensor) -> tuple[Tens
     return mean(features), mean(metric), size
 
 
-def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float, rounds: int,
-                       views: int = 1) -> tuple[list[Optional[float]], list[int]]:
-    """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
-    current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
-    Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
-    edge left, clamped >= 0; None when none was left or the round did not run) and the merges."""
-    values: list[Optional[float]] = [None] * rounds
-    merges = [0] * rounds
-
-    def batch_top(k: int, best: Tensor, size: Tensor) -> Tensor:
-        src, values[k] = select_batch_top(best, size, 0, protected=0, total=int(fraction * int((size > 0).sum())))
-        merges[k] = int(src.sum())
-        return src
-
-    merge_rounds(x, metric, size, rounds, batch_top, views)
-    return values, merges
-
-
 def batch_top_share(fraction: float, values: list[Optional[float]], merges: list[int]) -> Selection:
     """Calibration's selection: step k merges the batch's best edges, ``fraction`` of all its
     current tokens, and records the batch threshold (the best edge left, clamped >= 0; None when
