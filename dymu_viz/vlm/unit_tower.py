@@ -106,12 +106,15 @@ class TowerRun:
     """One tower pass. raster: (U,) the raster index of each unit in the tower's order (Qwen2.5-VL
     orders units by window); pieces: units per piece. Once a block merged: rows (U,) the compact
     row of each unit (tower order), sizes (n,) units per compact row, counts: compact rows per
-    piece; patch_rows (4U,) the compact patch row of every patch."""
+    piece; patch_rows (4U,) the compact patch row of every patch and patch_sizes (4n, 1) the
+    copies of every compact patch row (both kept with ``rows``, read in every block)."""
 
     raster: Tensor
     pieces: list[int]
     rows: Optional[Tensor] = None
     sizes: Optional[Tensor] = None
+    patch_rows: Optional[Tensor] = None
+    patch_sizes: Optional[Tensor] = None
     counts: list[int] = field(default_factory=list)
     merged: dict[int, list[int]] = field(default_factory=dict)  # block -> counts after its merge
     maps: dict[int, Tensor] = field(default_factory=dict)  # block -> rows after its merge (raster order)
@@ -122,15 +125,17 @@ class TowerRun:
     def compact(self) -> bool:
         return self.rows is not None
 
-    @property
-    def patch_rows(self) -> Tensor:
-        return (4 * self.rows[:, None] + torch.arange(4, device=self.rows.device)).flatten()
+    def place(self, rows: Tensor, sizes: Tensor, counts: list[int]) -> None:
+        """A new layout: each unit's compact row, units per row, rows per piece."""
+        self.rows, self.sizes, self.counts = rows, sizes, counts
+        self.patch_rows = (4 * rows[:, None] + torch.arange(4, device=rows.device)).flatten()
+        self.patch_sizes = sizes.repeat_interleave(4)[:, None]
 
     def start(self, x: Tensor) -> Tensor:
         """The first merge: every unit its own compact row, pieces in order, raster inside each.
         x (4U, C) in the tower's order -> (4U, C) in compact order."""
-        self.rows, self.counts = self.raster.clone(), list(self.pieces)
-        self.sizes = torch.ones(len(self.raster), dtype=torch.long, device=x.device)
+        self.place(self.raster.clone(), torch.ones(len(self.raster), dtype=torch.long, device=x.device),
+                   list(self.pieces))
         order = self.raster.argsort()
         return x.view(len(order), 4, -1)[order].flatten(0, 1)
 
@@ -143,7 +148,7 @@ class TowerRun:
         summed in at least float32."""
         wide = virtual.to(torch.promote_types(virtual.dtype, torch.float32))
         total = wide.new_zeros(4 * len(self.sizes), virtual.shape[-1]).index_add_(0, self.patch_rows, wide)
-        return (total / self.sizes.repeat_interleave(4)[:, None].to(wide.dtype)).to(virtual.dtype)
+        return (total / self.patch_sizes.to(wide.dtype)).to(virtual.dtype)
 
     def merge(self, x: Tensor, metric: Tensor, pick: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         """One matching per piece on compact units x (4n, C) with metric (n, M); merges the edges
@@ -165,9 +170,8 @@ class TowerRun:
         offsets = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)
         piece = torch.repeat_interleave(torch.arange(B, device=x.device), torch.tensor(self.counts, device=x.device))
         local = self.rows - torch.tensor([0, *self.counts[:-1]], device=x.device).cumsum(0)[piece[self.rows]]
-        self.rows = offsets[piece[self.rows]] + groups[piece[self.rows], local]
         valid = size > 0
-        self.sizes, self.counts = size[valid], counts
+        self.place(offsets[piece[self.rows]] + groups[piece[self.rows], local], size[valid], counts)
         return units[valid].view(-1, C)
 
     def per_block(self, depth: int) -> list[list[int]]:
