@@ -27,7 +27,7 @@ cosine): the cost of the gathers and scatters alone.
 
 ``--metrics`` compares what the LLM receives (each unit's token) with the vanilla tower's unit
 features (relative Frobenius error per photo), for each in-tower setting against the rounds
-alone at exactly the same token count (ToMe's fixed-r rule over 8 rounds on the same keys). With
+alone at exactly the same token count (ToMe's fixed-r rule, halving until there, on the same keys). With
 random weights this measures how faithfully each keeps the features, not answer quality.
 """
 
@@ -201,10 +201,11 @@ def timed(args) -> int:
 
 
 def fixed_rounds(units: int, tokens: int, rounds: int = 8) -> tuple[int, ...]:
-    """ToMe's r per round taking ``units`` to exactly ``tokens`` (each round at most halves)."""
+    """ToMe's r per round taking ``units`` to exactly ``tokens``: each round merges as many as are
+    left to merge, at most half its tokens."""
     left, current, r = units - tokens, units, []
-    for k in range(rounds):
-        step = min(-(-left // (rounds - k)), current // 2)
+    for _ in range(rounds):
+        step = min(left, current // 2)
         r.append(step)
         left, current = left - step, current - step
     if left:
@@ -215,7 +216,7 @@ def fixed_rounds(units: int, tokens: int, rounds: int = 8) -> tuple[int, ...]:
 def feature_errors(args) -> int:
     """Per photo: each unit's token against its vanilla feature, in-tower settings against the rounds
     alone at the same token count."""
-    from dymu_viz.vlm.qwen import piece_reductions, tower_units
+    from dymu_viz.vlm.families.qwen2_vl import piece_reductions, tower_units
     from dymu_viz.vlm.reductions import ToMe
 
     loaded = vlm.load_vlm("Qwen/Qwen2.5-VL-7B-Instruct", "random", args.device, torch.float32,
@@ -246,7 +247,7 @@ def feature_errors(args) -> int:
     vlm.unpatch_vlm(model)
     lines = [f"What the LLM receives against the vanilla tower's unit features (relative Frobenius error per photo): "
              f"each setting, calibrated to keep on the 9 bundled photos, against the rounds alone at exactly its "
-             f"token count (fixed r over 8 rounds, same keys); Qwen2.5-VL-7B classes, random weights, ViT "
+             f"token count (fixed r, halving until there, same keys); Qwen2.5-VL-7B classes, random weights, ViT "
              f"{args.vision_layers} of 32 blocks; photos at {args.side} px", "",
              "| keep | image | setting | units | tokens | error | rounds alone, same tokens |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['keep']} | {r['image']} | {r['setting']} | {r['units']} | {r['tokens']} | {r['error']:.3f} | "
