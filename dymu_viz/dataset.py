@@ -4,13 +4,14 @@ or a plain folder of images. Unreadable images never stop a run: they are report
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -39,10 +40,23 @@ def list_images(source: Union[str, Path], image_root: Optional[Union[str, Path]]
     return paths, len(entries) - len(paths)
 
 
+@contextmanager
+def _whole_files_only() -> Iterator[None]:
+    """PIL refuses truncated files while open, even where another library made it accept them
+    process-wide (lmms-eval sets ``ImageFile.LOAD_TRUNCATED_IMAGES`` on import): a truncated
+    image must be skipped and named, not calibrated on half grey."""
+    allowed = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allowed
+
+
 def load_rgb(path: Union[str, Path]) -> Image.Image:
     """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, 16-bit, palette and
-    alpha images converted (transparent areas composited on white)."""
-    with Image.open(path) as image:
+    alpha images converted (transparent areas composited on white). A truncated file raises."""
+    with Image.open(path) as image, _whole_files_only():
         image.load()
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -195,6 +195,24 @@ def test_bad_images_are_skipped_counted_and_named(tiny_model_dir, tmp_path, caps
     assert dymu_viz.Thresholds.load(out).metadata["n_images"] == 5
 
 
+def test_a_truncated_image_is_refused_even_where_pil_was_told_to_accept_them(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's process-wide LOAD_TRUNCATED_IMAGES on import; loading still refuses a
+    truncated file (calibration skips and names it) and leaves the setting as it found it."""
+    from PIL import ImageFile
+
+    from dymu_viz.dataset import load_rgb
+
+    path = tmp_path / "photo.jpg"
+    sample_photos(["chelsea"])["chelsea"].save(path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(OSError, match="truncated"):
+        load_rgb(tmp_path / "truncated.jpg")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    assert load_rgb(path).size == (451, 300)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     from dymu_viz.dataset import load_rgb
     image = Image.new("RGB", (40, 20), (200, 10, 10))
