@@ -15,7 +15,7 @@ the units:
 
 ``--tower-flops`` runs the real-depth tower (32 blocks; the LLM is tiny, it does not change the
 counts) on each photo alone and counts the whole prefill at the real 7B shapes from what it
-measured: the tower's tokens after every block (``costs.qwen_tower_flops``) and the LLM's compact
+measured: the tower's tokens after every block (``unit_tower.qwen_tower_flops``) and the LLM's compact
 and virtual lengths (``costs.llm_prefill_flops`` with Qwen2.5-7B's decoder), as ratios to vanilla.
 
 ``--tower`` times each photo's prefill (batch 1, interleaved settings, medians of per-repetition
@@ -44,7 +44,8 @@ from common import publish
 
 import dymu_viz
 from dymu_viz import vlm
-from dymu_viz.vlm.costs import llm_prefill_flops, qwen_tower_flops
+from dymu_viz.vlm.costs import llm_prefill_flops
+from dymu_viz.vlm.families.qwen_tower import qwen_tower_flops
 
 # Qwen2.5-7B's decoder (Qwen/Qwen2.5-VL-7B-Instruct config.json), for FLOP counts at its real shape.
 QWEN25_7B_LLM = SimpleNamespace(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,

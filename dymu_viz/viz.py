@@ -196,7 +196,7 @@ def plot_unit_merge_maps(images: Sequence[Any], mappings: Sequence[torch.Tensor]
 
 def plot_tower_merge_maps(images: Sequence[Any], maps: Sequence[Mapping[int, torch.Tensor]], grids: torch.Tensor,
                           titles: Optional[Sequence[str]] = None, unit: int = 28, style: str = "mean") -> Figure:
-    """Qwen-VL merge maps inside the tower (``vlm.unit_tower``), block by block: one row per
+    """Merge maps inside a tower that merges whole units (``vlm.unit_tower``), block by block: one row per
     image, the image, then its unit grid after every block that merged. maps: per image, block ->
     (U,) unit -> its token after that block (``TowerRecord.item_maps``, raster order); grids:
     (images, 3) ``image_grid_thw`` in patches."""
@@ -221,7 +221,7 @@ def plot_tower_merge_maps(images: Sequence[Any], maps: Sequence[Mapping[int, tor
 
 def tower_count_matrix(accounting: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Per image of ``accounting`` (``model.dymu_vlm.last``, prompts in order, images in each):
-    its units, then its tokens after every ViT block (Qwen-VL's in-tower merging), (n, L + 1)."""
+    its units, then its tokens after every ViT block (in-tower unit merging), (n, L + 1)."""
     rows: list[list[int]] = []
     for acc in accounting:
         if "tower_tokens" not in acc:
@@ -232,7 +232,7 @@ def tower_count_matrix(accounting: Sequence[Mapping[str, Any]]) -> np.ndarray:
 
 def plot_tower_counts(accounting: Sequence[Mapping[str, Any]], names: Optional[Sequence[str]] = None,
                       ax: Optional[Axes] = None, label: str = "mean", color: Optional[str] = None) -> Axes:
-    """Tokens after every ViT block of Qwen-VL's in-tower merging, per image (thin lines) and
+    """Tokens after every ViT block of in-tower unit merging, per image (thin lines) and
     their mean ± std, from ``model.dymu_vlm.last``."""
     from matplotlib.ticker import MaxNLocator
 

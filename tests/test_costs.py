@@ -93,7 +93,7 @@ def test_stage_cost_plot_stacks_the_stages_and_marks_slower_settings() -> None:
 
 
 def test_stage_costs_on_qwen_with_rounds_only_count_the_vanilla_tower() -> None:
-    from dymu_viz.vlm.costs import qwen_tower_flops
+    from dymu_viz.vlm.families.qwen_tower import qwen_tower_flops
     from tiny_models import tiny_qwen
 
     model, processor = tiny_qwen("2.5")

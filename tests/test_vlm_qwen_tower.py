@@ -371,13 +371,13 @@ def test_tower_calibration_under_torchrun_equals_one_process(tmp_path) -> None:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_tower_flops_count_what_the_tower_runs(version: str) -> None:
-    """``costs.qwen_tower_flops`` against torch's own FLOP counter on the tower's ops (eager
+    """``qwen_tower_flops`` against torch's own FLOP counter on the tower's ops (eager
     attention, so its matmuls are counted): the patch embedding (convolution), the blocks' linear
     layers and the mergers (addmm) exactly, vanilla and merging in the tower; attention exactly
     on the vanilla segments (frames, Qwen2.5-VL's windows), which the virtual layout keeps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dymu_viz.vlm.costs import qwen_tower_flops
+    from dymu_viz.vlm.families.qwen_tower import qwen_tower_flops
 
     model, processor = tiny(version)
     visual = model.model.visual
@@ -401,7 +401,8 @@ def test_tower_flops_count_what_the_tower_runs(version: str) -> None:
 
 
 def test_stage_costs_count_the_qwen_tower_from_the_accounting() -> None:
-    from dymu_viz.vlm.costs import qwen_tower_flops, stage_costs
+    from dymu_viz.vlm.costs import stage_costs
+    from dymu_viz.vlm.families.qwen_tower import qwen_tower_flops
 
     model, processor = tiny_qwen("2.5")
     inputs = batch(processor, (1,), VLM_QUESTIONS[:1])
@@ -484,3 +485,24 @@ def test_compact_mode_with_tower_merging_puts_each_token_at_its_first_unit() -> 
     acc = model.dymu_vlm.last
     assert all(a["llm_virtual_length"] == a["llm_compact_length"] for a in acc)
     assert all(a["image_tokens"] <= a["encoder_tokens"] < a["image_positions"] for a in acc)
+
+
+@pytest.mark.parametrize("version", ["2.5", "3"])
+def test_second_chat_turn_on_the_kept_cache_equals_recomputation_with_merging_in_the_tower(version: str) -> None:
+    """The user's path: generate on the processor's output (two prompts, nested images), then a
+    second turn on the kept cache; it equals recomputing the whole conversation (fp64, 1e-8)."""
+    from test_family_contract import CASES, continued, inputs_of, visual_arguments
+
+    text = CASES["qwen2_5_vl"][3]
+    model, processor = tiny(version, torch.float64)
+    inputs = inputs_of(processor, model, (1, 1), nested=True)
+    vlm.patch_vlm(model, [0.0] * 2, tower=[0.3, None, 0.1, None])
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert all(a["tower_tokens"][0][-1] < a["tower_tokens"][0][0] for a in model.dymu_vlm.last)  # the tower merged
+    ids, mask = continued(first, processor, text, inputs)
+    kept = model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, **kw)
+    fresh = model.generate(input_ids=ids, attention_mask=mask, **visual_arguments(inputs), **kw)
+    assert torch.equal(kept.sequences, fresh.sequences)
+    for a, b in zip(kept.logits, fresh.logits):
+        assert torch.allclose(a, b, atol=1e-8, rtol=0)

@@ -8,7 +8,8 @@ from .cache import DyMUCache
 from .family import FAMILIES, VLMFamily, family_of
 from .models import LoadedVLM, load_vlm
 from .tokens import ImageTokens
-from . import baselines, costs, internvl, pipeline, qwen, unit_tower  # noqa: F401  (as attributes)
+from . import baselines, costs, internvl, pipeline, qwen  # noqa: F401  (as attributes)
+from .families import qwen_tower as unit_tower  # noqa: F401  (vlm.unit_tower)
 from .pipeline import MODES, GenerateOutput, VLMState, chat, generate, logits, patch_vlm, unpatch_vlm
 
 __all__ = ["FAMILIES", "MODES", "DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMFamily", "VLMState",

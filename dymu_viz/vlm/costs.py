@@ -8,7 +8,7 @@ Stages of ``model.generate`` on one prompt:
 
 Wall time comes from CUDA events on a GPU and ``perf_counter`` on a CPU, with warm-up runs
 first. FLOPs by stage are computed from the counts the run measured: the tower's tokens per block
-(LLaVA's DToMe tower; Qwen-VL's ViT, merging inside or not: ``qwen_tower_flops``) and the
+(the DToMe tower's record, or what the family counts: ``VLMFamily.vision_flops``) and the
 LLM's compact and attended lengths. Peak memory is reported on CUDA only. The same code
 measures full, DyMU and the matched-budget baselines, because each of them is a setting of
 ``patch_vlm``.
@@ -29,6 +29,7 @@ from torch import nn
 
 from ..patch import get_state
 from ..stats import encoder_flops
+from .family import family_of
 
 STAGES = ("vision", "prefill", "decode")
 
@@ -76,64 +77,9 @@ def tower_flops(model: nn.Module) -> Optional[float]:
     return sum(crops) if crops else None
 
 
-def _linear_macs(module: nn.Module) -> int:
+def linear_macs(module: nn.Module) -> int:
     """Multiply-adds per row of the linear layers inside ``module``."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def _segments(visual: nn.Module, block: int, t: int, h: int, w: int) -> list[int]:
-    """Patches per attention segment of ``block`` on one item of t x h x w patches: one per time
-    step, or (Qwen2.5-VL's window blocks) one per window of units, edges partial."""
-    merge = visual.spatial_merge_size
-    rows, cols = h // merge, w // merge
-    full = getattr(visual, "fullatt_block_indexes", None)
-    if full is None or block in full:
-        return [h * w] * t
-    side = visual.window_size // merge // visual.patch_size
-    heights = [min(side, rows - r) for r in range(0, rows, side)]
-    widths = [min(side, cols - c) for c in range(0, cols, side)]
-    return [a * b * merge ** 2 for _ in range(t) for a in heights for b in widths]
-
-
-def qwen_tower_flops(visual: nn.Module, grid_thw: Sequence[Sequence[int]],
-                     tokens: Optional[Sequence[int]] = None) -> dict[str, float]:
-    """FLOPs of one pass of a Qwen-VL ViT (``model.model.visual``) over items of ``grid_thw``
-    (t, h, w patches each), by part: patch embedding; the blocks' linear layers (qkv, output
-    projection, MLP) on the tokens entering each block; attention (scores and values) over the
-    vanilla segments (frames, Qwen2.5-VL's windows), which in-tower merging keeps (it attends
-    on the virtual layout); the mergers (PatchMerger, Qwen3-VL's DeepStack ones) on the tokens
-    they get. tokens: tokens (units, or compact units) after every block, summed over the items
-    (the accounting's ``tower_tokens``), None: no merging. Multiply-adds count 2."""
-    grids = [tuple(int(v) for v in g) for g in grid_thw]
-    units = sum(t * h * w for t, h, w in grids) // visual.spatial_merge_size ** 2
-    patches = visual.spatial_merge_size ** 2
-    depth = len(visual.blocks)
-    after = list(tokens) if tokens is not None else [units] * depth
-    if len(after) != depth:
-        raise ValueError(f"{len(after)} token counts for a tower of {depth} blocks")
-    entering = [units] + after[:-1]
-    width = visual.blocks[0].attn.qkv.in_features
-    embed = 2 * units * patches * visual.patch_embed.proj.weight.numel()
-    linear = sum(2 * n * patches * _linear_macs(block) for n, block in zip(entering, visual.blocks))
-    attention = sum(4 * width * length ** 2 for k in range(depth) for g in grids for length in _segments(visual, k, *g))
-    deep = getattr(visual, "deepstack_visual_indexes", None) or []
-    mergers = 2 * after[-1] * _linear_macs(visual.merger) + sum(
-        2 * after[k] * _linear_macs(m) for k, m in zip(deep, getattr(visual, "deepstack_merger_list", [])))
-    return {"embed": float(embed), "linear": float(linear), "attention": float(attention), "mergers": float(mergers),
-            "total": float(embed + linear + attention + mergers)}
-
-
-def _qwen_vision_flops(model: nn.Module, inputs: dict, accounting: dict[str, Any]) -> Optional[float]:
-    """The Qwen-VL tower's FLOPs on ``inputs``' images and videos, from the accounting's tower
-    tokens when the tower merged; None for other towers."""
-    visual = getattr(model.model, "visual", None)
-    if visual is None or not hasattr(visual, "blocks"):
-        return None
-    grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
-             for g in inputs[key].tolist()]
-    per_item = accounting.get("tower_tokens")
-    tokens = [sum(column) for column in zip(*per_item)][1:] if per_item else None  # the units entering: not a block
-    return qwen_tower_flops(visual, grids, tokens)["total"] if grids else 0.0
 
 
 class _Clock:
@@ -230,7 +176,7 @@ def stage_costs(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int
     row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     row.update(decode_s_per_token=row["decode_s"] / (new_tokens - 1),
                total_s=row["vision_s"] + row["prefill_s"] + row["decode_s"],
-               vision_flops=vision if vision is not None else _qwen_vision_flops(model, inputs, acc),
+               vision_flops=vision if vision is not None else family_of(model).vision_flops(model, inputs, acc),
                prefill_flops=llm_prefill_flops(cfg, acc["llm_compact_length"], attended, logits=1),
                decode_flops=llm_decode_flops(cfg, new_tokens - 1, attended),
                image_tokens=acc["image_tokens"], llm_compact_length=acc["llm_compact_length"],

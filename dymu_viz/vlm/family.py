@@ -143,6 +143,11 @@ class VLMFamily:
         LLM reads and the tower's depth, or rounds."""
         raise NotImplementedError(f"the {self.name} family has no matched-budget baselines")
 
+    def vision_flops(self, model: nn.Module, inputs: dict[str, Any], accounting: dict[str, Any]) -> Optional[float]:
+        """FLOPs of the tower's pass over ``inputs`` (a batch of one) with ``accounting`` (its
+        ``model.dymu_vlm.last`` entry), when the family counts them; None here."""
+        return None
+
     def lmms_pictures(self, model: nn.Module, images: list[Any]) -> list[Any]:
         """Pictures as lmms-eval's own model of the family hands them to the processor."""
         return images

@@ -37,8 +37,8 @@ class VLMState:
     crop_tokens (per crop); image_tokens (compact image rows in the LLM: for OneVision the crop
     tokens its layout uses plus newline and blend tokens) and image_positions (virtual image
     length); text_tokens; llm_compact_length and llm_virtual_length (positions the LLM attends
-    over, cache included; the compact length in "compact" and "full" modes); with Qwen-VL's
-    in-tower merging, tower_tokens: per image, its units, then its tokens after every ViT block."""
+    over, cache included; the compact length in "compact" and "full" modes); with in-tower unit
+    merging, tower_tokens: per image, its units, then its tokens after every ViT block."""
 
     mode: str
     kernel: str

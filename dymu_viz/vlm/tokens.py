@@ -23,8 +23,8 @@ class ImageTokens:
     compact tokens after its rounds, so per-tile counts show in the accounting); extras: (n, k, D)
     per compact row, what the family adds to the LLM's first k layers at the image's rows
     (Qwen3-VL's DeepStack features, merged with the same groups), or None; tower_tokens: its
-    units entering the ViT, then its tokens after each block, when the tower merged (Qwen-VL's
-    ``unit_tower``), else None."""
+    units entering the ViT, then its tokens after each block, when the tower merged whole units
+    (``unit_tower``), else None."""
 
     features: Tensor
     mapping: Tensor

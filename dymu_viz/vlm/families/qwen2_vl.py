@@ -36,7 +36,7 @@ from ...calibrate import (Progress, dist_info, gather_objects, load_checkpoints,
 from ...dataset import load_rgb
 from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_fixed_r, select_threshold
 from ...thresholds import Thresholds
-from .. import unit_tower
+from . import qwen_tower as unit_tower
 from ..family import VisualInput, VLMFamily, VLMSpec, register
 from ..reductions import BASELINES, Baseline, Pool, RandomPrune, ToMe, pool_groups, random_keep, reduce_grid
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
@@ -896,6 +896,9 @@ class Qwen2VL(VLMFamily):
 
     def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
         return rounds_steps(model)
+
+    def vision_flops(self, model: nn.Module, inputs: dict[str, Any], accounting: dict[str, Any]) -> Optional[float]:
+        return unit_tower.vision_flops(model, inputs, accounting)
 
     def positions(self, model: nn.Module, input_ids: Tensor, mask: Tensor, start: Tensor,
                   arguments: dict[str, Any]) -> Optional[Tensor]:

@@ -39,10 +39,17 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import classswap
-from ..merge import bipartite_scores, merge_tokens, select_threshold, survivor_counts
+from ... import classswap
+from ..costs import linear_macs
+from ...merge import bipartite_scores, merge_tokens, select_threshold, survivor_counts
 
 Selection = Callable[[int, Tensor, Tensor], Tensor]  # (block, best (B, Na), size (B, N)) -> src (B, Na)
+
+
+def relative_parts(rows: Tensor, units: Sequence[int]) -> list[Tensor]:
+    """Compact rows (U,) of consecutive parts of ``units`` units, each counted from its part's
+    first row (a part's rows are consecutive and all used)."""
+    return [part - part.min() for part in rows.split(list(units))]
 
 
 @dataclass
@@ -60,12 +67,12 @@ class TowerRecord:
     def split(self, units: Sequence[int]) -> list[Tensor]:
         """For consecutive parts of ``units`` units each (pieces, or whole items): each unit's
         compact row counted from its part's first row (needs ``rows``)."""
-        return [part - part.min() for part in self.rows.split(list(units))]
+        return relative_parts(self.rows, units)
 
     def item_maps(self, units: Sequence[int]) -> list[dict[int, Tensor]]:
         """Per item of ``units`` units: block -> each unit's row after that block (raster order,
         counted from the item's first row), for every block that merged."""
-        per_block = {k: [part - part.min() for part in rows.split(list(units))] for k, rows in self.maps.items()}
+        per_block = {k: relative_parts(rows, units) for k, rows in self.maps.items()}
         return [{k: parts[i] for k, parts in per_block.items()} for i in range(len(units))]
 
     def item_counts(self, pieces: Sequence[int]) -> list[list[int]]:
@@ -343,3 +350,58 @@ def installed(visual: nn.Module, thresholds: Optional[Sequence[Optional[float]]]
 def plan_of(visual: nn.Module) -> Optional[TowerPlan]:
     """The installed plan, or None."""
     return visual.__dict__.get("dymu_units")
+
+
+def _segments(visual: nn.Module, block: int, t: int, h: int, w: int) -> list[int]:
+    """Patches per attention segment of ``block`` on one item of t x h x w patches: one per time
+    step, or (Qwen2.5-VL's window blocks) one per window of units, edges partial."""
+    merge = visual.spatial_merge_size
+    rows, cols = h // merge, w // merge
+    full = getattr(visual, "fullatt_block_indexes", None)
+    if full is None or block in full:
+        return [h * w] * t
+    side = visual.window_size // merge // visual.patch_size
+    heights = [min(side, rows - r) for r in range(0, rows, side)]
+    widths = [min(side, cols - c) for c in range(0, cols, side)]
+    return [a * b * merge ** 2 for _ in range(t) for a in heights for b in widths]
+
+
+def qwen_tower_flops(visual: nn.Module, grid_thw: Sequence[Sequence[int]],
+                     tokens: Optional[Sequence[int]] = None) -> dict[str, float]:
+    """FLOPs of one pass of a Qwen-VL ViT (``model.model.visual``) over items of ``grid_thw``
+    (t, h, w patches each), by part: patch embedding; the blocks' linear layers (qkv, output
+    projection, MLP) on the tokens entering each block; attention (scores and values) over the
+    vanilla segments (frames, Qwen2.5-VL's windows), which in-tower merging keeps (it attends
+    on the virtual layout); the mergers (PatchMerger, Qwen3-VL's DeepStack ones) on the tokens
+    they get. tokens: tokens (units, or compact units) after every block, summed over the items
+    (the accounting's ``tower_tokens``), None: no merging. Multiply-adds count 2."""
+    grids = [tuple(int(v) for v in g) for g in grid_thw]
+    units = sum(t * h * w for t, h, w in grids) // visual.spatial_merge_size ** 2
+    patches = visual.spatial_merge_size ** 2
+    depth = len(visual.blocks)
+    after = list(tokens) if tokens is not None else [units] * depth
+    if len(after) != depth:
+        raise ValueError(f"{len(after)} token counts for a tower of {depth} blocks")
+    entering = [units] + after[:-1]
+    width = visual.blocks[0].attn.qkv.in_features
+    embed = 2 * units * patches * visual.patch_embed.proj.weight.numel()
+    linear = sum(2 * n * patches * linear_macs(block) for n, block in zip(entering, visual.blocks))
+    attention = sum(4 * width * length ** 2 for k in range(depth) for g in grids for length in _segments(visual, k, *g))
+    deep = getattr(visual, "deepstack_visual_indexes", None) or []
+    mergers = 2 * after[-1] * linear_macs(visual.merger) + sum(
+        2 * after[k] * linear_macs(m) for k, m in zip(deep, getattr(visual, "deepstack_merger_list", [])))
+    return {"embed": float(embed), "linear": float(linear), "attention": float(attention), "mergers": float(mergers),
+            "total": float(embed + linear + attention + mergers)}
+
+
+def vision_flops(model: nn.Module, inputs: dict, accounting: dict[str, Any]) -> Optional[float]:
+    """The Qwen-VL tower's FLOPs on ``inputs``' images and videos, from the accounting's tower
+    tokens when the tower merged; None for other towers."""
+    visual = getattr(model.model, "visual", None)
+    if visual is None or not hasattr(visual, "blocks"):
+        return None
+    grids = [g for key in ("image_grid_thw", "video_grid_thw") if inputs.get(key) is not None
+             for g in inputs[key].tolist()]
+    per_item = accounting.get("tower_tokens")
+    tokens = [sum(column) for column in zip(*per_item)][1:] if per_item else None  # the units entering: not a block
+    return qwen_tower_flops(visual, grids, tokens)["total"] if grids else 0.0
