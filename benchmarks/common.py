@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,12 @@ def parser(doc: str | None, reps: int = 3, warmup: int = 1, dtype: bool = False)
     p.add_argument("--reps", type=int, default=reps, help="timed repetitions; medians are reported")
     p.add_argument("--warmup", type=int, default=warmup, help="repetitions run first and thrown away")
     return p
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repetitions of ``times[num] / times[den]``: each repetition runs the modes back
+    to back, so a per-repetition ratio cancels the machine's slow drifts."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def device_kind(device: str) -> str:

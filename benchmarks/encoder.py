@@ -42,7 +42,7 @@ from dymu_viz.models import load_encoder
 from dymu_viz.stats import flop_ratio, padded_flop_overhead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, device_kind, parser, publish, write_readme_table  # noqa: E402,F401 (vlm.py imports it here)
+from common import DTYPES, device_kind, paired, parser, publish, write_readme_table  # noqa: E402,F401 (vlm.py imports it here)
 
 TARGETS = {"ViT-B-16": "50out", "ViT-L-14-336": "72out"}
 MODES = ("unpatched", "off", "fixed_r", "threshold", "flop_equivalent")
@@ -106,11 +106,6 @@ def time_modes(model, batches: list[torch.Tensor], thresholds, reps: int, warmup
             if rep >= warmup:
                 times[mode].append(time.perf_counter() - start)
     return times
-
-
-def paired(times: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over repetitions of time[num] / time[den]."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 @torch.no_grad()

@@ -73,9 +73,8 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # this tree's dymu_viz, installed or not
 
-import encoder as encoder_bench  # noqa: E402
 import vlm as llm_bench  # noqa: E402
-from common import DTYPES  # noqa: E402
+from common import DTYPES, paired  # noqa: E402
 from qwen import resized  # noqa: E402
 
 import dymu_viz  # noqa: E402
@@ -85,9 +84,9 @@ from dymu_viz.data import calibration_photos, sample_photos, shapes_image  # noq
 from dymu_viz.models import HF_MODELS, image_transform  # noqa: E402
 from dymu_viz.stats import flop_ratio, padded_flop_overhead  # noqa: E402
 from dymu_viz.versions import TESTED_TRANSFORMERS, UNTESTED_OK, check_transformers  # noqa: E402
-from dymu_viz.vlm.costs import _Clock, cost_table, llm_prefill_flops, stage_costs  # noqa: E402
+from dymu_viz.vlm.costs import Clock, cost_table, stage_costs  # noqa: E402
 from dymu_viz.vlm.models import VLM_MODELS  # noqa: E402
-from dymu_viz.vtu import VTUState, cache_bytes, find_decoder, patch_llm  # noqa: E402
+from dymu_viz.vtu import VTUState, cache_bytes, find_decoder  # noqa: E402
 
 SECTIONS = ("encoder", "llava", "onevision", "qwen")
 CLIP_L, SO400M = "openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384"
@@ -97,7 +96,6 @@ QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
 CALIBRATION = ["camera", "coins", "brick", "grass"]  # disjoint from PHOTOS (``data.CALIBRATION_PHOTOS``)
 KERNELS = ("flash", "memory_efficient", "cudnn", "other")  # the fused ones; "math" is what reaches none
-DECODE_MODES = ("full", "vtu", "vtu_fast", "compact")
 
 
 def real_llm(model_id: str, intermediate: int, heads: int, kv_heads: int, **more: Any) -> dict[str, Any]:
@@ -170,7 +168,7 @@ class Run:
     clock: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        self.clock = _Clock(torch.device(self.device))
+        self.clock = Clock(torch.device(self.device))
 
     @property
     def cuda(self) -> bool:
@@ -321,12 +319,12 @@ def encoder_rows(run: Run, name: str, hf_id: str, target: str, batches: tuple[in
                  "off": Mode(lambda: dymu_viz.patch(model), lambda: model(batch)),
                  "dtome": Mode(lambda: dymu_viz.patch(model, thresholds), lambda: model(batch))}
         t = run.interleaved(modes, plan.reps, plan.warmup)
-        speedup = encoder_bench.paired(t, "unpatched", "dtome")
+        speedup = paired(t, "unpatched", "dtome")
         bound = flop_ratio(counts, cfg.hidden_size, cfg.intermediate_size)
         row = {"model": name, "thresholds": "published 72out" if target == "published" else f"calibrated {target}",
                "batch": bs, "attention": cfg._attn_implementation, "seconds": {m: median(v) for m, v in t.items()},
                "images_per_s": {m: bs / median(v) for m, v in t.items()},
-               "off_over_unpatched_time": encoder_bench.paired(t, "off", "unpatched"),
+               "off_over_unpatched_time": paired(t, "off", "unpatched"),
                "dtome_speedup": speedup, "flop_bound": bound, "dtome_over_bound": speedup / bound,
                "mean_output_tokens": float(counts[:, -1].float().mean()),
                "padding_flop_share": padded_flop_overhead(counts, cfg.hidden_size, cfg.intermediate_size)}
@@ -410,7 +408,7 @@ def vlm_rows(run: Run, section: str, label: str, model: nn.Module, inputs: dict[
 def llm_prefill_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
     """``vlm.py``'s prefill rows at batch 1 on LLaVA's language model: every mode of
     ``vlm.MODES`` interleaved per level, KV bytes after prefill and peak memory growth."""
-    plan, cfg, virtual = run.plan, lm.config, full_embeds.shape[1]
+    plan, virtual = run.plan, full_embeds.shape[1]
     rows = run.report.section("llava")["rows"].setdefault("llm_prefill", [])
     for n in llm_bench.LEVELS:
         inputs = {mode: llm_bench.inputs_for(mode, n, full_embeds) for mode in llm_bench.MODES}
@@ -434,23 +432,10 @@ def llm_prefill_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
                                             use_cache=True), after)
 
         t = run.interleaved({mode: mode_of(mode) for mode in llm_bench.MODES}, plan.reps, plan.warmup)
-        ratio = partial(encoder_bench.paired, t)  # (num, den): the median of paired time ratios
-        compact = llm_bench.BEFORE + n + llm_bench.AFTER
-        bound = llm_prefill_flops(cfg, compact, virtual) / llm_prefill_flops(cfg, virtual, virtual)
-        rows.append({"image_tokens": n, "compact": compact, "virtual": virtual,
-                     "seconds": {m: median(v) for m, v in t.items()},
-                     "vtu_time_ratio": ratio("vtu", "full"), "vtu_fast_time_ratio": ratio("vtu_fast", "full"),
-                     "compact_time_ratio": ratio("compact", "full"),
-                     "flop_equivalent_time_ratio": ratio("flop_equivalent", "full"),
-                     "vtu_flop_ratio": bound, "vtu_over_bound": ratio("vtu", "full") / bound,
-                     "vtu_over_flop_equivalent": ratio("vtu", "flop_equivalent"), "kv_bytes": kv,
-                     "kv_ratio_vtu": kv["vtu"] / kv["full"], "kv_ratio_vtu_fast": kv["vtu_fast"] / kv["full"],
-                     "expected_kv_ratio": compact / virtual,
-                     "expected_kv_ratio_fast": (virtual + compact) / (2 * virtual),
-                     "peak_growth_bytes": peak})
+        rows.append({**llm_bench.prefill_row(lm.config, n, virtual, t, kv), "peak_growth_bytes": peak})
         run.report.save()
         if n in (576, 394):  # nothing merged and merged: the VTU routes differ
-            for mode in DECODE_MODES:
+            for mode in llm_bench.DECODE_MODES:
                 once = mode_of(mode)
                 once.prepare()
                 probe(run, "llava", f"LLM prefill {mode}, {n} image tokens, batch 1", once.run, lm)
@@ -464,54 +449,25 @@ def llm_decode_rows(run: Run, lm: nn.Module, full_embeds: Tensor) -> None:
     step by step; a step ratio is the median of step-to-step ratios. Warm-up repetitions run 4
     steps. Routes of one more step per mode at batch 1 (merged, and nothing merged)."""
     plan = run.plan
-    llm_bench.use_mode(lm, "full")
-    decoders = {"full": lm, "compact": lm, "vtu": llm_bench.shared_copy(lm), "vtu_fast": llm_bench.shared_copy(lm)}
-    patch_llm(decoders["vtu"], cache="compact")
-    patch_llm(decoders["vtu_fast"], cache="decode_fast")
+    decoders = llm_bench.decoders_for(lm)
     rows = run.report.section("llava")["rows"].setdefault("llm_decode", [])
     for batch in plan.decode_batches:
         embeds = full_embeds.expand(batch, -1, -1).contiguous()
         for n in llm_bench.LEVELS:
-            inputs = {mode: llm_bench.inputs_for(mode, n, embeds) for mode in DECODE_MODES}
-            step_t: dict[str, list[float]] = {m: [] for m in DECODE_MODES}
-            step_r: dict[str, list[float]] = {m: [] for m in DECODE_MODES}
-            total_t: dict[str, list[float]] = {m: [] for m in DECODE_MODES}
-            for rep in range(plan.warmup + plan.decode_reps):
-                caches, marks = {}, {m: [] for m in DECODE_MODES}
-                for mode in DECODE_MODES:
-                    (x, layout), caches[mode] = inputs[mode], DynamicCache()
-                    if layout is not None:
-                        decoders[mode].dymu_vtu.start(layout, x.shape[1])
-                    start = run.clock.mark()
-                    decoders[mode](inputs_embeds=x, past_key_values=caches[mode], use_cache=True)
-                    marks[mode].append((start, run.clock.mark()))
-                for _ in range(plan.decode_steps if rep >= plan.warmup else min(4, plan.decode_steps)):
-                    for mode in DECODE_MODES:  # the modes' steps interleaved: paired step by step
-                        start = run.clock.mark()
-                        decoders[mode](inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
-                                       use_cache=True)
-                        marks[mode].append((start, run.clock.mark()))
-                if rep < plan.warmup:
-                    continue
-                seconds = {m: [run.clock.seconds(a, b) for a, b in v] for m, v in marks.items()}
-                for mode in DECODE_MODES:
-                    steps = seconds[mode][1:]
-                    step_t[mode].append(median(steps))
-                    step_r[mode].append(median([a / b for a, b in zip(steps, seconds["full"][1:])]))
-                    total_t[mode].append(sum(seconds[mode]))
-            rows.append({"batch": batch, "image_tokens": n, "decode_steps": plan.decode_steps,
-                         "step_seconds": {m: median(v) for m, v in step_t.items()},
-                         "step_ratio": {m: median(step_r[m]) for m in DECODE_MODES[1:]},
-                         "end_to_end_seconds": {m: median(v) for m, v in total_t.items()},
-                         "end_to_end_ratio": {m: encoder_bench.paired(total_t, m, "full") for m in DECODE_MODES[1:]}})
+            inputs = {mode: llm_bench.inputs_for(mode, n, embeds) for mode in llm_bench.DECODE_MODES}
+            for _ in range(plan.warmup):
+                llm_bench.decode_pass(decoders, inputs, min(4, plan.decode_steps), run.clock)
+            passes = [llm_bench.decode_pass(decoders, inputs, plan.decode_steps, run.clock)
+                      for _ in range(plan.decode_reps)]
+            rows.append(llm_bench.decode_row(batch, n, [seconds for seconds, _ in passes]))
             run.report.save()
             if batch == plan.decode_batches[0] and n in (576, 394):
-                for mode in DECODE_MODES:
-                    step = partial(decoders[mode], inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
+                caches = passes[-1][1]
+                for mode, decoder in decoders.items():
+                    step = partial(decoder, inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode],
                                    use_cache=True)
-                    probe(run, "llava", f"LLM decode step {mode}, {n} image tokens, batch {batch}", step,
-                          decoders[mode])
-            del caches
+                    probe(run, "llava", f"LLM decode step {mode}, {n} image tokens, batch {batch}", step, decoder)
+            del passes
 
 
 def llava_section(run: Run) -> None:
@@ -585,13 +541,14 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def versions() -> dict[str, Any]:
-    """Python, torch, transformers, dymu_viz and this tree's commit; the transformers check."""
+def versions(commit: str | None = None) -> dict[str, Any]:
+    """Python, torch, transformers, dymu_viz and this tree's commit (``commit``, else git's answer:
+    a copied tree may come without its history); the transformers check."""
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                          timeout=10, check=False).stdout.strip() or None
     except OSError:
         commit = None
     try:
@@ -623,10 +580,6 @@ class Report:
             tmp.replace(self.out / name)
 
 
-def mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2 ** 20:.0f}"
-
-
 def encoder_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| model | thresholds | batch | unpatched im/s | off / unpatched time | DToMe speed-up | FLOP bound "
              "| DToMe / bound | padding FLOPs | mean tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -635,35 +588,6 @@ def encoder_table(rows: list[dict[str, Any]]) -> list[str]:
               f"| **{r['dtome_over_bound']:.2f}** | {100 * r['padding_flop_share']:.1f} % "
               f"| {r['mean_output_tokens']:.1f} |"
               for r in rows]
-    return lines
-
-
-def prefill_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| image tokens | compact / virtual | full prefill ms | VTU / full | decode-fast VTU / full | FLOP ratio "
-             "| VTU / bound | FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full "
-             "| KV VTU / full (expected) | KV decode-fast / full (expected) | peak growth MiB full / VTU / w/o VTU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        peak = r["peak_growth_bytes"]
-        lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {1e3 * r['seconds']['full']:.2f} "
-                     f"| {r['vtu_time_ratio']:.3f} | {r['vtu_fast_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} "
-                     f"| {r['vtu_over_bound']:.2f} | {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} "
-                     f"| {r['vtu_over_flop_equivalent']:.2f} | {r['compact_time_ratio']:.3f} "
-                     f"| {r['kv_ratio_vtu']:.3f} ({r['expected_kv_ratio']:.3f}) "
-                     f"| {r['kv_ratio_vtu_fast']:.3f} ({r['expected_kv_ratio_fast']:.3f}) "
-                     f"| {' / '.join(mib(peak[m]) for m in ('full', 'vtu', 'compact'))} |")
-    return lines
-
-
-def decode_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| batch | image tokens | full step ms | step: VTU compact cache | VTU decode-fast | w/o VTU "
-             "| end to end: VTU compact cache | VTU decode-fast | w/o VTU | full end to end s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        st, e2e = r["step_ratio"], r["end_to_end_ratio"]
-        lines.append(f"| {r['batch']} | {r['image_tokens']} | {1e3 * r['step_seconds']['full']:.2f} | {st['vtu']:.2f} "
-                     f"| **{st['vtu_fast']:.2f}** | {st['compact']:.2f} | {e2e['vtu']:.2f} | {e2e['vtu_fast']:.2f} "
-                     f"| {e2e['compact']:.2f} | {r['end_to_end_seconds']['full']:.3f} |")
     return lines
 
 
@@ -699,7 +623,8 @@ def markdown(data: dict[str, Any]) -> str:
     titles = {"encoder": "Encoders", "llm_prefill": "LLaVA-1.5-7B language model: prefill, batch 1",
               "llm_decode": f"LLaVA-1.5-7B language model: decode ({s['decode_steps']} steps after the prefill), "
                             "time ratios to the full model", "vlm": "Whole model (tower included), batch 1"}
-    tables = {"encoder": encoder_table, "llm_prefill": prefill_table, "llm_decode": decode_table, "vlm": vlm_table}
+    tables = {"encoder": encoder_table, "llm_prefill": partial(llm_bench.prefill_table, peak_key="peak_growth_bytes"),
+              "llm_decode": llm_bench.decode_table, "vlm": vlm_table}
     for name, section in data["sections"].items():
         took = f" ({section['seconds']:.0f} s)" if section["seconds"] else ""
         lines += [f"## {name}: {section['status']}{took}", ""]
@@ -723,13 +648,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--reps", type=int, help="timed repetitions (default: the plan's)")
     p.add_argument("--decode-steps", type=int, help="decode steps after each prefill (default: the plan's)")
+    p.add_argument("--commit", help="the tree's commit, recorded in the report where the copy has no git history")
     args = p.parse_args(argv)
     overrides = {"reps": args.reps, "decode_steps": args.decode_steps}
     plan = dataclasses.replace(SMOKE if args.smoke else FULL, **{k: v for k, v in overrides.items() if v is not None})
     sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
     data = {"kit": "benchmarks/gpu.py", "smoke": args.smoke, "argv": sys.argv[1:] if argv is None else argv,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "finished": None, "status": "running",
-            "machine": machine(args.device), "versions": versions(),
+            "machine": machine(args.device), "versions": versions(args.commit),
             "settings": {"device": args.device, "dtype": args.dtype, "reps": plan.reps, "warmup": plan.warmup,
                          "decode_steps": plan.decode_steps, "decode_reps": plan.decode_reps,
                          "new_tokens": plan.new_tokens, "plan": asdict(plan)},

@@ -45,7 +45,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -53,9 +52,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, parser, publish  # noqa: E402
+from common import DTYPES, paired, parser, publish  # noqa: E402
 
-from dymu_viz.vlm.costs import llm_prefill_flops  # noqa: E402
+from dymu_viz.vlm.costs import Clock, llm_prefill_flops  # noqa: E402
 from dymu_viz.vtu import VirtualLayout, cache_bytes, patch_llm, unpatch_llm  # noqa: E402
 
 SHAPES = {
@@ -67,6 +66,7 @@ SHAPES = {
 BEFORE, IMAGE, AFTER = 40, 576, 20
 LEVELS = (576, 394, 195, 89)
 MODES = ("full", "vtu", "vtu_fast", "compact", "flop_equivalent")
+DECODE_MODES = ("full", "vtu", "vtu_fast", "compact")  # full first: the ratios' denominator
 FLOP_EQUIVALENT = "dymu_flop_equivalent"
 
 
@@ -138,11 +138,104 @@ def inputs_for(mode: str, n: int, full_embeds: torch.Tensor) -> tuple[torch.Tens
     return full_embeds[:, :BEFORE + n + AFTER], layout
 
 
-def peaks(peak: dict[str, int]) -> str:
-    """Peak MiB per mode for the table ("-" when not measured)."""
-    if not any(peak.values()):
-        return "-"
-    return " / ".join(f"{peak[m] / 2 ** 20:.1f}" for m in ("full", "vtu", "compact"))
+def prefill_row(cfg: LlamaConfig, n: int, virtual: int, times: dict[str, list[float]],
+                kv: dict[str, int]) -> dict[str, object]:
+    """The prefill row of level ``n``: median seconds and paired time ratios of every mode of
+    ``MODES``, the FLOP-ratio bound, KV bytes against their expected ratios."""
+    compact = BEFORE + n + AFTER
+    bound = llm_prefill_flops(cfg, compact, virtual) / llm_prefill_flops(cfg, virtual, virtual)
+    return {"image_tokens": n, "compact": compact, "virtual": virtual,
+            "seconds": {k: statistics.median(v) for k, v in times.items()},
+            "vtu_time_ratio": paired(times, "vtu", "full"), "vtu_fast_time_ratio": paired(times, "vtu_fast", "full"),
+            "vtu_flop_ratio": bound, "vtu_over_bound": paired(times, "vtu", "full") / bound,
+            "compact_time_ratio": paired(times, "compact", "full"),
+            "flop_equivalent_time_ratio": paired(times, "flop_equivalent", "full"),
+            "vtu_over_flop_equivalent": paired(times, "vtu", "flop_equivalent"), "kv_bytes": kv,
+            "kv_ratio_vtu": kv["vtu"] / kv["full"], "kv_ratio_vtu_fast": kv["vtu_fast"] / kv["full"],
+            "expected_kv_ratio": compact / virtual, "expected_kv_ratio_fast": (virtual + compact) / (2 * virtual)}
+
+
+def decoders_for(model: LlamaModel) -> dict[str, LlamaModel]:
+    """One decoder per mode of ``DECODE_MODES``: full and w/o VTU the unpatched ``model``, the VTU
+    modes copies sharing its weights (``shared_copy``), each patched with its cache policy."""
+    use_mode(model, "full")
+    decoders = {"full": model, "vtu": shared_copy(model), "vtu_fast": shared_copy(model), "compact": model}
+    patch_llm(decoders["vtu"], cache="compact")
+    patch_llm(decoders["vtu_fast"], cache="decode_fast")
+    return decoders
+
+
+def decode_pass(decoders: dict[str, LlamaModel], inputs: dict[str, tuple[torch.Tensor, VirtualLayout | None]],
+                steps: int, clock: Clock) -> tuple[dict[str, list[float]], dict[str, DynamicCache]]:
+    """Every mode's prefill on a fresh cache, then ``steps`` single-token steps (the prompt's last
+    embedding again), the modes' steps interleaved so that each pairs with the others' at the same
+    length. Seconds per mode, [prefill, step 1, ...], and the caches."""
+    caches: dict[str, DynamicCache] = {}
+    marks: dict[str, list[tuple[object, object]]] = {m: [] for m in decoders}
+    for mode, decoder in decoders.items():
+        (embeds, layout), caches[mode] = inputs[mode], DynamicCache()
+        if layout is not None:
+            decoder.dymu_vtu.start(layout, embeds.shape[1])
+        start = clock.mark()
+        decoder(inputs_embeds=embeds, past_key_values=caches[mode], use_cache=True)
+        marks[mode].append((start, clock.mark()))
+    for _ in range(steps):
+        for mode, decoder in decoders.items():
+            start = clock.mark()
+            decoder(inputs_embeds=inputs[mode][0][:, -1:], past_key_values=caches[mode], use_cache=True)
+            marks[mode].append((start, clock.mark()))
+    return {m: [clock.seconds(a, b) for a, b in v] for m, v in marks.items()}, caches
+
+
+def decode_row(batch: int, n: int, passes: list[dict[str, list[float]]]) -> dict[str, object]:
+    """The decode row of one batch size and level from timed ``decode_pass``es: per mode the median
+    step, the step ratio to full (per pass the median of step-to-step ratios), and end to end
+    (prefill + every step) with its paired ratio."""
+    modes = list(passes[0])
+    step_ratio = {m: [statistics.median(a / b for a, b in zip(p[m][1:], p["full"][1:])) for p in passes]
+                  for m in modes[1:]}
+    total = {m: [sum(p[m]) for p in passes] for m in modes}
+    return {"batch": batch, "image_tokens": n, "decode_steps": len(passes[0]["full"]) - 1,
+            "step_seconds": {m: statistics.median(statistics.median(p[m][1:]) for p in passes) for m in modes},
+            "step_ratio": {m: statistics.median(v) for m, v in step_ratio.items()},
+            "end_to_end_seconds": {m: statistics.median(v) for m, v in total.items()},
+            "end_to_end_ratio": {m: paired(total, m, "full") for m in modes[1:]}}
+
+
+def mib(value: int | None) -> str:
+    """Bytes as MiB for a table ("-": not measured)."""
+    return "-" if not value else f"{value / 2 ** 20:.1f}"
+
+
+def prefill_table(rows: list[dict], peak_key: str) -> list[str]:
+    """The prefill rows as a markdown table, peak memory per mode from ``row[peak_key]``."""
+    lines = ["| image tokens | compact / virtual | full prefill ms | VTU / full | decode-fast VTU / full | FLOP ratio "
+             "| VTU / bound | FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full "
+             "| KV VTU / full (expected) | KV decode-fast / full (expected) | peak MiB full / VTU / w/o VTU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = r[peak_key]
+        lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {1e3 * r['seconds']['full']:.2f} "
+                     f"| {r['vtu_time_ratio']:.3f} | {r['vtu_fast_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} "
+                     f"| {r['vtu_over_bound']:.2f} | {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} "
+                     f"| {r['vtu_over_flop_equivalent']:.2f} | {r['compact_time_ratio']:.3f} "
+                     f"| {r['kv_ratio_vtu']:.3f} ({r['expected_kv_ratio']:.3f}) "
+                     f"| {r['kv_ratio_vtu_fast']:.3f} ({r['expected_kv_ratio_fast']:.3f}) "
+                     f"| {' / '.join(mib(peak[m]) for m in ('full', 'vtu', 'compact'))} |")
+    return lines
+
+
+def decode_table(rows: list[dict]) -> list[str]:
+    """The decode rows as a markdown table (decode-fast VTU's step ratio in bold: its target)."""
+    lines = ["| batch | image tokens | full step ms | step: VTU compact cache | VTU decode-fast | w/o VTU "
+             "| end to end: VTU compact cache | VTU decode-fast | w/o VTU | full end to end s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st, e2e = r["step_ratio"], r["end_to_end_ratio"]
+        lines.append(f"| {r['batch']} | {r['image_tokens']} | {1e3 * r['step_seconds']['full']:.2f} | {st['vtu']:.2f} "
+                     f"| **{st['vtu_fast']:.2f}** | {st['compact']:.2f} | {e2e['vtu']:.2f} | {e2e['vtu_fast']:.2f} "
+                     f"| {e2e['compact']:.2f} | {r['end_to_end_seconds']['full']:.3f} |")
+    return lines
 
 
 def proc_status_bytes(key: str) -> int:
@@ -192,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model, full_embeds = build(args.shape, args.device, DTYPES[args.dtype])
     cfg, virtual = model.config, full_embeds.shape[1]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    clock = Clock(torch.device(args.device))
 
     def prefill(decoder: LlamaModel, embeds: torch.Tensor, layout: VirtualLayout | None) -> tuple[float, DynamicCache, int]:
         """Seconds of one prefill of decoder (its VTU layout set first), its cache, peak memory."""
@@ -201,24 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         cache = DynamicCache()
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        sync()
-        start = time.perf_counter()
+        start = clock.mark()
         decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        sync()
+        seconds = clock.seconds(start, clock.mark())
         peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
-        return time.perf_counter() - start, cache, peak
-
-    def step(decoder: LlamaModel, cache: DynamicCache, embeds: torch.Tensor) -> float:
-        """Seconds of one decode step (one new token per row) on cache."""
-        start = time.perf_counter()
-        decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        sync()
-        return time.perf_counter() - start
-
-    def paired(times: dict[str, list[float]], num: str, den: str = "full") -> float:
-        """Median of per-repetition ratios: each repetition runs the modes back to back, so a
-        per-repetition ratio cancels the machine's slow drifts."""
-        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+        return seconds, cache, peak
 
     rows = []
     for n in LEVELS:  # prefill, batch 1
@@ -233,52 +313,18 @@ def main(argv: list[str] | None = None) -> int:
                     times[mode].append(t)
         if args.memory and args.device == "cpu":
             peak = cpu_memory(args.shape, n)
-        bound = llm_prefill_flops(cfg, BEFORE + n + AFTER, virtual) / llm_prefill_flops(cfg, virtual, virtual)
-        row = {"image_tokens": n, "compact": BEFORE + n + AFTER, "virtual": virtual,
-               "seconds": {k: statistics.median(v) for k, v in times.items()},
-               "vtu_time_ratio": paired(times, "vtu"), "vtu_fast_time_ratio": paired(times, "vtu_fast"),
-               "vtu_flop_ratio": bound, "vtu_over_bound": paired(times, "vtu") / bound,
-               "compact_time_ratio": paired(times, "compact"),
-               "flop_equivalent_time_ratio": paired(times, "flop_equivalent"),
-               "vtu_over_flop_equivalent": paired(times, "vtu", "flop_equivalent"), "kv_bytes": kv,
-               "kv_ratio_vtu": kv["vtu"] / kv["full"], "kv_ratio_vtu_fast": kv["vtu_fast"] / kv["full"],
-               "expected_kv_ratio": (BEFORE + n + AFTER) / virtual,
-               "expected_kv_ratio_fast": (virtual + BEFORE + n + AFTER) / (2 * virtual), "peak_bytes": peak}
+        row = {**prefill_row(cfg, n, virtual, times, kv), "peak_bytes": peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     decode_rows = []
-    decode_modes = ("full", "vtu", "vtu_fast", "compact")
-    use_mode(model, "full")  # full and w/o VTU: the unpatched decoder; VTU: copies sharing its weights
-    decoders = {"full": model, "compact": model, "vtu": shared_copy(model), "vtu_fast": shared_copy(model)}
-    patch_llm(decoders["vtu"], cache="compact")
-    patch_llm(decoders["vtu_fast"], cache="decode_fast")
+    decoders = decoders_for(model)
     for batch in args.batch_sizes if args.decode else []:
         embeds_b = full_embeds.expand(batch, -1, -1).contiguous()
         for n in LEVELS:
-            step_t = {m: [] for m in decode_modes}
-            step_r = {m: [] for m in decode_modes}
-            total_t = {m: [] for m in decode_modes}
-            for rep in range(args.warmup + args.reps):
-                inputs = {mode: inputs_for(mode, n, embeds_b) for mode in decode_modes}
-                pre, caches = {}, {}
-                for mode in decode_modes:
-                    pre[mode], caches[mode], _ = prefill(decoders[mode], *inputs[mode])
-                steps: dict[str, list[float]] = {m: [] for m in decode_modes}
-                for _ in range(args.decode):  # the modes' steps interleaved: paired step by step
-                    for mode in decode_modes:
-                        steps[mode].append(step(decoders[mode], caches[mode], inputs[mode][0][:, -1:]))
-                del caches
-                if rep >= args.warmup:
-                    for mode in decode_modes:
-                        step_t[mode].append(statistics.median(steps[mode]))
-                        step_r[mode].append(statistics.median(a / b for a, b in zip(steps[mode], steps["full"])))
-                        total_t[mode].append(pre[mode] + sum(steps[mode]))
-            row = {"batch": batch, "image_tokens": n, "decode_steps": args.decode,
-                   "step_seconds": {m: statistics.median(v) for m, v in step_t.items()},
-                   "step_ratio": {m: statistics.median(step_r[m]) for m in decode_modes[1:]},
-                   "end_to_end_seconds": {m: statistics.median(v) for m, v in total_t.items()},
-                   "end_to_end_ratio": {m: paired(total_t, m) for m in decode_modes[1:]}}
+            inputs = {mode: inputs_for(mode, n, embeds_b) for mode in DECODE_MODES}
+            passes = [decode_pass(decoders, inputs, args.decode, clock)[0] for _ in range(args.warmup + args.reps)]
+            row = decode_row(batch, n, passes[args.warmup:])
             decode_rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -286,28 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     lines = [f"Decoder {shape['num_hidden_layers']} layers x {shape['hidden_size']} (MLP {shape['intermediate_size']}, "
              f"{shape['num_attention_heads']} heads), {device}/{args.dtype}, sequence {BEFORE}+{IMAGE}+{AFTER}.", "",
-             "Prefill, batch 1:", "",
-             "| image tokens | compact / virtual | full prefill s | VTU / full time | decode-fast VTU / full | FLOP ratio "
-             "| VTU / bound | FLOP-equivalent / bound | VTU / FLOP-equivalent | w/o VTU / full time "
-             "| KV bytes VTU / full (expected) | decode-fast (expected) | peak MiB full / VTU / w/o VTU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['image_tokens']} | {r['compact']} / {r['virtual']} | {r['seconds']['full']:.3f} "
-                     f"| {r['vtu_time_ratio']:.3f} | {r['vtu_fast_time_ratio']:.3f} | {r['vtu_flop_ratio']:.3f} "
-                     f"| {r['vtu_over_bound']:.2f} | {r['flop_equivalent_time_ratio'] / r['vtu_flop_ratio']:.2f} "
-                     f"| {r['vtu_over_flop_equivalent']:.2f} | {r['compact_time_ratio']:.3f} "
-                     f"| {r['kv_ratio_vtu']:.3f} ({r['expected_kv_ratio']:.3f}) "
-                     f"| {r['kv_ratio_vtu_fast']:.3f} ({r['expected_kv_ratio_fast']:.3f}) | {peaks(r['peak_bytes'])} |")
+             "Prefill, batch 1:", "", *prefill_table(rows, "peak_bytes")]
     if decode_rows:
         lines += ["", f"Decode ({args.decode} steps after the prefill), time ratios to the full model:", "",
-                  "| batch | image tokens | full step ms | step: VTU compact cache | VTU decode-fast | w/o VTU "
-                  "| end to end: VTU compact cache | VTU decode-fast | w/o VTU |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in decode_rows:
-            st, e2e = r["step_ratio"], r["end_to_end_ratio"]
-            lines.append(f"| {r['batch']} | {r['image_tokens']} | {1e3 * r['step_seconds']['full']:.2f} "
-                         f"| {st['vtu']:.2f} | {st['vtu_fast']:.2f} | {st['compact']:.2f} "
-                         f"| {e2e['vtu']:.2f} | {e2e['vtu_fast']:.2f} | {e2e['compact']:.2f} |")
+                  *decode_table(decode_rows)]
     publish("vlm", args.device, {"device": device, "dtype": args.dtype, "shape": shape, "rows": rows,
                                  "decode_rows": decode_rows}, "\n".join(lines))
     return 0

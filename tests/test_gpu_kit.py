@@ -133,8 +133,9 @@ def test_markdown_has_every_table(smoke):
 
 
 def test_math_kernel_fails_the_run(tmp_path):
-    rc, data, md = run_kit(tmp_path, "--smoke", "--only", "encoder", prefix=FORCED_MATH)
+    rc, data, md = run_kit(tmp_path, "--smoke", "--only", "encoder", "--commit", "abc1234", prefix=FORCED_MATH)
     assert rc == 1 and data["status"] == "failed" and data["routes_fused"] is False
+    assert data["versions"]["commit"] == "abc1234" and "at abc1234" in md  # a copied tree's commit, as given
     assert data["sections"]["encoder"]["status"] == "done"
     routes = data["routes"]
     assert routes and all(r["kernels"]["math"] == r["sdpa_calls"] > 0 and not r["fused"] for r in routes)

@@ -82,7 +82,7 @@ def linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-class _Clock:
+class Clock:
     """Start / stop marks: CUDA events on a GPU (read after one synchronize), else perf_counter."""
 
     def __init__(self, device: torch.device):
@@ -122,7 +122,7 @@ class ForwardTimes:
 def forward_times(model: nn.Module) -> Iterator[ForwardTimes]:
     """Time every forward of ``model`` and of ``model.model.language_model`` inside the block
     (CUDA events on a GPU, perf_counter on a CPU)."""
-    clock = _Clock(next(model.parameters()).device)
+    clock = Clock(next(model.parameters()).device)
     marks: dict[str, list[list[Any]]] = {"whole": [], "llm": []}
 
     def opener(key: str):
