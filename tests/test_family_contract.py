@@ -323,6 +323,34 @@ def test_chat_with_none_one_and_two_images_and_beams_equals_vanilla(case: str) -
     assert len(out.texts) == 6 and len(out.accounting) == 6
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_encode_images_gives_what_the_forward_splices(case: str) -> None:
+    """``vlm.encode_images`` (two prompts at a time) gives each picture as many tokens as the
+    merged forward of one prompt per picture accounts for, features of the LLM's width on the
+    model's device, a token for every unit; with no thresholds, every unit its own token. (The
+    pixels must come from the processor's call: InternVL's processor tiles, its image processor
+    alone does not, as in the released checkpoints.)"""
+    _, factory, thresholds, _ = CASES[case]
+    model, processor = factory(torch.float32)
+    pics = pictures(3)
+    with pytest.raises(ValueError, match="patch_vlm"):
+        vlm.encode_images(model, processor, pics)
+    vlm.patch_vlm(model, None)
+    vanilla = vlm.encode_images(model, processor, pics)
+    assert all(torch.equal(t.mapping.sort().values, torch.arange(len(t.mapping))) for t in vanilla)
+    vlm.patch_vlm(model, thresholds)
+    tokens = vlm.encode_images(model, processor, pics, batch_size=2)
+    model(**inputs_of(processor, model, (1, 1, 1)))
+    counts = [acc["image_tokens"] for acc in model.dymu_vlm.last]
+    newlines = [c - len(t.features) for c, t in zip(counts, tokens)]  # OneVision's rows of the crop layout
+    assert newlines == [0] * 3 or (case == "onevision" and all(n > 0 for n in newlines))
+    assert sum(len(t.features) for t in tokens) < sum(len(t.features) for t in vanilla)  # these thresholds merge
+    width = find_decoder(model).config.hidden_size
+    for t, v in zip(tokens, vanilla):
+        assert t.features.shape[1] == width and t.features.device == next(model.parameters()).device
+        assert len(t.mapping) == len(v.mapping) and int(t.mapping.max()) + 1 == len(t.features)
+
+
 def test_a_vlm_state_pickled_by_the_earlier_layout_still_runs() -> None:
     """``model.dymu_vlm`` pickled before the family seam held the settings as fields (a compact-
     mode model could be saved then): loading it gives the same settings and the model runs."""

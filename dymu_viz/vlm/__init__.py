@@ -10,7 +10,9 @@ from .models import LoadedVLM, load_vlm
 from .tokens import ImageTokens
 from . import baselines, costs, internvl, pipeline, qwen  # noqa: F401  (as attributes)
 from .families import qwen_tower as unit_tower  # noqa: F401  (vlm.unit_tower)
-from .pipeline import MODES, GenerateOutput, VLMState, chat, generate, logits, patch_vlm, unpatch_vlm
+from .pipeline import (MODES, GenerateOutput, VLMState, chat, encode_images, generate, logits, patch_vlm,
+                       prompt_inputs, unpatch_vlm)
 
 __all__ = ["FAMILIES", "MODES", "DyMUCache", "GenerateOutput", "ImageTokens", "LoadedVLM", "VLMFamily", "VLMState",
-           "chat", "family_of", "generate", "load_vlm", "logits", "patch_vlm", "unpatch_vlm"]
+           "chat", "encode_images", "family_of", "generate", "load_vlm", "logits", "patch_vlm", "prompt_inputs",
+           "unpatch_vlm"]

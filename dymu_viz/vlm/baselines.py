@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .family import family_of
-from .pipeline import patch_vlm
+from .pipeline import encode_images, patch_vlm, prompt_inputs
 from .reductions import (KINDS, Baseline, Pool, RandomPrune, ToMe, pool_grids, pool_groups,  # noqa: F401
                          pool_patches, random_keep, tome_r)
 
@@ -35,18 +35,8 @@ __all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "image_token_coun
 
 def image_token_counts(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> list[int]:
     """Compact image tokens of each image (what the LLM computes on: for OneVision with its
-    newline tokens) under the patched ``model``, one image per prompt."""
-    family = family_of(model)
-    visual = family.inputs[0]
-    settings = model.dymu_vlm.settings if "dymu_vlm" in model.__dict__ else None
-    counts = []
-    device = next(model.parameters()).device
-    for start in range(0, len(images), batch_size):
-        pixels = processor.image_processor(images=list(images[start:start + batch_size]), return_tensors="pt")
-        arguments = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixels.items() if k != "batch_num_images"}
-        with torch.no_grad():
-            counts += [len(t.features) for t in family.encode(model, settings, visual, arguments)]
-    return counts
+    newline tokens) under the patched ``model``, one image per prompt (``pipeline.encode_images``)."""
+    return [len(t.features) for t in encode_images(model, processor, images, batch_size)]
 
 
 def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> float:
@@ -60,9 +50,9 @@ def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], b
 def size_key(processor: Any, image: Any) -> tuple:
     """What a baseline's count can depend on besides the pixels: the shapes and integer fields
     (crops, grids, sizes) of ``image`` processed alone."""
-    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    inputs = prompt_inputs(processor, [image], [""])  # the processor's own call: its defaults apply
     return tuple((name, tuple(v.shape), None if v.is_floating_point() else tuple(v.flatten().tolist()))
-                 for name, v in sorted(pixels.items()) if torch.is_tensor(v))
+                 for name, v in sorted(inputs.items()) if torch.is_tensor(v))
 
 
 def size_classes(processor: Any, images: Sequence[Any]) -> list[tuple[Any, int]]:

@@ -29,6 +29,7 @@ from .cache import DyMUCache
 from .chunk import compact_chunk  # noqa: F401  (re-exported: dymu_viz.vlm.pipeline.compact_chunk)
 from .family import family_of
 from .forward import VLMState, cache_field
+from .tokens import ImageTokens
 from .reductions import Baseline
 
 MODES = ("vtu", "compact", "full")
@@ -148,10 +149,10 @@ def images_per_prompt(images: list[list[Any]]) -> Optional[list[list[Any]]]:
     return images if any(images) else None
 
 
-def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[str],
-         **generate_kwargs: Any) -> GenerateOutput:
-    """Plain questions in, answers out: each question with its images (None, one image, or a
-    list) goes through the processor's chat template, then the processor and ``generate``."""
+def prompt_inputs(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, Any]:
+    """The processor's forward arguments (on the CPU, left as it pads) for one chat-template
+    prompt per question, each with its images (None, one image, or a list) before its text: the
+    user's own path, so the processor's defaults apply (InternVL's tiling, say)."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} image entries but {len(questions)} questions; give one entry per question "
                          "(None, an image, or a list of images)")
@@ -159,9 +160,35 @@ def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[st
     prompts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": q}]}],
         add_generation_prompt=True) for ims, q in zip(per_question, questions)]
-    inputs = processor(images=images_per_prompt(per_question), text=prompts, return_tensors="pt", padding=True)
+    return dict(processor(images=images_per_prompt(per_question), text=prompts, return_tensors="pt", padding=True))
+
+
+def on_device(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs``' tensors moved to the model's device (dtypes kept: the model casts its pixels)."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    out = generate(model, **inputs, **generate_kwargs)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+
+
+def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[str],
+         **generate_kwargs: Any) -> GenerateOutput:
+    """Plain questions in, answers out: each question with its images (None, one image, or a
+    list) goes through the processor's chat template, then the processor and ``generate``."""
+    out = generate(model, **on_device(model, prompt_inputs(processor, images, questions)), **generate_kwargs)
     out.texts = processor.batch_decode(out.sequences, skip_special_tokens=True)
     return out
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> list[ImageTokens]:
+    """Each image's tokens as the model's forward splices them when the image is alone in its
+    prompt: ``features`` (n, D), the compact tokens the LLM computes on, and ``mapping``, the token
+    of each unit (patch, or 2 x 2 patches). Merged under ``patch_vlm``'s settings (after
+    ``patch_vlm(model, None)``: the vanilla tokens). The pixels come from the processor's own call
+    (its defaults apply, unlike ``processor.image_processor`` alone), ``batch_size`` prompts at a time."""
+    settings, family = _state(model).settings, family_of(model)
+    tokens: list[ImageTokens] = []
+    for start in range(0, len(images), batch_size):
+        batch = list(images[start:start + batch_size])
+        inputs = on_device(model, prompt_inputs(processor, batch, [""] * len(batch)))
+        tokens += family.encode(model, settings, family.inputs[0], inputs)
+    return tokens

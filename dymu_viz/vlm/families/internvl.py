@@ -281,11 +281,12 @@ CHAT_TEMPLATE = (
 def standin_processor(size: int = 448, patch: int = 14, ratio: float = 0.5, max_patches: int = 12) -> Any:
     """``InternVLProcessor`` with HF's own tile processor (``size`` px tiles, 1 to ``max_patches``
     crops plus a thumbnail) and video processor, and the stand-in tokenizer with InternVL's
-    image tokens (random-init models only)."""
+    image tokens (random-init models only). As in the released checkpoints, the image processor
+    alone does not tile (``crop_to_patches`` False); the processor's call does (its default)."""
     from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
     norm = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    images = GotOcr2ImageProcessor(size={"height": size, "width": size}, crop_to_patches=True, min_patches=1,
+    images = GotOcr2ImageProcessor(size={"height": size, "width": size}, crop_to_patches=False, min_patches=1,
                                    max_patches=max_patches, **norm)
     videos = InternVLVideoProcessor(size={"height": size, "width": size}, **norm)
     tokenizer = build_tokenizer(CHATML_SPECIALS, {
