@@ -367,12 +367,8 @@ def prompt_inputs(model: nn.Module, processor: Any, images: list[Any],
                   questions: list[str] | None = None) -> dict[str, Any]:
     """The processor's inputs for one prompt per image (``questions``, default "describe the
     image"), left-padded to the longest, on the model's device."""
-    turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-             for q in questions or ["describe the image"] * len(images)]
-    prompts = [processor.apply_chat_template(turn, add_generation_prompt=True) for turn in turns]
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    device = next(model.parameters()).device
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    questions = questions or ["describe the image"] * len(images)
+    return vlm.pipeline.on_device(model, vlm.prompt_inputs(processor, images, questions))
 
 
 @torch.no_grad()

@@ -323,6 +323,7 @@ def test_chat_with_none_one_and_two_images_and_beams_equals_vanilla(case: str) -
     assert len(out.texts) == 6 and len(out.accounting) == 6
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("case", list(CASES))
 def test_encode_images_gives_what_the_forward_splices(case: str) -> None:
     """``vlm.encode_images`` (two prompts at a time) gives each picture as many tokens as the

@@ -82,6 +82,7 @@ def reference_block(record: dict, units: int) -> torch.Tensor:
     return group_mean(out, patch_rows(record["rows_out"])) if record["rows_out"] is not None else out
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_tower_that_never_merges_is_vanilla_on_the_compact_path(version: str) -> None:
     """Thresholds above any cosine (2.0) run every block compact, on the virtual layout: the
@@ -117,6 +118,8 @@ def test_generate_with_a_never_merging_tower_equals_vanilla_with_images_video_an
         vlm.unpatch_vlm(model)
 
 
+@pytest.mark.floor
+@pytest.mark.exact_counts
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_block_is_the_vanilla_block_on_the_virtual_input_then_the_group_mean(version: str) -> None:
     """float64, merges in two blocks (the second after the first merged). On Qwen2.5-VL some
@@ -171,6 +174,7 @@ def test_the_merger_receives_whole_units(version: str) -> None:
     assert len(last.rows.unique()) == sum(last.counts[-1])
 
 
+@pytest.mark.exact_counts
 @pytest.mark.parametrize("version", ["2.5", "3"])
 def test_in_tower_merging_is_batch_invariant_on_photos(version: str) -> None:
     """Each photo alone and in a batch of three sizes: the same tokens after every block, the
@@ -192,6 +196,7 @@ def test_in_tower_merging_is_batch_invariant_on_photos(version: str) -> None:
         assert (single - part).abs().max() <= 1e-10
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("version", VERSIONS)
 def test_cached_decode_equals_recomputation_with_merging_in_the_tower(version: str) -> None:
     model, processor = tiny(version)
