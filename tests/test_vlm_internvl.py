@@ -64,6 +64,48 @@ def test_tile_units_equal_hf_image_features_and_the_adapter_equals_hf_tower(laye
     assert torch.allclose(torch.stack([t for t, _ in tokens]), vanilla, atol=1e-10, rtol=0)
 
 
+def test_internvit_6b_layout_q_k_and_rms_norms_and_a_final_norm() -> None:
+    """The InternViT-6B layout of InternVL3-38B / 78B: RMS norms, q / k RMS norms over the whole
+    width (random weights, so they matter), no mean pooling (the final norm applies). Merging
+    nothing, the DToMe tower and the units equal HF's (fp64); merging, the tower placement's units
+    are vanilla units of the merged tower output, and the rounds' keys are the k-normed keys."""
+    six_b = dict(use_qk_norm=True, norm_type="rms_norm", use_mean_pooling=False)
+    model, processor = tiny_internvl(torch.float64, vision_overrides=six_b)
+    tower = model.model.vision_tower
+    for name, weight in tower.named_parameters():
+        if "norm" in name and "layernorm" not in name:  # q_norm / k_norm
+            weight.data.uniform_(0.5, 1.5)
+    tiles = inputs_of(processor, pictures())["pixel_values"]
+    vanilla = model.model.get_image_features(pixel_values=tiles).pooler_output
+    assert torch.allclose(internvl.vision_units(model, tiles), vanilla, atol=1e-12, rtol=0)
+    hf = tower(pixel_values=tiles).last_hidden_state
+    patch(tower, float("inf"))
+    assert torch.allclose(tower(pixel_values=tiles).last_hidden_state, hf, atol=1e-10, rtol=0)
+    unpatch(tower)
+    vlm.patch_vlm(model, 0.3)
+    result = encode(tower, tiles)
+    expanded = result.tokens.gather(1, result.groups[..., None].expand(-1, -1, result.tokens.shape[-1]))
+    normed = tower.layernorm(expanded)  # vision_feature_layer -1 without mean pooling: the final norm
+    shuffled = model.model.pixel_shuffle(normed[:, 1:].reshape(len(tiles), 8, 8, -1), scale_factor=0.5)
+    vanilla_units = model.model.multi_modal_projector(shuffled.reshape(len(tiles), 16, -1))
+    tokens = internvl.tower_tokens(model, tiles)
+    assert all(torch.allclose(compact[rows], vanilla_units[t], atol=1e-12, rtol=0)
+               for t, (compact, rows) in enumerate(tokens))
+    assert sum(len(compact) for compact, _ in tokens) < 16 * len(tiles)
+    layer = tower.encoder.layer[-1].attention
+    with internvl._keys_of(tower, [len(tower.encoder.layer) - 1]) as keys:
+        hidden = tower.embeddings(tiles)
+        for block in tower.encoder.layer[:-1]:
+            hidden = block(hidden)
+        tower.encoder.layer[-1](hidden)
+    expected = layer.k_norm(layer.k_proj(tower.encoder.layer[-1].layernorm_before(hidden)))
+    assert torch.allclose(keys[len(tower.encoder.layer) - 1], expected.unflatten(-1, (2, -1)).mean(-2), atol=1e-12)
+    vlm.patch_vlm(model, [0.0] * 3)
+    out = model.generate(**inputs_of(processor, pictures(), torch.float64), max_new_tokens=3, num_beams=2,
+                         do_sample=False)
+    assert out.shape[0] == 3 and all(a["image_tokens"] < a["image_positions"] for a in model.dymu_vlm.last)
+
+
 def test_tower_placement_units_are_vanilla_units_of_the_merged_tower_output() -> None:
     """Every patch stands for the tower token it ended in; HF's own pixel shuffle and projector
     on that grid give, at every unit, the compact token the unit maps to."""

@@ -321,11 +321,11 @@ def check_causal_and_cached_decode(model: nn.Module, inputs: dict, atol: float =
 
 
 def tiny_internvl(dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0, text_layers: int = 2,
-                  max_patches: int = 4) -> tuple[nn.Module, Any]:
+                  max_patches: int = 4, vision_overrides: dict | None = None) -> tuple[nn.Module, Any]:
     """Tiny InternVL3: a 3-block InternViT (CLS, layer scales) on 56 px tiles of 7 px patches (an
     8 x 8 grid, 16 units after the 2 x 2 pixel shuffle), 1 to ``max_patches`` tiles plus a
     thumbnail per image, the MLP projector and a 2-layer GQA Qwen2 decoder; the real processor
-    classes."""
+    classes. ``vision_overrides`` change the tower's config (InternViT-6B's q/k and RMS norms, say)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from dymu_viz.vlm.families.internvl import standin_processor
 
@@ -335,6 +335,7 @@ def tiny_internvl(dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: 
                 eos_token_id=tok.eos_token_id, bos_token_id=None, model_type="qwen2")
     vision = dict(TINY_VLM_VISION, num_hidden_layers=3, image_size=56, patch_size=7, hidden_act="gelu",
                   attention_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True)
+    vision.update(vision_overrides or {})
     _seeded(seed)
     model = InternVLForConditionalGeneration(InternVLConfig(
         vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
