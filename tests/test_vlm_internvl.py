@@ -25,7 +25,7 @@ from dymu_viz.thresholds import Thresholds
 from dymu_viz.vlm.baselines import match_budget, mean_image_tokens
 from dymu_viz.vlm.families import internvl
 from dymu_viz.vlm.tower import tower_output
-from tiny_models import tiny_internvl
+from tiny_models import check_causal_and_cached_decode, tiny_internvl
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 PLACEMENTS = {"rounds": [0.0] * 3, "tower": 0.3}
@@ -104,6 +104,43 @@ def test_internvit_6b_layout_q_k_and_rms_norms_and_a_final_norm() -> None:
     out = model.generate(**inputs_of(processor, pictures(), torch.float64), max_new_tokens=3, num_beams=2,
                          do_sample=False)
     assert out.shape[0] == 3 and all(a["image_tokens"] < a["image_positions"] for a in model.dymu_vlm.last)
+
+
+def video_and_image_inputs(processor) -> dict:
+    """Two prompts, left padded: a 4-frame video (two photo frames, then two flat frames) and an
+    image. InternVL's processor puts each frame's tile in ``pixel_values`` as one more item."""
+    import numpy as np
+
+    photo = sample_photos(["chelsea"])["chelsea"].resize((56, 56))
+    frames = np.stack([np.asarray(photo)] * 2 + [np.asarray(shapes_image(3, size=56).convert("RGB"))] * 2)
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text",
+                                              "text": "what happens ?"}]}], add_generation_prompt=True)
+               for kind in ("video", "image")]
+    return dict(processor(videos=[frames], images=[pictures()[1]], text=prompts, return_tensors="pt", padding=True))
+
+
+def test_video_frames_are_items_no_merging_is_vanilla_and_merging_decodes_exactly() -> None:
+    """A video beside an image in a padded batch. Merging nothing: vanilla's logits (1e-5) and
+    beam search tokens. Merging (rounds, and inside the tower): each frame merges on its own, so
+    identical frames keep the same number of tokens, and cached decoding equals recomputation."""
+    model, processor = tiny_internvl()
+    inputs = video_and_image_inputs(processor)
+    valid = inputs["attention_mask"].bool()
+    ref = model(**inputs).logits
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    vanilla = model.generate(**inputs, **beams)
+    vlm.patch_vlm(model, None)
+    assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
+    assert torch.equal(model.generate(**inputs, **beams), vanilla)
+    for placement in PLACEMENTS.values():
+        vlm.patch_vlm(model, placement)
+        model(**inputs)
+        video, image = model.dymu_vlm.last
+        frames = video["crop_tokens"]
+        assert len(frames) == 4 and frames[0] == frames[1] and frames[2] == frames[3]
+        assert video["image_positions"] == 4 * 16 and video["image_tokens"] == sum(frames) < 4 * 16
+        assert image["image_tokens"] <= image["image_positions"]
+        check_causal_and_cached_decode(model, inputs)
 
 
 def test_tower_placement_units_are_vanilla_units_of_the_merged_tower_output() -> None:
