@@ -118,3 +118,70 @@ def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
     assert len(feats) < lens[0]  # the flat image merged: fewer tokens than vanilla
     tiles = mapping[16:]  # after the 4 x 4 base crop: the downsampled tile grid and its newlines
     assert tiles.bincount().max() >= 2  # some grid slots are pure copies of one merged group
+
+
+# Videos: each frame through the tower, its grid pooled 2 x 2 (bilinear), one newline per video.
+
+def video_batch(processor, dtype=torch.float32) -> dict:
+    """Two prompts through the processor, left padded: a 4-frame video (two photo frames, two flat
+    frames) and an image."""
+    import numpy as np
+
+    from dymu_viz import sample_photos, shapes_image
+
+    photo = sample_photos(["chelsea"])["chelsea"].resize((56, 56))
+    frames = np.stack([np.asarray(photo)] * 2 + [np.asarray(shapes_image(3, size=56).convert("RGB"))] * 2)
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text",
+                                              "text": "what happens ?"}]}], add_generation_prompt=True)
+               for kind in ("video", "image")]
+    out = dict(processor(videos=[frames], images=[photo], text=prompts, return_tensors="pt", padding=True))
+    for key in ("pixel_values", "pixel_values_videos"):
+        out[key] = out[key].to(dtype)
+    return out
+
+
+def test_video_without_merging_is_vanilla_onevision_logits_and_beams():
+    from tiny_models import tiny_vlm
+
+    model, processor = tiny_vlm("onevision", patch_size=7)  # 8 x 8 patches a frame, pooled to 4 x 4
+    inputs = video_batch(processor)
+    valid = inputs["attention_mask"].bool()
+    ref = model(**inputs).logits
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    vanilla = model.generate(**inputs, **beams)
+    vlm.patch_vlm(model, None)
+    assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
+    assert torch.equal(model.generate(**inputs, **beams), vanilla)
+    video = model.dymu_vlm.last[0]
+    assert video["image_positions"] == video["image_tokens"] == 4 * 16 + 1 and video["crop_tokens"] == [64] * 4
+
+
+def test_merged_video_slots_are_vanilla_pooling_of_the_merged_tower_output():
+    """float64: every virtual slot of a merged video holds what vanilla OneVision computes from the
+    merged tower output (each patch standing for its token): projector, 2 x 2 bilinear pooling,
+    the newline last. Only slots whose 2 x 2 sources lie inside one merged token copy it (the
+    others are blends of their own), so the video needs fewer tokens only where merged tokens
+    cover whole blocks; identical frames merge alike; cached decoding equals recomputation."""
+    from dymu_viz.vlm.families.onevision import onevision_videos
+    from dymu_viz.vlm.tower import tower_output
+    from tiny_models import check_causal_and_cached_decode, tiny_vlm
+
+    model, processor = tiny_vlm("onevision", torch.float64, patch_size=7, vision_layers=6)  # deep enough to
+    inputs = video_batch(processor, torch.float64)  # merge whole 2 x 2 blocks: 3 blocks leave none inside a token
+    vlm.patch_vlm(model, 0.5)
+    frames = inputs["pixel_values_videos"][0]
+    (tokens,) = onevision_videos(model, frames[None])
+    hidden, groups, _ = tower_output(model, frames)
+    merged = hidden.gather(1, groups[..., None].expand(-1, -1, hidden.shape[-1]))  # (frames, 64, C)
+    pooled = model.model.apply_pooling(model.model.multi_modal_projector(merged)).flatten(0, 1)
+    expected = torch.cat([pooled, model.model.image_newline[None]])
+    assert torch.allclose(tokens.features[tokens.mapping], expected, atol=1e-12, rtol=0)
+    assert len(tokens.features) < len(tokens.mapping) == 4 * 16 + 1
+    model(**inputs)
+    video, image = model.dymu_vlm.last
+    assert video["image_tokens"] == len(tokens.features) and video["image_positions"] == 4 * 16 + 1
+    frames_tokens = video["crop_tokens"]
+    assert frames_tokens[0] == frames_tokens[1] and frames_tokens[2] == frames_tokens[3] < 64
+    assert image["image_tokens"] <= image["image_positions"]
+    model.float()  # generate hands back float32 logits
+    check_causal_and_cached_decode(model, {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})

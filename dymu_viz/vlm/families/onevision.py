@@ -16,6 +16,13 @@ becomes a compact token of its own, holding exactly the feature vanilla OneVisio
 the merged tower's output. So the layout stays exact -- with no merging it is vanilla OneVision --
 and the cost is one extra compact token per border-straddling slot.
 
+Videos: OneVision runs each frame through the tower and the projector, shrinks its grid 2 x 2 by
+bilinear interpolation (``apply_pooling``) and ends the video with one newline token. The same
+index pass runs HF's own pooling on compact-row indices: a pooled slot whose sources all copy
+one merged token copies it, a slot blending different merged tokens becomes a token of its own
+holding vanilla's blend, and the newline is a token of its own. With no merging every pooled
+slot blends four patches, so the video is vanilla OneVision's, token for token.
+
 Images per prompt: as in HF, an image of a prompt with several images is its base crop only (no
 AnyRes tiles). ``batch_num_images`` says how many each prompt holds when the processor got the
 images nested per prompt; given a flat list it says 1 per image (every image tiled).
@@ -24,6 +31,7 @@ images nested per prompt; given a flat list it says 1 per image (every image til
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -79,24 +87,60 @@ def onevision_images(model: nn.Module, pixel_values: Tensor, image_sizes: Option
     for i, n in enumerate(n_crops):
         segments = per_crop[first:first + n]
         first += n
-        feats = torch.cat([f for f, _ in segments])
-        offsets = torch.tensor([0] + [len(f) for f, _ in segments[:-1]], device=feats.device).cumsum(0)
-        grid = torch.stack([m + o for (_, m), o in zip(segments, offsets)])  # (crops, positions) compact rows
-        powers = torch.tensor([1.0, 2.0], dtype=torch.float64, device=grid.device)
-        newline_index = torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64, device=grid.device)
-        slots = pack(model, grid.to(torch.float64)[..., None] ** powers, image_sizes[i], newline_index)
-        index, variance = slots[:, 0], slots[:, 1] - slots[:, 0] ** 2
-        newline, mixed = index == NEWLINE, variance > MIXED
-        mapping = index.round().long()
-        own = newline | mixed  # slots that get a compact token of their own, in slot order
-        if mixed.any():  # bilinear downsampling blended different rows: vanilla's blend, as it is
-            extra = pack(model, feats[grid], image_sizes[i], model.model.image_newline)[own]
-        else:
-            extra = model.model.image_newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
-        mapping[own] = len(feats) + torch.arange(int(own.sum()), device=mapping.device)
-        used, mapping = torch.unique(mapping, return_inverse=True)  # drop rows no slot copies (unpadded away)
-        image = ImageTokens(torch.cat([feats, extra])[used], mapping, [len(f) for f, _ in segments])
-        out.append(image.in_slot_order())
+        feats, grid = crop_grid(segments)
+        layout = partial(pack, model, image_size=image_sizes[i])
+        out.append(slot_tokens(feats, grid, layout, model.model.image_newline, [len(f) for f, _ in segments]))
+    return out
+
+
+def slot_tokens(feats: Tensor, grid: Tensor, layout: Any, newline: Tensor, tower_rows: list[int]) -> ImageTokens:
+    """One item's compact tokens from its crops' (frames') compact rows ``grid`` (crops, positions)
+    into ``feats`` (n, D), ``layout`` being vanilla's map from a (crops, positions, C) grid and a
+    newline vector to the item's slots (C channels, any dtype). A slot that copies one row maps
+    to it; a newline slot, and a slot blending different rows, gets a token of its own (vanilla's
+    value there); rows no slot copies are dropped. ``tower_rows``: each crop's tower tokens."""
+    powers = torch.tensor([1.0, 2.0], dtype=torch.float64, device=grid.device)
+    newline_index = torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64, device=grid.device)
+    slots = layout(grid.to(torch.float64)[..., None] ** powers, newline=newline_index)  # (slots, 2): index, index^2
+    index, variance = slots[:, 0], slots[:, 1] - slots[:, 0] ** 2
+    own = (index == NEWLINE) | (variance > MIXED)  # slots that get a compact token of their own, in slot order
+    if (variance > MIXED).any():  # a blend of different rows: vanilla's value, as it is
+        extra = layout(feats[grid], newline=newline.to(feats.dtype))[own]
+    else:
+        extra = newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
+    mapping = index.round().long()
+    mapping[own] = len(feats) + torch.arange(int(own.sum()), device=mapping.device)
+    used, mapping = torch.unique(mapping, return_inverse=True)  # drop rows no slot copies (unpadded away)
+    return ImageTokens(torch.cat([feats, extra])[used], mapping, tower_rows).in_slot_order()
+
+
+def crop_grid(segments: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Crops' (frames') ``tower_features`` as one item: their compact rows stacked (n, D) and
+    each crop's positions' rows into them (crops, positions)."""
+    feats = torch.cat([f for f, _ in segments])
+    offsets = torch.tensor([0] + [len(f) for f, _ in segments[:-1]], device=feats.device).cumsum(0)
+    return feats, torch.stack([m + o for (_, m), o in zip(segments, offsets)])
+
+
+def onevision_videos(model: nn.Module, pixel_values_videos: Tensor, reduction: Optional[OutputReduction] = None
+                     ) -> list[ImageTokens]:
+    """Per video (videos, frames, 3, H, W): its frames' merged tokens, pooled 2 x 2 as vanilla
+    OneVision pools them, then its newline (see the module docstring)."""
+    if pixel_values_videos.dim() != 5:
+        raise ValueError("LLaVA-OneVision pixel_values_videos must be (videos, frames, 3, H, W), got "
+                         f"{tuple(pixel_values_videos.shape)}")
+    videos, frames = pixel_values_videos.shape[:2]
+    per_frame = tower_features(model, pixel_values_videos.flatten(0, 1), reduction)
+
+    def layout(grid: Tensor, newline: Tensor) -> Tensor:
+        """Vanilla's video slots: every frame's grid pooled by HF's ``apply_pooling``, then the newline."""
+        return torch.cat([model.model.apply_pooling(grid).flatten(0, 1), newline[None]])
+
+    out = []
+    for v in range(videos):
+        segments = per_frame[v * frames:(v + 1) * frames]
+        feats, grid = crop_grid(segments)
+        out.append(slot_tokens(feats, grid, layout, model.model.image_newline, [len(f) for f, _ in segments]))
     return out
 
 
@@ -119,10 +163,11 @@ def layout_lengths(model: nn.Module, image_sizes: Tensor, batch_num_images: Opti
 
 
 # The stand-in's chat template (ChatML), written after the real processor's prompt format: a
-# sample's images adjacent, <image><image>, then the text.
+# sample's images adjacent, <image><image>, then its videos, then the text.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
     "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
     "{% for c in message['content'] if c['type'] == 'text' %}{{ '\n' + c['text'] }}{% endfor %}{{ '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -210,8 +255,7 @@ class OneVision(TowerFamily):
     def encode(self, model: nn.Module, settings: TowerSettings, visual: VisualInput,
                arguments: dict[str, Any]) -> list[ImageTokens]:
         if visual.kind == "video":
-            raise NotImplementedError("DyMU does not support OneVision video inputs (pixel_values_videos) yet: "
-                                      "OneVision pools its frames 2 x 2 before the LLM, which is not reproduced exactly")
+            return onevision_videos(model, arguments[visual.pixels], settings.reduction)
         return onevision_images(model, arguments[visual.pixels], arguments.get("image_sizes"),
                                 arguments.get("batch_num_images"), settings.reduction)
 
