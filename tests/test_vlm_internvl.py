@@ -25,7 +25,8 @@ from dymu_viz.thresholds import Thresholds
 from dymu_viz.vlm.baselines import match_budget, mean_image_tokens
 from dymu_viz.vlm.families import internvl
 from dymu_viz.vlm.tower import tower_output
-from tiny_models import check_causal_and_cached_decode, tiny_internvl
+from tiny_models import (check_causal_and_cached_decode, check_unmerged_is_vanilla, tiny_internvl,
+                         video_beside_image)
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 PLACEMENTS = {"rounds": [0.0] * 3, "tower": 0.3}
@@ -106,32 +107,13 @@ def test_internvit_6b_layout_q_k_and_rms_norms_and_a_final_norm() -> None:
     assert out.shape[0] == 3 and all(a["image_tokens"] < a["image_positions"] for a in model.dymu_vlm.last)
 
 
-def video_and_image_inputs(processor) -> dict:
-    """Two prompts, left padded: a 4-frame video (two photo frames, then two flat frames) and an
-    image. InternVL's processor puts each frame's tile in ``pixel_values`` as one more item."""
-    import numpy as np
-
-    photo = sample_photos(["chelsea"])["chelsea"].resize((56, 56))
-    frames = np.stack([np.asarray(photo)] * 2 + [np.asarray(shapes_image(3, size=56).convert("RGB"))] * 2)
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text",
-                                              "text": "what happens ?"}]}], add_generation_prompt=True)
-               for kind in ("video", "image")]
-    return dict(processor(videos=[frames], images=[pictures()[1]], text=prompts, return_tensors="pt", padding=True))
-
-
 def test_video_frames_are_items_no_merging_is_vanilla_and_merging_decodes_exactly() -> None:
     """A video beside an image in a padded batch. Merging nothing: vanilla's logits (1e-5) and
     beam search tokens. Merging (rounds, and inside the tower): each frame merges on its own, so
     identical frames keep the same number of tokens, and cached decoding equals recomputation."""
     model, processor = tiny_internvl()
-    inputs = video_and_image_inputs(processor)
-    valid = inputs["attention_mask"].bool()
-    ref = model(**inputs).logits
-    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2)
-    vanilla = model.generate(**inputs, **beams)
-    vlm.patch_vlm(model, None)
-    assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
-    assert torch.equal(model.generate(**inputs, **beams), vanilla)
+    inputs = video_beside_image(processor, pictures()[1])
+    check_unmerged_is_vanilla(model, inputs)
     for placement in PLACEMENTS.values():
         vlm.patch_vlm(model, placement)
         model(**inputs)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-from dymu_viz import vlm
-from tiny_models import TINY_VLM_TEXT, TINY_VLM_VISION
+from dymu_viz import sample_photos, vlm
+from tiny_models import (TINY_VLM_TEXT, TINY_VLM_VISION, check_causal_and_cached_decode,
+                         check_unmerged_is_vanilla, tiny_vlm, video_beside_image)
 
 VOCAB, IMAGE = 100, 99
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
@@ -122,36 +123,14 @@ def test_downsampled_slots_copy_one_row_or_hold_vanilla_blend():
 
 # Videos: each frame through the tower, its grid pooled 2 x 2 (bilinear), one newline per video.
 
-def video_batch(processor, dtype=torch.float32) -> dict:
-    """Two prompts through the processor, left padded: a 4-frame video (two photo frames, two flat
-    frames) and an image."""
-    import numpy as np
-
-    from dymu_viz import sample_photos, shapes_image
-
-    photo = sample_photos(["chelsea"])["chelsea"].resize((56, 56))
-    frames = np.stack([np.asarray(photo)] * 2 + [np.asarray(shapes_image(3, size=56).convert("RGB"))] * 2)
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text",
-                                              "text": "what happens ?"}]}], add_generation_prompt=True)
-               for kind in ("video", "image")]
-    out = dict(processor(videos=[frames], images=[photo], text=prompts, return_tensors="pt", padding=True))
-    for key in ("pixel_values", "pixel_values_videos"):
-        out[key] = out[key].to(dtype)
-    return out
+def photo():
+    return sample_photos(["chelsea"])["chelsea"].resize((56, 56))
 
 
 def test_video_without_merging_is_vanilla_onevision_logits_and_beams():
-    from tiny_models import tiny_vlm
-
     model, processor = tiny_vlm("onevision", patch_size=7)  # 8 x 8 patches a frame, pooled to 4 x 4
-    inputs = video_batch(processor)
-    valid = inputs["attention_mask"].bool()
-    ref = model(**inputs).logits
-    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2)
-    vanilla = model.generate(**inputs, **beams)
-    vlm.patch_vlm(model, None)
-    assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
-    assert torch.equal(model.generate(**inputs, **beams), vanilla)
+    inputs = video_beside_image(processor, photo())
+    check_unmerged_is_vanilla(model, inputs)
     video = model.dymu_vlm.last[0]
     assert video["image_positions"] == video["image_tokens"] == 4 * 16 + 1 and video["crop_tokens"] == [64] * 4
 
@@ -164,10 +143,10 @@ def test_merged_video_slots_are_vanilla_pooling_of_the_merged_tower_output():
     cover whole blocks; identical frames merge alike; cached decoding equals recomputation."""
     from dymu_viz.vlm.families.onevision import onevision_videos
     from dymu_viz.vlm.tower import tower_output
-    from tiny_models import check_causal_and_cached_decode, tiny_vlm
 
-    model, processor = tiny_vlm("onevision", torch.float64, patch_size=7, vision_layers=6)  # deep enough to
-    inputs = video_batch(processor, torch.float64)  # merge whole 2 x 2 blocks: 3 blocks leave none inside a token
+    # 6 blocks: deep enough that merged tokens cover whole 2 x 2 blocks (with 3, none does)
+    model, processor = tiny_vlm("onevision", torch.float64, patch_size=7, vision_layers=6)
+    inputs = video_beside_image(processor, photo(), torch.float64)
     vlm.patch_vlm(model, 0.5)
     frames = inputs["pixel_values_videos"][0]
     (tokens,) = onevision_videos(model, frames[None])

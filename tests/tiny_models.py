@@ -302,6 +302,35 @@ def forcing_token(token: int, at_length: int) -> Any:
     return LogitsProcessorList([ForceToken()])
 
 
+def video_beside_image(processor: Any, image: Any, dtype: torch.dtype = torch.float32) -> dict:
+    """The processor's inputs for two prompts, left padded: a 4-frame 56 px video (two frames of a
+    photo, then two of a shapes image) and ``image``; pixels in ``dtype``."""
+    import numpy as np
+    from dymu_viz import sample_photos, shapes_image
+
+    photo = sample_photos(["chelsea"])["chelsea"].resize((56, 56))
+    frames = np.stack([np.asarray(photo)] * 2 + [np.asarray(shapes_image(3, size=56).convert("RGB"))] * 2)
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text",
+                                              "text": "what happens ?"}]}], add_generation_prompt=True)
+               for kind in ("video", "image")]
+    out = dict(processor(videos=[frames], images=[image], text=prompts, return_tensors="pt", padding=True))
+    return {k: v.to(dtype) if k.startswith("pixel_values") else v for k, v in out.items()}
+
+
+def check_unmerged_is_vanilla(model: nn.Module, inputs: dict) -> None:
+    """``patch_vlm(model, None)`` on the unpatched ``model``: the valid positions' logits within
+    1e-5 of vanilla's and beam search's tokens (2 beams) equal to vanilla's."""
+    from dymu_viz import vlm
+
+    valid = inputs["attention_mask"].bool()
+    ref = model(**inputs).logits
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    vanilla = model.generate(**inputs, **beams)
+    vlm.patch_vlm(model, None)
+    assert (model(**inputs).logits - ref)[valid].abs().max() <= 1e-5
+    assert torch.equal(model.generate(**inputs, **beams), vanilla)
+
+
 def check_causal_and_cached_decode(model: nn.Module, inputs: dict, atol: float = 1e-5) -> None:
     """A padded batch through the patched model: appending tokens to every row leaves the logits
     of the prompt's positions as they were (no query sees a later token), and cached
