@@ -321,9 +321,10 @@ def test_bad_input_gets_clear_errors(family: str) -> None:
         model(**fewer)
     with pytest.raises(NotImplementedError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(1, 3, model.config.get_text_config().hidden_size))
-    if family == "onevision":
-        with pytest.raises(NotImplementedError, match="pixel_values_videos"):
-            model(input_ids=inputs["input_ids"], pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))
+    if family == "onevision":  # a video the prompts hold no <video> for
+        text_only = processor(text=["hello there"], return_tensors="pt")["input_ids"]
+        with pytest.raises(ValueError, match="1 videos given but the prompts hold video placeholders for 0"):
+            model(input_ids=text_only, pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
