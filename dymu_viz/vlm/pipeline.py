@@ -152,7 +152,7 @@ def images_per_prompt(images: list[list[Any]]) -> Optional[list[list[Any]]]:
 def prompt_inputs(processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict[str, Any]:
     """The processor's forward arguments (CPU tensors, padded as it pads) for one chat-template
     prompt per question, each with its images (None, one image, or a list) before its text: the
-    user's own path, so the processor's defaults apply (InternVL's tiling, say)."""
+    user's own path, so the processor's own defaults apply (which its sub-processors alone may lack)."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} image entries but {len(questions)} questions; give one entry per question "
                          "(None, an image, or a list of images)")

@@ -103,8 +103,9 @@ def slot_tokens(feats: Tensor, grid: Tensor, layout: Any, newline: Tensor, tower
     newline_index = torch.tensor([NEWLINE, NEWLINE ** 2], dtype=torch.float64, device=grid.device)
     slots = layout(grid.to(torch.float64)[..., None] ** powers, newline=newline_index)  # (slots, 2): index, index^2
     index, variance = slots[:, 0], slots[:, 1] - slots[:, 0] ** 2
-    own = (index == NEWLINE) | (variance > MIXED)  # slots that get a compact token of their own, in slot order
-    if (variance > MIXED).any():  # a blend of different rows: vanilla's value, as it is
+    mixed = variance > MIXED
+    own = (index == NEWLINE) | mixed  # slots that get a compact token of their own, in slot order
+    if mixed.any():  # a blend of different rows: vanilla's value, as it is
         extra = layout(feats[grid], newline=newline.to(feats.dtype))[own]
     else:
         extra = newline.to(feats.dtype)[None].expand(int(own.sum()), -1)
