@@ -14,6 +14,7 @@ the number of processes. Finished batches are checkpointed, so an interrupted ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -39,6 +40,9 @@ def resolve_r(depth: int, n_patches: int, r_total: Optional[int] = None, target:
         raise ValueError("give exactly one of r_total or target (e.g. target='72out')")
     if target is not None:
         r_total = kout_r_total(target, n_patches)
+    if not 0 <= r_total < n_patches:
+        raise ValueError(f"r_total {r_total} is not possible with {n_patches} patches: give 0 to {n_patches - 1} "
+                         f"merges (at least one patch token stays)")
     return r_total, make_schedule(r_total, depth, schedule)
 
 
@@ -121,6 +125,32 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short digest of what a model computes with: its module classes (QuickGELU or GELU), its
+    parameters' names and shapes and the first 64 values of each (other weights), so that a
+    resumed calibration refuses checkpoints of another model. Cheap on any size of model."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"{name}:{type(module).__name__};".encode())
+    for name, param in model.named_parameters():
+        digest.update(f"{name}{tuple(param.shape)};".encode())
+        digest.update(param.detach().flatten()[:64].double().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def images_digest(images: Sequence[Any]) -> str:
+    """A short digest of an image list in its order: each file's resolved path, or an in-memory
+    image's size and pixels, so that a resumed calibration refuses another image set."""
+    digest = hashlib.sha256()
+    for image in images:
+        if hasattr(image, "tobytes"):
+            digest.update(f"{image.mode}{image.size};".encode())
+            digest.update(image.tobytes())
+        else:
+            digest.update(f"{Path(image).resolve()};".encode())
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_paths(out: Path) -> list[Path]:
@@ -211,9 +241,15 @@ class CalibrationJob:
     resume: bool = False
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        for name, least in (("batch_size", 1), ("checkpoint_every", 1), ("workers", 0)):
+            if int(getattr(self, name)) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+
     def fingerprint(self) -> dict[str, Any]:
-        return {"model": self.name, "r": self.r, "batch_size": self.batch_size, "n_paths": len(self.paths),
-                "first": str(self.paths[0].name) if self.paths else "", "dtype": str(self.dtype)}
+        """What the batch values depend on; checkpoints of a run with another one are refused."""
+        return {"model": self.name, "weights": model_digest(self.model), "r": self.r, "batch_size": self.batch_size,
+                "n_paths": len(self.paths), "images": images_digest(self.paths), "dtype": str(self.dtype)}
 
 
 def run_calibration(job: CalibrationJob) -> tuple[Thresholds, Progress]:

@@ -26,6 +26,19 @@ from .stats import count_table, quarter_layers
 from .viz import display_image, normalisation_of, plot_merge_maps
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least ``least``, else a clear usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give at least {least}")
+        return value
+    return parse
+
+
 def _model_arguments(p: argparse.ArgumentParser, **model: object) -> None:
     """--model / --pretrained / --download / --quick-gelu, shared by the subcommands."""
     p.add_argument("--model", help=f"encoder name or a local HF folder; known: {', '.join(known_models())}", **model)
@@ -49,7 +62,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="72out", help="'Kout' calibration target when calibrating (default 72out)")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse_linear"])
     p.add_argument("--images", nargs="*", help="subset of the bundled photo names")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_count(1), default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--out", type=Path, default=Path("dymu_out"), help="folder for the PNGs and counts.json")
@@ -64,14 +77,14 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", type=Path, help="folder the JSON paths are relative to (default: the JSON's folder)")
     amount = p.add_mutually_exclusive_group(required=True)
     amount.add_argument("--target", help="'Kout' preset: about K output tokens per image, e.g. 72out, 192out")
-    amount.add_argument("--r-total", type=int, help="total merges over all layers")
+    amount.add_argument("--r-total", type=_count(0), help="total merges over all layers")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse_linear"])
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch and process (the reference used 64)")
+    p.add_argument("--batch-size", type=_count(1), default=64, help="images per batch and process (the reference used 64)")
     p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--checkpoint-every", type=_count(1), default=20, help="batches between checkpoints")
+    p.add_argument("--workers", type=_count(0), default=2, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) when available, else cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--heldout-json", type=Path, help="a held-out image list to report realized token counts on")
@@ -104,6 +117,18 @@ def _end_processes() -> None:
         dist.destroy_process_group()
 
 
+def _check_output(out: Path, overwrite: bool, resume: bool) -> None:
+    """An existing output is replaced only with --overwrite; --resume continues an interrupted
+    run (its checkpoints beside the output), never recomputes a finished one."""
+    from .calibrate import checkpoint_paths
+    if out.exists() and not overwrite:
+        if not resume:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it or --resume to continue")
+        if not checkpoint_paths(out):
+            raise FileExistsError(f"{out} is a finished calibration (no checkpoints beside it to resume); "
+                                  f"pass --overwrite to compute it again")
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import (CalibrationJob, encoder_state, n_patches_of, remove_checkpoints, resolve_r,
                             run_calibration, token_report)
@@ -113,9 +138,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        if args.out.exists() and not (args.overwrite or args.resume):
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it or --resume to continue")
+        _check_output(args.out, args.overwrite, args.resume)
         paths, skipped = list_images(args.json or args.folder, args.image_root)
+        torch.manual_seed(0)  # random init (no weights given): the same weights in every process
         loaded = _load(args, device, dtype)
         say(f"model   : {loaded.name}\nweights : {loaded.weights}")
         state = encoder_state(loaded.model)
@@ -167,27 +192,27 @@ def _calibrate_rounds_parser(sub: argparse._SubParsersAction) -> None:
                                                   "OpenGVLab/InternVL3-8B-hf) or a local folder")
     p.add_argument("--pretrained", default="auto", help="'auto', 'random', 'pretrained' or a local folder")
     p.add_argument("--download", action="store_true", help="allow downloading the weights")
-    p.add_argument("--vision-layers", type=int, help="random init only: ViT blocks to build (default: all)")
+    p.add_argument("--vision-layers", type=_count(1), help="random init only: ViT blocks to build (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random init: the same weights in every process")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--json", type=Path, help='reference-format list: [{"image": "relative/path.jpg"}, ...]')
     data.add_argument("--folder", type=Path, help="a folder of images (searched recursively)")
     p.add_argument("--image-root", type=Path, help="folder the JSON paths are relative to (default: the JSON's folder)")
     p.add_argument("--keep", type=float, required=True, help="share of the units that survives, e.g. 0.3")
-    p.add_argument("--rounds", type=int, default=4, help="DToMe rounds (each can at most halve the tokens)")
+    p.add_argument("--rounds", type=_count(0), default=4, help="DToMe rounds (each can at most halve the tokens)")
     p.add_argument("--metric", default="keys", choices=["keys", "blocks", "features"],
                    help="the rounds' similarity (dymu_viz.vlm.qwen.METRICS); recorded in the output")
-    p.add_argument("--window", type=int, help="match only inside blocks of this many x this many units (large "
+    p.add_argument("--window", type=_count(1), help="match only inside blocks of this many x this many units (large "
                                               "images; recorded in the output); default: the whole image")
     p.add_argument("--tower-keep", type=float, help="Qwen-VL: also merge whole units inside the ViT, keeping this "
                                                     "share of the units at its output (--keep is then reached by the "
                                                     "rounds after it; --rounds 0 for none)")
     p.add_argument("--tower-blocks", type=int, nargs="+", help="the ViT blocks that merge (default: every block)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch and process")
+    p.add_argument("--batch-size", type=_count(1), default=8, help="images per batch and process")
     p.add_argument("--out", type=Path, required=True, help="thresholds JSON to write (checkpoints go beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    p.add_argument("--checkpoint-every", type=int, default=5, help="batches between checkpoints")
+    p.add_argument("--checkpoint-every", type=_count(1), default=5, help="batches between checkpoints")
     p.add_argument("--device", default=None, help="default: cuda (this rank's GPU) when available, else cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -200,8 +225,7 @@ def run_calibrate_rounds(args: argparse.Namespace) -> int:
     device, rank, dtype = _start_processes(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        if args.out.exists() and not (args.overwrite or args.resume):
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it or --resume to continue")
+        _check_output(args.out, args.overwrite, args.resume)
         paths, skipped = list_images(args.json or args.folder, args.image_root)
         torch.manual_seed(args.seed)
         loaded = load_vlm(args.model, args.pretrained, device, dtype, args.download, vision_layers=args.vision_layers)

@@ -92,8 +92,9 @@ def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int,
 
     r is first capped by the longest image's merge cap, as in the reference. Padded and
     protected slots (score -inf) are never picked. Returns src: (B, Na) bool and the batch
-    threshold: the score of the best edge *not* picked, clamped to >= 0, or None when every
-    valid edge was picked (the batch says nothing about the threshold then).
+    threshold: the score of the best edge *not* picked, clamped to >= 0. When every valid edge
+    was picked the batch asks for all of them: 0, the clamp (as the reference, whose unpicked
+    edges are then padding); None only when the batch had no valid edge at all.
     """
     r = min(r, int(merge_cap(size, protected).max()))
     flat = best.flatten()
@@ -102,7 +103,7 @@ def select_batch_top(best: Tensor, size: Tensor, r: int, protected: int,
     order = flat.argsort(descending=True, stable=True)
     src = torch.zeros_like(flat, dtype=torch.bool)
     src[order[:k]] = True
-    tau = max(float(flat[order[k]]), 0.0) if k < n_edges else None
+    tau = max(float(flat[order[k]]), 0.0) if k < n_edges else (0.0 if n_edges else None)
     return src.view_as(best), tau
 
 

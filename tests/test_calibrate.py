@@ -73,6 +73,24 @@ def test_threshold_is_the_mean_of_the_per_batch_values():
     assert th.metadata["n_images"] == 6 and th.metadata["n_batches"] == 3
 
 
+def test_a_smaller_target_never_leaves_more_tokens():
+    """Targets so small that a batch's budget takes every edge of a layer: that layer gets the
+    clamp value 0 (merge every edge of positive score), never "never merge", so asking for
+    fewer tokens gives fewer (down to the floor the images allow)."""
+    torch.manual_seed(0)
+    model = make_hf_clip()  # 16 patches + CLS, 4 layers
+    x = torch.randn(8, 3, 56, 56)
+    realized = []
+    for target in ("8out", "4out", "2out", "1out"):
+        th = find_thresholds(model, [x[:4], x[4:]], target=target)
+        assert all(v != float("inf") for v in th.values), (target, th.values)
+        dymu_viz.patch(model, th)
+        realized.append(dymu_viz.encode(model, x).counts[:, -1].float().mean().item())
+        dymu_viz.unpatch(model)
+    assert 0.0 in th.values, "test premise: the smallest target saturates a layer"
+    assert realized == sorted(realized, reverse=True) and realized[-1] < realized[0], realized
+
+
 def test_mean_ignores_missing_values_and_flags_empty_layers():
     values, counts = mean_thresholds({0: [0.5, None], 2: [0.7, None], 1: [0.6, None]}, 2)
     assert values[0] == pytest.approx(0.6) and values[1] == float("inf") and counts == [3, 0]
@@ -275,6 +293,74 @@ def test_cli_overwrite_starts_afresh_past_stale_checkpoints(tiny_model_dir, imag
     assert "belongs to a different calibration" in capsys.readouterr().err
     assert run("--overwrite") == 0
     assert dymu_viz.Thresholds.load(out).metadata["n_images"] == 24 and not stale.exists()
+
+
+def test_resume_refuses_checkpoints_of_other_images_or_weights(tiny_model_dir, image_set, tmp_path):
+    """A run interrupted on one image set (or model) is not continued on another: the same file
+    names under another root, or the same architecture with other weights, are refused by name;
+    the very same calibration resumes."""
+    import shutil
+
+    from dymu_viz.calibrate import CalibrationJob, checkpoint_paths, resolve_r, run_calibration
+    from dymu_viz.dataset import list_images
+
+    other_root = tmp_path / "other"
+    shutil.copytree(image_set, other_root)
+    for path in other_root.rglob("*.*g"):
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path)
+    loaded = dymu_viz.load_encoder(str(tiny_model_dir))
+    out = tmp_path / "th.json"
+    paths = list_images(image_set / "data.json")[0]
+    _, rs = resolve_r(4, 16, target="8out")
+
+    def job(model, images, resume):
+        return CalibrationJob(model, loaded.preprocess, images, rs, out, 4, loaded.name, workers=0,
+                              checkpoint_every=1, resume=resume, progress_bar=False)
+
+    first, _ = run_calibration(job(loaded.model, paths, False))  # leaves its checkpoint (the CLI removes it)
+    assert checkpoint_paths(out)
+    moved = list_images(image_set / "data.json", other_root)[0]
+    assert [p.name for p in moved] == [p.name for p in paths]
+    with pytest.raises(ValueError, match="belongs to a different calibration"):
+        run_calibration(job(loaded.model, moved, True))
+    other = dymu_viz.load_encoder(str(tiny_model_dir)).model
+    with torch.no_grad():
+        for param in other.parameters():  # fine-tuned weights: every value moved a little
+            param.mul_(1.01)
+    with pytest.raises(ValueError, match="belongs to a different calibration"):
+        run_calibration(job(other, paths, True))
+    assert run_calibration(job(loaded.model, paths, True))[0].values == first.values
+
+
+def test_resume_never_recomputes_a_finished_output(tiny_model_dir, image_set, tmp_path, capsys):
+    out = tmp_path / "th.json"
+
+    def run(*extra):
+        return main(["calibrate", *map(str, _calibrate_args(tiny_model_dir, image_set, out, "--no-report", *extra))])
+
+    assert run() == 0
+    finished = out.read_text()
+    assert run("--resume", "--target", "4out") == 2
+    assert "is a finished calibration" in capsys.readouterr().err and out.read_text() == finished
+    assert run("--overwrite", "--target", "4out") == 0 and out.read_text() != finished
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-2"), ("--checkpoint-every", "0"),
+                                         ("--workers", "-1"), ("--r-total", "x")])
+def test_cli_refuses_impossible_counts_by_name(tiny_model_dir, image_set, tmp_path, capsys, flag, value):
+    args = [a for a in map(str, _calibrate_args(tiny_model_dir, image_set, tmp_path / "th.json")) if a != "--target"]
+    args = [a for a in args if a != "8out"] + (["--target", "8out"] if flag != "--r-total" else [])
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", *args, flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and ("too small" in err or "not an integer" in err)
+
+
+def test_r_total_beyond_the_patches_is_refused(tiny_model_dir, image_set):
+    loaded = dymu_viz.load_encoder(str(tiny_model_dir))
+    with pytest.raises(ValueError, match="r_total 1000 is not possible with 16 patches: give 0 to 15"):
+        dymu_viz.calibrate(loaded.model, image_set, loaded.preprocess, r_total=1000, workers=0, progress_bar=False)
 
 
 def test_python_api_calibrates_a_folder_and_saves(tiny_model_dir, image_set, tmp_path):

@@ -576,7 +576,7 @@ def check_batch_top(best, size, r, protected):
         assert picked.min() > rest.max()  # the globally best ones
     ranked = best[finite].sort(descending=True).values
     if k == n_edges:
-        assert tau is None
+        assert tau == (0.0 if n_edges else None)
     else:
         assert tau == max(float(ranked[k]), 0.0)
     return src, tau
@@ -610,12 +610,19 @@ def test_batch_top_threshold_is_next_edge_and_clamped():
     assert not src.any() and tau == 0.9
 
 
-def test_batch_top_none_when_everything_picked():
+def test_batch_top_zero_when_everything_picked_none_without_edges():
+    """A batch whose budget takes every edge asks for all of them (0, the clamp, as the
+    reference): never None, which the mean over batches would turn into "never merge"."""
     n, protected = 197, 1
     _, k, size, _ = fresh(n, seed=81)
     best, _ = M.bipartite_scores(k, size, protected)
     src, tau = M.select_batch_top(best, size, cap_of(n, protected), protected)
-    assert tau is None and torch.equal(src, torch.isfinite(best))
+    assert tau == 0.0 and torch.equal(src, torch.isfinite(best))
+    src, tau = M.select_batch_top(best, size, 0, protected, total=10**6)
+    assert tau == 0.0 and torch.equal(src, torch.isfinite(best))
+    one = torch.ones(2, 1, dtype=F64)  # CLS only: no edge at all
+    src, tau = M.select_batch_top(torch.full((2, 1), -math.inf, dtype=F64), one, 4, protected=1)
+    assert tau is None and not src.any()
 
 
 def test_batch_top_with_padding():

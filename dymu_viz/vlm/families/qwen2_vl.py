@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ...calibrate import (Progress, dist_info, gather_objects, load_checkpoints, mean_thresholds, remove_checkpoints,
-                          write_atomic)
+from ...calibrate import (Progress, dist_info, gather_objects, images_digest, load_checkpoints, mean_thresholds,
+                          model_digest, remove_checkpoints, write_atomic)
 from ...dataset import load_rgb
 from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_top, select_fixed_r, select_threshold
 from ...thresholds import Thresholds
@@ -237,8 +237,8 @@ def collapse_units(features: Tensor, metric: Tensor, rows: Tensor) -> tuple[Tens
 
 def batch_top_share(fraction: float, values: list[Optional[float]], merges: list[int]) -> Selection:
     """Calibration's selection: step k merges the batch's best edges, ``fraction`` of all its
-    current tokens, and records the batch threshold (the best edge left, clamped >= 0; None when
-    none was left) in values[k] and its merges in merges[k]."""
+    current tokens, and records the batch threshold (``merge.select_batch_top``'s: the best edge
+    left, clamped >= 0) in values[k] and its merges in merges[k]."""
     def select(k: int, best: Tensor, size: Tensor) -> Tensor:
         src, values[k] = select_batch_top(best, size, 0, protected=0, total=int(fraction * int((size > 0).sum())))
         merges[k] = int(src.sum())
@@ -251,7 +251,7 @@ def calibration_rounds(x: Tensor, metric: Tensor, size: Tensor, fraction: float,
     """One calibration batch: each round merges the batch's best edges, ``fraction`` of all its
     current tokens (the batch rule of spec section 3.2 with a share instead of a count, since
     Qwen's unit counts follow the resolution). Returns per round the batch threshold (the best
-    edge left, clamped >= 0; None when none was left or the round did not run) and the merges."""
+    edge left, clamped >= 0; None when the round had no edge or did not run) and the merges."""
     values: list[Optional[float]] = [None] * rounds
     merges = [0] * rounds
     merge_rounds(x, metric, size, rounds, batch_top_share(fraction, values, merges), views)
@@ -295,6 +295,8 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
 
     if not images:
         raise ValueError("calibration got no images")
+    if batch_size < 1 or checkpoint_every < 1:
+        raise ValueError(f"batch_size and checkpoint_every must be at least 1, got {batch_size} and {checkpoint_every}")
     if tower_keep is not None and (units_of is not None or window is not None):
         raise ValueError("merging inside the tower is for Qwen-VL's tower, on whole images (no window=)")
     previous = unit_tower.plan_of(model.model.visual) if units_of is None else None
@@ -321,7 +323,8 @@ def calibrate_rounds(model: nn.Module, processor: Any, images: Sequence[Any], ke
     out = Path(out) if out is not None else None
     fingerprint = {"model": type(model).__name__, "keep": keep, "rounds": rounds, "metric": metric, "window": window,
                    "tower_keep": tower_keep, "tower_blocks": blocks if tower_keep is not None else None,
-                   "batch_size": batch_size, "n_images": len(images), "first": str(images[0])[:200]}
+                   "batch_size": batch_size, "n_images": len(images), "images": images_digest(images),
+                   "weights": model_digest(model), "dtype": str(next(model.parameters()).dtype)}
     done = load_checkpoints(out, fingerprint) if out is not None and resume else Progress()
     if out is not None and not resume and rank == 0:
         remove_checkpoints(out)
