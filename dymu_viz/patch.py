@@ -16,6 +16,7 @@ and the subclass pickles as "the base class, patched", a patched model survives
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
@@ -90,8 +91,7 @@ class DyMUState:
         if thresholds is None:
             config = MergeConfig("fixed_r" if rs is not None else "off", None, rs)
         else:
-            values = [float(thresholds)] * layers if isinstance(thresholds, (int, float)) else [float(t) for t in thresholds]
-            config = MergeConfig("threshold", values, rs)
+            config = MergeConfig("threshold", threshold_values(thresholds, layers), rs)
         config.check_depth(layers, self.adapter.family)
         self.config = config
 
@@ -101,6 +101,20 @@ class DyMUState:
         kept as ``last``."""
         self.last = self.adapter.run(pixels, config or self.config, output_hidden_states, blocks, **embed_kwargs)
         return self.last
+
+
+def threshold_values(thresholds: Any, layers: int) -> list[float]:
+    """One float per layer from one number (Python, NumPy or a 0-d tensor) or a sequence of
+    them (a list, an array, a 1-d tensor); anything else is refused by name."""
+    if hasattr(thresholds, "tolist"):
+        thresholds = thresholds.tolist()
+    if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
+        return [float(thresholds)] * layers
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence) or \
+            not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in thresholds):
+        raise TypeError(f"thresholds must be a number, one number per layer or a Thresholds (Thresholds.load "
+                        f"reads a file); got {thresholds!r}")
+    return [float(t) for t in thresholds]
 
 
 def get_state(model: nn.Module) -> Optional[DyMUState]:

@@ -14,6 +14,7 @@ how many tokens actually go.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Sequence, Union
 
@@ -63,7 +64,14 @@ def make_schedule(r_total: int, layers: int, schedule: str = "constant") -> list
 
 def parse_r(layers: int, r: RSpec) -> list[int]:
     """ToMe's r: an int (same r everywhere), (r, inflection) for a linear ramp whose mean is
-    r (inflection -1 decreases, +1 increases), or an explicit list (zero-padded to L)."""
+    r (inflection -1 decreases, +1 increases), or an explicit list (zero-padded to L). NumPy and
+    torch integers and arrays count as ints and lists."""
+    if hasattr(r, "tolist"):  # np.int64, a 0-d tensor -> int; an array or a 1-d tensor -> list
+        r = r.tolist()
+    if isinstance(r, bool) or not isinstance(r, (int, tuple, list)):
+        raise TypeError(f"r must be an int, (r, inflection) or a list of ints per layer; got {r!r}")
+    if isinstance(r, list) and not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in r):
+        raise TypeError(f"a per-layer r must hold ints; got {r!r}")
     if isinstance(r, tuple) and len(r) != 2:
         raise ValueError(f"a tuple r must be (r, inflection), got {r!r}; pass a list for per-layer values")
     if isinstance(r, list):

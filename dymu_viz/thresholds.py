@@ -128,13 +128,16 @@ class Thresholds:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Thresholds":
+        """A thresholds JSON file or a reference checkpoint, told apart by their content (a torch
+        checkpoint is a zip archive or a pickle), whatever the file is called."""
         path = Path(path)
-        if path.suffix in (".pth", ".pt", ".bin"):
+        raw = path.read_bytes()
+        if raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80":
             return cls.from_reference_checkpoint(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is neither a thresholds JSON file nor a torch checkpoint: {err}") from None
         return cls.from_dict(data)
 
     def save_reference_checkpoint(self, path: Union[str, Path], prefix: str) -> Path:

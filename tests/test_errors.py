@@ -148,3 +148,58 @@ def test_timm_attn_mask_is_rejected() -> None:
     model = dymu_viz.patch(make_timm_map(), thresholds=0.5)
     with pytest.raises(ValueError, match=r"attn_mask"):
         model(torch.zeros(1, 3, 64, 64), attn_mask=torch.zeros(1, 1, 16, 16))
+
+
+@pytest.mark.parametrize("factory", [make_hf_clip, make_hf_siglip], ids=["hf_clip", "hf_siglip"])
+def test_hf_config_return_dict_false_gives_the_tuple_and_attentions_are_refused(factory) -> None:
+    """A config saying return_dict=False gets the tuple the unpatched model returns (the same
+    tensors, merging off); attention maps, asked for by argument or by the config, are refused by
+    name instead of coming back as None."""
+    model = factory()
+    x = torch.randn(2, 3, 56, 56)
+    model.config.return_dict = False
+    vanilla = model(pixel_values=x)
+    dymu_viz.patch(model, float("inf"))
+    patched = model(pixel_values=x)
+    assert isinstance(vanilla, tuple) and isinstance(patched, tuple) and len(patched) == len(vanilla)
+    for a, b in zip(patched, vanilla):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not isinstance(model(pixel_values=x, return_dict=True), tuple)
+    model(pixel_values=x, output_attentions=False)
+    with pytest.raises(ValueError, match="output_attentions is not available on a DToMe-patched encoder"):
+        model(pixel_values=x, output_attentions=True)
+    model.set_attn_implementation("eager")  # HF allows output_attentions in a config only then
+    model.config.output_attentions = True
+    with pytest.raises(ValueError, match="output_attentions is not available"):
+        model(pixel_values=x)
+    model(pixel_values=x, output_attentions=False)
+
+
+def test_numpy_and_torch_numbers_are_thresholds_and_r_strings_and_gaps_are_refused() -> None:
+    import numpy as np
+    model = make_hf_clip()  # 4 layers
+    for value in (np.float32(0.5), torch.tensor(0.5), np.array([0.5] * 4), torch.tensor([0.5] * 4)):
+        assert dymu_viz.patch(model, value).dymu.thresholds == [0.5] * 4
+    for r, expected in ((np.int64(2), [2] * 4), (np.array([3, 1]), [3, 1, 0, 0]), (torch.tensor([1, 2, 3, 4]), [1, 2, 3, 4]),
+                        ([np.int64(1)] * 4, [1] * 4)):
+        assert dymu_viz.patch(model, r=r).dymu.r == expected  # an array is per-layer r, never (r, inflection)
+    for bad in ("0.5", [0.5, None, 0.5, 0.5], True):
+        with pytest.raises(TypeError, match="thresholds must be a number, one number per layer or a Thresholds"):
+            dymu_viz.patch(model, bad)
+    for bad in (2.0, [1.5, 2], True):
+        with pytest.raises(TypeError, match="r must"):
+            dymu_viz.patch(model, r=bad)
+    assert model.dymu.r == [1] * 4  # a refused setting leaves the last one
+
+
+@pytest.mark.parametrize("name", ["t.PTH", "t.ckpt", "t.json"])
+def test_thresholds_files_are_read_by_content_not_name(tmp_path, name) -> None:
+    reference = Thresholds([0.9, 0.8, 0.7], [1, 1, 1], model="ViT-test")
+    checkpoint = reference.save_reference_checkpoint(tmp_path / name, "visual.transformer.resblocks")
+    assert Thresholds.load(checkpoint).values == pytest.approx(reference.values)
+    text = tmp_path / ("text_" + name)
+    text.write_text("this is a note, not thresholds")
+    with pytest.raises(ValueError, match="is neither a thresholds JSON file nor a torch checkpoint"):
+        Thresholds.load(text)
+    reference.save(text)
+    assert Thresholds.load(text).values == reference.values

@@ -74,6 +74,58 @@ def test_deepcopy_is_patched_independently(family: str) -> None:
     assert type(twin) is type(model)._dymu_base and hasattr(model, "dymu")
 
 
+class LowRankDelta(nn.Module):
+    """What LoRA (PEFT) does to a linear layer: wrap it and add a low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+def wrap_mlp_linears(model: nn.Module) -> int:
+    """Wrap every linear layer of the blocks' MLPs in a LowRankDelta, in place; how many."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and ".mlp." in f".{name}"]
+    for name, module in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LowRankDelta(module))
+    return len(targets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_wrapped_after_patching_are_the_ones_that_run(family: str) -> None:
+    """LoRA / PEFT-style wrappers added to a patched model take effect (merging off: exactly the
+    unpatched wrapped model; merging: the wrapped layers run), and a block removed after
+    patching is named, not run."""
+    model, x, taus = setup(family)
+    dymu_viz.patch(model, taus)
+    merged_before = outputs(family, model, x)
+    model.dymu.thresholds = None
+    off_before = outputs(family, model, x)
+    torch.manual_seed(0)
+    assert wrap_mlp_linears(model) >= 2 * len(taus)  # the blocks (and a MAP head's MLP)
+    off = outputs(family, model, x)
+    assert not torch.equal(next(iter(off.values())), next(iter(off_before.values()))), "the wrappers must change the output"
+    model.dymu.thresholds = taus
+    merged = outputs(family, model, x)
+    assert not torch.equal(next(iter(merged.values())), next(iter(merged_before.values())))
+    dymu_viz.unpatch(model)
+    vanilla = outputs(family, model, x)
+    for k in vanilla:
+        torch.testing.assert_close(off[k], vanilla[k], rtol=1e-5, atol=1e-6)
+    dymu_viz.patch(model, taus)
+    layers = next(m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == len(taus))
+    del layers[-1]
+    with pytest.raises(ValueError, match=f"{len(taus)} thresholds given but the .* encoder has {len(taus) - 1} layers"):
+        outputs(family, model, x)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_pickle_round_trip_keeps_the_patch(family: str, how: str) -> None:

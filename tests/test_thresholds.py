@@ -184,7 +184,7 @@ def test_import_without_module_prefix(tmp_path):
     assert Thresholds.from_reference_checkpoint(path).values == SIGLIP_B
 
 
-def test_load_dispatches_on_pth_suffix(tmp_path):
+def test_load_reads_a_reference_checkpoint(tmp_path):
     path = write_checkpoint(tmp_path / "clip.pth", "ViT-L-14-336-tome-72out", CLIP_KEY, CLIP_72OUT)
     t = Thresholds.load(path)
     assert t.values == CLIP_72OUT and t.r == [21] * 24

@@ -37,7 +37,14 @@ class EncoderAdapter:
     def __init__(self, module: nn.Module):
         self.module = module
         self.check_supported()
-        self.blocks: list[BlockParts] = self.build_blocks()
+        self.build_blocks()  # an unsupported layout fails at patch time, not at the first call
+
+    @property
+    def blocks(self) -> list[BlockParts]:
+        """The block callables, read off the module at every call, so that what changed after
+        patching runs: layers wrapped or replaced (PEFT / LoRA, quantised linears), blocks
+        removed, weights loaded with ``assign=True``."""
+        return self.build_blocks()
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -89,14 +96,15 @@ class EncoderAdapter:
         """Embed, run the blocks with merging, pool. blocks: run only the first ones (a VLM
         reading an inner layer needs no more); the result then has no pooled output."""
         self.check_pixels(pixels, resize_ok=bool(embed_kwargs.get("interpolate_pos_encoding")))
-        config.check_depth(self.depth, self.family)
+        parts = self.blocks
+        config.check_depth(len(parts), self.family)
         x = self.embed(pixels, **embed_kwargs)
         ph, pw = self.patch_size()
         grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
-        if blocks is not None and not 0 <= blocks <= self.depth:
-            raise ValueError(f"cannot run {blocks} blocks of the {self.depth}-block {self.family} encoder")
-        run_all = blocks is None or blocks == self.depth
-        result = run_blocks(x, self.blocks if run_all else self.blocks[:blocks], config, self.protected, grid,
+        if blocks is not None and not 0 <= blocks <= len(parts):
+            raise ValueError(f"cannot run {blocks} blocks of the {len(parts)}-block {self.family} encoder")
+        run_all = blocks is None or blocks == len(parts)
+        result = run_blocks(x, parts if run_all else parts[:blocks], config, self.protected, grid,
                             output_hidden_states)
         result.pooled = self.pool(result) if run_all else None
         return result

@@ -48,13 +48,21 @@ class HFVisionAdapter(EncoderAdapter):
     def forward(self, state: Any, pixel_values: Tensor | None = None, interpolate_pos_encoding: bool | None = False,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
+        config = self.module.config
         if output_hidden_states is None:
-            output_hidden_states = bool(self.module.config.output_hidden_states)
+            output_hidden_states = bool(config.output_hidden_states)
+        if return_dict is None:
+            return_dict = bool(getattr(config, "return_dict", True))
+        attentions = kwargs.pop("output_attentions", None)
+        if attentions or (attentions is None and getattr(config, "output_attentions", False)):
+            raise ValueError("output_attentions is not available on a DToMe-patched encoder (the attention's size "
+                             "changes at every block that merges); dymu_viz.unpatch(model) gives the maps of the "
+                             "unmerged model")
         result = state.run(pixel_values, output_hidden_states=output_hidden_states,
                            interpolate_pos_encoding=bool(interpolate_pos_encoding))
         out = BaseModelOutputWithPooling(last_hidden_state=self.last_hidden_state(result),
                                          pooler_output=result.pooled, hidden_states=result.hidden_states)
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
 
 class HFCLIPVisionAdapter(HFVisionAdapter):
