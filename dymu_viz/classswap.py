@@ -18,14 +18,30 @@ from torch import nn
 
 _FORWARDS: dict[str, Callable[..., Any]] = {}
 _ATTRIBUTES: dict[str, dict[str, Any]] = {}
+_GUARDS: dict[str, tuple[Callable[[nn.Module, str], None], tuple[str, ...]]] = {}
 _CLASSES: dict[tuple[type, str], type] = {}
 
 
-def register(kind: str, forward: Callable[..., Any], **attributes: Any) -> None:
+def register(kind: str, forward: Callable[..., Any], guard: Callable[[nn.Module, str], None] | None = None,
+             guarded: tuple[str, ...] = (), **attributes: Any) -> None:
     """Make ``forward(self, *args, **kwargs)`` the forward of every class swapped in for ``kind``
-    (and ``attributes`` its other class attributes)."""
+    (and ``attributes`` its other class attributes). Methods named in ``guarded`` that a base
+    class has (other ways into the module than ``forward``) call ``guard(self, name)`` first,
+    which may refuse; the others are left to the base class."""
     _FORWARDS[kind] = forward
     _ATTRIBUTES[kind] = attributes
+    if guard is not None:
+        _GUARDS[kind] = (guard, guarded)
+
+
+def _guarded_method(base: type, name: str, guard: Callable[[nn.Module, str], None]) -> Callable[..., Any]:
+    method = getattr(base, name)
+
+    @functools.wraps(method)
+    def checked(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        guard(self, name)
+        return method(self, *args, **kwargs)
+    return checked
 
 
 def base_class(module: nn.Module) -> type:
@@ -49,8 +65,10 @@ def swapped_class(base: type, kind: str) -> type:
                 return base_class(self).forward(self, *args, **kwargs)
             return forward(self, *args, **kwargs)
 
+        guard, names = _GUARDS.get(kind, (None, ()))
+        guarded = {name: _guarded_method(base, name, guard) for name in names if callable(getattr(base, name, None))}
         _CLASSES[base, kind] = type(f"DyMU{base.__name__}", (base,), {
-            **_ATTRIBUTES[kind], "forward": swapped_forward, "__reduce_ex__": _reduce, "_dymu_base": base, "_dymu_kind": kind,
+            **_ATTRIBUTES[kind], **guarded, "forward": swapped_forward, "__reduce_ex__": _reduce, "_dymu_base": base, "_dymu_kind": kind,
             "__module__": __name__, "__doc__": f"{base.__name__} patched by dymu_viz ({kind})."})
     return _CLASSES[base, kind]
 

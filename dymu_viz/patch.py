@@ -128,7 +128,18 @@ def _patched_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return state.adapter.forward(state, *args, **kwargs)
 
 
-classswap.register("encoder", _patched_forward)
+def _refuse_while_merging(self: nn.Module, name: str) -> None:
+    """timm's other entries into the blocks (``forward_features``, ...) bypass DToMe: refused
+    while it merges, rather than returning unmerged tokens a caller would take for merged."""
+    state = self.__dict__.get("dymu")
+    if isinstance(state, DyMUState) and state.mode != "off":
+        raise ValueError(f"{name} runs the blocks without DToMe; on a patched model call the model itself "
+                         f"(pooled output) or dymu_viz.encode(model, pixels) (merged tokens, sizes, padding mask), "
+                         f"or dymu_viz.unpatch(model) first")
+
+
+classswap.register("encoder", _patched_forward, guard=_refuse_while_merging,
+                   guarded=("forward_features", "forward_intermediates", "get_intermediate_layers"))
 
 
 def patch(model: nn.Module, thresholds: ThresholdSpec = None, r: Optional[RSpec] = None) -> nn.Module:

@@ -203,3 +203,22 @@ def test_thresholds_files_are_read_by_content_not_name(tmp_path, name) -> None:
         Thresholds.load(text)
     reference.save(text)
     assert Thresholds.load(text).values == reference.values
+
+
+def test_timm_side_entries_refuse_while_merging() -> None:
+    """timm's forward_features / forward_intermediates run the blocks without DToMe: refused by
+    name while merging (not unmerged tokens passed off as merged), the unpatched result when
+    merging is off; classes without them (HF, open_clip) do not gain them."""
+    model = make_timm_map()
+    x = torch.randn(2, 3, 64, 64)
+    vanilla = model.forward_features(x)
+    dymu_viz.patch(model, thresholds=0.5)
+    for name in ("forward_features", "forward_intermediates"):
+        with pytest.raises(ValueError, match=f"{name} runs the blocks without DToMe"):
+            getattr(model, name)(x)
+    model.dymu.thresholds = None
+    assert torch.equal(model.forward_features(x), vanilla)
+    dymu_viz.unpatch(model)
+    assert torch.equal(model.forward_features(x), vanilla)
+    hf = dymu_viz.patch(make_hf_clip(), 0.5)
+    assert not hasattr(hf, "forward_features") and not hasattr(dymu_viz.patch(make_open_clip(), 0.5), "forward_features")
