@@ -222,3 +222,15 @@ def test_timm_side_entries_refuse_while_merging() -> None:
     assert torch.equal(model.forward_features(x), vanilla)
     hf = dymu_viz.patch(make_hf_clip(), 0.5)
     assert not hasattr(hf, "forward_features") and not hasattr(dymu_viz.patch(make_open_clip(), 0.5), "forward_features")
+
+
+def test_timm_dynamic_padding_grid_covers_every_patch() -> None:
+    """timm with dynamic_img_pad pads an image up to whole patches: the result's grid counts the
+    padded patches, so merge maps of such an image work."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, dynamic_img_size=True,
+                              dynamic_img_pad=True, num_classes=5).eval()
+    dymu_viz.patch(model, 0.5)
+    res = dymu_viz.encode(model, torch.randn(2, 3, 56, 72))  # 3.5 x 4.5 patches -> 4 x 5
+    assert res.grid == (4, 5) and res.patch_groups().shape == (2, 4, 5)

@@ -63,6 +63,11 @@ class EncoderAdapter:
     def patch_size(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    def grid(self, pixels: Tensor) -> tuple[int, int]:
+        """(rows, columns) of the patch grid the embedding makes of these pixels."""
+        (ph, pw), (h, w) = self.patch_size(), pixels.shape[-2:]
+        return h // ph, w // pw
+
     def embed(self, pixels: Tensor, **kwargs: Any) -> Tensor:
         """(B, 3, H, W) -> (B, N0, C) tokens entering the first block."""
         raise NotImplementedError
@@ -99,8 +104,7 @@ class EncoderAdapter:
         parts = self.blocks
         config.check_depth(len(parts), self.family)
         x = self.embed(pixels, **embed_kwargs)
-        ph, pw = self.patch_size()
-        grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+        grid = self.grid(pixels)
         if blocks is not None and not 0 <= blocks <= len(parts):
             raise ValueError(f"cannot run {blocks} blocks of the {len(parts)}-block {self.family} encoder")
         run_all = blocks is None or blocks == len(parts)

@@ -59,6 +59,10 @@ class TimmViTAdapter(EncoderAdapter):
     def patch_size(self) -> tuple[int, int]:
         return tuple(self.module.patch_embed.patch_size)
 
+    def grid(self, pixels: Tensor) -> tuple[int, int]:
+        """The patch grid, padded up to whole patches with ``dynamic_img_pad``."""
+        return tuple(self.module.patch_embed.dynamic_feat_size(tuple(pixels.shape[-2:])))
+
     def embed(self, pixels: Tensor, **kwargs: Any) -> Tensor:
         m = self.module
         x = m.patch_embed(pixels.to(m.patch_embed.proj.weight.dtype))
