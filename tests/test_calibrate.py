@@ -383,3 +383,14 @@ def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
     assert rank_device("cuda") == "cuda:3" and current == ["cuda:3"]
     assert rank_device("cuda:1") == "cuda:1" and current[-1] == "cuda:1"
     assert rank_device("cpu") == "cpu" and len(current) == 2
+
+
+def test_model_digest_tells_weights_apart_and_takes_offloaded_parameters():
+    """The resume fingerprint's model digest: equal for equal weights, different for other
+    weights, and computable when accelerate left parameters on the meta device (offloaded)."""
+    from dymu_viz.calibrate import model_digest
+    digest = model_digest(make_hf_clip(seed=0))
+    assert model_digest(make_hf_clip(seed=0)) == digest != model_digest(make_hf_clip(seed=1))
+    with torch.device("meta"):
+        offloaded = make_hf_clip(seed=0)
+    assert len(model_digest(offloaded)) == 16 and model_digest(offloaded) != digest
