@@ -19,6 +19,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -51,8 +52,17 @@ def encoder_state(model: nn.Module) -> DyMUState:
     return get_state(model) or get_state(patch(model))
 
 
-def n_patches_of(state: DyMUState) -> int:
-    (h, w), (ph, pw) = state.adapter.expected_size(), state.adapter.patch_size()
+def n_patches_of(state: DyMUState, pixels: Optional[Tensor] = None) -> int:
+    """Patches per image: of ``pixels`` (B, 3, H, W) when given, else of the size the encoder
+    expects. An encoder that takes any size (timm's dynamic_img_size) needs the pixels."""
+    if pixels is not None:
+        gh, gw = state.adapter.grid(pixels)
+        return gh * gw
+    size = state.adapter.expected_size()
+    if size is None:
+        raise ValueError(f"the {state.adapter.family} encoder takes images of any size, so a target has no fixed "
+                         "number of patches here; calibrate on pixel batches (find_thresholds), whose size sets it")
+    (h, w), (ph, pw) = size, state.adapter.patch_size()
     return (h // ph) * (w // pw)
 
 
@@ -80,9 +90,17 @@ def find_thresholds(model: nn.Module, batches: Iterable[Tensor], r_total: Option
                     target: Optional[str] = None, schedule: str = "constant", name: str = "") -> Thresholds:
     """Calibrate thresholds of ``model``'s encoder over an in-memory iterable of pixel batches."""
     state = encoder_state(model)
-    r_total, rs = resolve_r(state.depth, n_patches_of(state), r_total, target, schedule)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("calibration got no images; check the dataset")
+    n_patches = n_patches_of(state, first)
+    r_total, rs = resolve_r(state.depth, n_patches, r_total, target, schedule)
     per_batch, n_images = {}, 0
-    for j, pixels in enumerate(batches):
+    for j, pixels in enumerate(chain([first], batches)):
+        if n_patches_of(state, pixels) != n_patches:
+            raise ValueError(f"calibration batch {j} has {tuple(pixels.shape[-2:])} images, batch 0 "
+                             f"{tuple(first.shape[-2:])}; the per-layer merges are set for one image size")
         per_batch[j], _ = batch_thresholds(model, pixels, rs)
         n_images += pixels.shape[0]
     if n_images == 0:

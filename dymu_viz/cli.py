@@ -58,7 +58,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="DToMe on the bundled sample photos: token-count table and merge-map PNGs")
     _model_arguments(p, default="ViT-L-14-336")
     p.add_argument("--thresholds", type=Path, help="thresholds file (.json, or a reference .pth); "
-                   "default: calibrate on the demo images themselves")
+                   "default: calibrate on the bundled calibration pictures (never the demo images)")
     p.add_argument("--target", default="72out", help="'Kout' calibration target when calibrating (default 72out)")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse_linear"])
     p.add_argument("--images", nargs="*", help="subset of the bundled photo names")

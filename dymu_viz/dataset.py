@@ -54,16 +54,18 @@ def _whole_files_only() -> Iterator[None]:
 
 
 def load_rgb(path: Union[str, Path]) -> Image.Image:
-    """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, 16-bit, palette and
-    alpha images converted (transparent areas composited on white). A truncated file raises."""
+    """Open any image as 8-bit RGB: EXIF rotation applied; grayscale, 16-bit, float (0..1 when
+    it fits there), palette and alpha images converted (transparent areas, an alpha channel or
+    a transparent colour, composited on white). A truncated file raises."""
     with Image.open(path) as image, _whole_files_only():
         image.load()
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else \
+            1.0 if image.mode == "F" and array.max() <= 1 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
-    if image.mode == "P":
+    if image.mode == "P" or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

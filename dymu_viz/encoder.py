@@ -93,6 +93,8 @@ class EncoderResult:
     to that block's threshold (``merge.threshold_margin``; +inf where the block compared no
     edge). Rounding differences smaller than an image's smallest margin (another CPU's kernels,
     another batch) cannot change which of its edges beat a threshold; None in other modes.
+    patch_size: (ph, pw) pixels per patch, so a map can place the grid on the picture (set by
+    the adapter that ran the encoder).
     """
 
     tokens: Tensor
@@ -107,6 +109,7 @@ class EncoderResult:
     pooled: Optional[Tensor] = None
     batch_thresholds: list[Optional[float]] = field(default_factory=list)
     margins: Optional[Tensor] = None
+    patch_size: Optional[tuple[int, int]] = None
 
     @property
     def padding_mask(self) -> Tensor:

@@ -201,8 +201,18 @@ def _hf_from_pretrained(source: str, local_files_only: bool) -> LoadedEncoder:
     model_cls = CLIPVisionModel if kind.startswith("clip") else SiglipVisionModel
     model = model_cls.from_pretrained(source, local_files_only=local_files_only)
     processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_files_only)
-    preprocess = lambda img: processor(images=img, return_tensors="pt")["pixel_values"][0]  # noqa: E731
-    return LoadedEncoder(model, preprocess, source, f"pretrained, from {source}", True)
+    return LoadedEncoder(model, HFImageTransform(processor), source, f"pretrained, from {source}", True)
+
+
+@dataclass
+class HFImageTransform:
+    """An HF image processor called like a torchvision transform: one PIL image -> (3, H, W).
+    Keeps the processor, so displays can undo its normalisation (``viz.normalisation_of``)."""
+
+    processor: Any
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def image_transform(size: int, crop: bool, mean: tuple, std: tuple) -> Callable[[Any], torch.Tensor]:

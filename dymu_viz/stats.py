@@ -12,13 +12,17 @@ from PIL import Image
 from .encoder import EncoderResult
 
 
+def attention_score_flops(n: float, width: int) -> float:
+    """FLOPs of QK^T and AV for n tokens (multiply-adds count 2)."""
+    return 2 * 2 * n * n * width
+
+
 def block_flops(n_attn: float, n_mlp: float, width: int, mlp_hidden: int) -> float:
     """FLOPs of one pre-norm ViT block: attention on n_attn tokens, MLP on n_mlp tokens
     (a merge sits between the two). Multiply-adds count 2; norms and softmax are ignored."""
     qkv_out = 2 * n_attn * width * 4 * width  # q, k, v and output projections
-    scores = 2 * 2 * n_attn * n_attn * width  # QK^T and AV
     mlp = 2 * 2 * n_mlp * width * mlp_hidden
-    return qkv_out + scores + mlp
+    return qkv_out + attention_score_flops(n_attn, width) + mlp
 
 
 def encoder_flops(counts: Sequence[int], width: int, mlp_hidden: int) -> float:
@@ -36,11 +40,14 @@ def flop_ratio(counts: torch.Tensor, width: int, mlp_hidden: int) -> float:
 
 
 def padded_flop_overhead(counts: torch.Tensor, width: int, mlp_hidden: int) -> float:
-    """Extra block FLOPs spent on padding when ``counts`` (B, L+1) run as one padded batch:
-    every layer computes the longest image's length for all images."""
+    """Extra block FLOPs spent on padding when ``counts`` (B, L+1) run as one padded batch, as
+    a share of the valid work. The encoder runs norms, projections and MLPs on valid tokens
+    only; attention (QK^T, AV) runs every image at the longest image's length."""
     longest = counts.max(dim=0).values.tolist()
     valid = sum(encoder_flops(row, width, mlp_hidden) for row in counts.tolist())
-    return counts.shape[0] * encoder_flops(longest, width, mlp_hidden) / valid - 1.0
+    padded = sum(attention_score_flops(longest[i], width) - attention_score_flops(n[i], width)
+                 for n in counts.tolist() for i in range(len(longest) - 1))
+    return padded / valid
 
 
 CountsLike = Union[EncoderResult, Sequence[EncoderResult], torch.Tensor, np.ndarray]
@@ -61,6 +68,8 @@ def count_matrix(counts: CountsLike) -> np.ndarray:
         array = array[None]
     if array.ndim != 2:
         raise ValueError(f"token counts must be (n_images, layers + 1), got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError("no token counts: the image set is empty")
     return array.astype(np.int64)
 
 

@@ -9,6 +9,7 @@ widgets and notebooks alike (in a notebook, show a returned Axes with ``ax.figur
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -39,17 +40,26 @@ def display_image(pixels: torch.Tensor, mean: Optional[Sequence[float]] = None,
 
 
 def normalisation_of(preprocess: Any) -> tuple[Optional[tuple], Optional[tuple]]:
-    """(mean, std) of a torchvision Compose's Normalize step, or (None, None)."""
+    """(mean, std) that ``preprocess`` normalises with, or (None, None) when it has none: the
+    Normalize step of a torchvision Compose, or an HF image processor's image_mean / image_std
+    (the processor itself, a full processor holding one, or ``models.HFImageTransform``)."""
     for t in getattr(preprocess, "transforms", []):
         if type(t).__name__ == "Normalize":
             return tuple(t.mean), tuple(t.std)
+    hf = getattr(preprocess, "processor", preprocess)
+    hf = getattr(hf, "image_processor", hf)
+    if getattr(hf, "do_normalize", False) and getattr(hf, "image_mean", None) is not None:
+        return tuple(np.broadcast_to(hf.image_mean, 3).tolist()), tuple(np.broadcast_to(hf.image_std, 3).tolist())
     return None, None
 
 
 def display_images(pixels: torch.Tensor, preprocess: Any = None) -> list[np.ndarray]:
     """(B, 3, H, W) model inputs -> B (H, W, 3) uint8 images as the model saw them, undoing
-    ``preprocess``'s normalisation (a min-max stretch when it has none)."""
+    ``preprocess``'s normalisation (a min-max stretch, with a warning, when it names none)."""
     mean, std = normalisation_of(preprocess)
+    if preprocess is not None and mean is None:
+        warnings.warn(f"found no normalisation in {type(preprocess).__name__}; the images are shown "
+                      "min-max stretched, so their colours are approximate", stacklevel=2)
     return [display_image(p, mean, std) for p in pixels]
 
 
@@ -63,12 +73,29 @@ def group_borders(labels: np.ndarray) -> np.ndarray:
 
 def pixel_labels(patch_groups: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(gh, gw) group id per patch -> (H, W) group id per pixel, for an image of ``shape``
-    (H, W) that is a whole number of patches."""
+    (H, W) that is a whole number of grid cells in each direction."""
     gh, gw = patch_groups.shape
     H, W = shape
     if H % gh or W % gw:
-        raise ValueError(f"image {H}x{W} is not a whole number of {gh}x{gw} patches")
+        raise ValueError(f"image {H}x{W} does not divide into the {gh}x{gw} patch grid")
     return np.kron(patch_groups, np.ones((H // gh, W // gw), dtype=patch_groups.dtype))
+
+
+def fit_to_grid(image: np.ndarray, grid: tuple[int, int], patch: tuple[int, int]) -> np.ndarray:
+    """The (gh*ph, gw*pw, 3) picture a grid of ``patch``-pixel patches covers, from the model's
+    input ``image`` (H, W, 3): up to a patch more is cropped at the bottom / right (the
+    embedding never sees it), up to a patch less is padded there in grey (timm's dynamic
+    padding). Any other size is not this model's input, and is refused rather than stretched."""
+    (gh, gw), (ph, pw) = grid, patch
+    H, W = gh * ph, gw * pw
+    h, w = image.shape[:2]
+    if not (H - ph < h < H + ph and W - pw < w < W + pw):
+        raise ValueError(
+            f"image {h}x{w} is not the input of a {gh}x{gw} grid of {ph}x{pw}-pixel patches ({H}x{W}); "
+            "draw the pixels the model ran on (viz.display_images(pixels, preprocess))")
+    out = np.full((H, W, image.shape[2]), 128, dtype=image.dtype)
+    out[:min(h, H), :min(w, W)] = image[:H, :W]
+    return out
 
 
 def group_sizes(patch_groups: np.ndarray) -> np.ndarray:
@@ -113,12 +140,24 @@ def size_map(patch_groups: np.ndarray, shape: tuple[int, int], cmap: str = "viri
     return out
 
 
-def render_map(image: np.ndarray, patch_groups: np.ndarray, style: str = "mean") -> np.ndarray:
+def render_map(image: np.ndarray, patch_groups: np.ndarray, style: str = "mean",
+               patch: Optional[tuple[int, int]] = None) -> np.ndarray:
     """(H, W, 3) uint8 merge map in one of ``MAP_STYLES``: "mean" (mean colour per group) or
-    "size" (colour by group size)."""
+    "size" (colour by group size). With ``patch`` (pixels per patch, ``EncoderResult.patch_size``)
+    the image is first fitted to the grid the model saw (``fit_to_grid``); without it the image
+    must divide into the grid (any scale, e.g. Qwen's unit grids)."""
     if style not in MAP_STYLES:
         raise ValueError(f"unknown map style {style!r}; choose one of {', '.join(MAP_STYLES)}")
+    if patch is not None:
+        image = fit_to_grid(image, patch_groups.shape, patch)
     return merge_map(image, patch_groups) if style == "mean" else size_map(patch_groups, image.shape[:2])
+
+
+def tokens_title(result: EncoderResult, b: int, layer: int) -> str:
+    """Image b's token count at a layer as a map title; a protected CLS token, which covers no
+    patch of the map, is named."""
+    n = int(result.counts[b, layer])
+    return f"{n} tokens" + (f" ({n - result.protected} + CLS)" if result.protected else "")
 
 
 def layer_index(result: EncoderResult, layer: int) -> int:
@@ -148,8 +187,8 @@ def plot_merge_map(image: np.ndarray, result: EncoderResult, b: int = 0, layer: 
     its token count there. image: (H, W, 3) uint8, as the model saw it."""
     ax = new_axes(ax, (3.0, 3.2))
     groups = result.patch_groups(layer)[b].cpu().numpy()
-    ax.imshow(render_map(image, groups, style))
-    ax.set_title(f"after layer {layer_index(result, layer)}: {int(result.counts[b, layer])} tokens", fontsize=9)
+    ax.imshow(render_map(image, groups, style, result.patch_size))
+    ax.set_title(f"after layer {layer_index(result, layer)}: {tokens_title(result, b, layer)}", fontsize=9)
     ax.set_axis_off()
     return ax
 
@@ -390,13 +429,14 @@ def threshold_curve(thresholds: ThresholdsLike) -> np.ndarray:
 
 def plot_thresholds(thresholds: Union[ThresholdsLike, Mapping[str, ThresholdsLike]], ax: Optional[Axes] = None) -> Axes:
     """Threshold profile: tau per block, one line per calibration (pass a dict name ->
-    thresholds to overlay several). Blocks that never merge are gaps."""
+    thresholds to overlay several). Blocks that never merge are gaps. Blocks count from 1, so
+    tau at x = k decides the drop to the count plotted at x = k by the count plots."""
     named = dict(thresholds) if isinstance(thresholds, Mapping) else {"thresholds": thresholds}
     ax = new_axes(ax)
     for name, th in named.items():
         values = threshold_curve(th)
         off = int(np.isnan(values).sum())
-        ax.plot(np.arange(len(values)), values, marker="o", ms=3,
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3,
                 label=name + (f" ({off} blocks never merge)" if off else ""))
     ax.set_xlabel("block")
     ax.set_ylabel("τ (cosine similarity)")
@@ -546,6 +586,8 @@ def plot_token_extremes(counts: Sequence[float], images: Sequence[Any], names: O
     """The distribution of per-sample token counts, and the samples with the fewest, the median
     and the most tokens as thumbnails (the paper's Fig. 7 style)."""
     counts = np.asarray(counts, dtype=float)
+    if not counts.size:
+        raise ValueError("no token counts: the image set is empty")
     names = image_names(names, len(counts))
     order = np.argsort(counts, kind="stable")
     picks = {"fewest": order[0], "median": order[len(order) // 2], "most": order[-1]}

@@ -99,8 +99,14 @@ class MergeExplorer(w.VBox):
         tau everywhere when overridden. The base schedule still decides which layers may merge;
         layers with tau = inf stay off."""
         s = self.scale.value
-        values = [self.tau.value] * self.base.layers if self.override.value else \
-            [1 - s * (1 - v) if np.isfinite(v) else v for v in self.base.values]
+
+        def value(tau: float) -> float:
+            if not np.isfinite(tau):  # off in the base schedule: stays off
+                return tau
+            if self.override.value:
+                return self.tau.value
+            return 1 - s * (1 - tau) if s > 0 else np.inf  # identical tokens score 1 + ulp > 1
+        values = [value(tau) for tau in self.base.values]
         return Thresholds(values, self.base.r, model=self.base.model, schedule=self.base.schedule,
                           r_total=self.base.r_total)
 
@@ -121,7 +127,7 @@ class MergeExplorer(w.VBox):
         layer, counts = self.layer.value, count_matrix(self.result)[0]
         groups = self.result.patch_groups(layer)[0].cpu().numpy()
         scale = max(1, -(-self.width_px // self.shown.shape[0]))
-        self.map.value = png_bytes(render_map(self.shown, groups, self.style.value), scale)
+        self.map.value = png_bytes(render_map(self.shown, groups, self.style.value, self.result.patch_size), scale)
         self.curve.value = figure_png(self.curve_figure(counts, layer))
         self.latency["draw"] = time.perf_counter() - start
         self.info.value = (
@@ -183,7 +189,7 @@ class ThresholdExplorer(w.VBox):
         self.thresholds: Optional[Thresholds] = None
         self.counts: dict[str, np.ndarray] = {}
         state = encoder_state(model)
-        n_patches, self.protected = n_patches_of(state), state.adapter.protected  # target line: K + CLS
+        n_patches, self.protected = n_patches_of(state, self.calibration), state.adapter.protected  # target line: K + CLS
         self.target = w.IntSlider(value=min(target, n_patches), min=1, max=n_patches, description="K (Kout)",
                                   continuous_update=False)
         self.schedule = w.Dropdown(options=list(SCHEDULES), value=schedule, description="schedule")
@@ -234,7 +240,8 @@ class ThresholdExplorer(w.VBox):
         self.latency["draw"] = time.perf_counter() - start
         summary = "; ".join(f"{kind}: {c[:, -1].mean():.1f} ± {c[:, -1].std():.1f} tokens" for kind, c in self.counts.items())
         timing = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in self.latency.items())
-        self.info.value = f"<b>{self.label()}</b> ({self.target.value} tokens targeted): {summary} " \
+        targeted = f"{self.target.value} tokens" + (" + CLS" if self.protected else "")
+        self.info.value = f"<b>{self.label()}</b> ({targeted} targeted): {summary} " \
                           f"<span style='color:gray'>({timing})</span>"
 
     def pin_current(self) -> None:

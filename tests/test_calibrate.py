@@ -240,6 +240,42 @@ def test_exif_rotation_is_applied(tmp_path):
     assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
 
 
+def test_an_encoder_of_any_size_calibrates_at_the_size_of_its_batches():
+    """timm's dynamic_img_size takes any size, so "Kout" is counted on the batches' own grid;
+    batches of different sizes would need different merges and are refused."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from dymu_viz.calibrate import encoder_state, n_patches_of
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, num_classes=0,
+                              dynamic_img_size=True).eval()
+    small = find_thresholds(model, [torch.randn(4, 3, 48, 48)], target="3out")  # 3 x 3 patches
+    large = find_thresholds(model, [torch.randn(4, 3, 96, 96)], target="3out")  # 6 x 6 patches
+    assert (small.r_total, large.r_total) == (9 - 3, 36 - 3)
+    with pytest.raises(ValueError, match=r"batch 1 has \(96, 96\) images, batch 0 \(48, 48\)"):
+        find_thresholds(model, [torch.randn(2, 3, 48, 48), torch.randn(2, 3, 96, 96)], target="3out")
+    with pytest.raises(ValueError, match="takes images of any size"):
+        n_patches_of(encoder_state(model))
+    with pytest.raises(ValueError, match="got no images"):
+        find_thresholds(model, [], target="3out")
+
+
+def test_float_and_transparent_colour_images_load_as_they_look(tmp_path):
+    """A float image in 0..1 is not read as 0..1 of 255 (black), and a PNG whose transparency
+    is one colour (tRNS, no alpha channel) is composited on white like an alpha channel."""
+    from dymu_viz.dataset import load_rgb
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(8, 0)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "float.tif")
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "float.tif"))[..., 0], np.round(ramp * 255))
+    Image.fromarray(ramp * 255, mode="F").save(tmp_path / "float255.tif")  # float in 0..255 stays as it is
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "float255.tif"))[..., 0], np.round(ramp * 255))
+    image = Image.new("RGB", (4, 4), (0, 0, 0))
+    image.putpixel((0, 0), (10, 20, 30))
+    image.save(tmp_path / "trns.png", transparency=(0, 0, 0))
+    pixels = np.asarray(load_rgb(tmp_path / "trns.png"))
+    assert pixels[0, 0].tolist() == [10, 20, 30] and (pixels.reshape(-1, 3)[1:] == 255).all()
+
+
 @pytest.mark.floor
 def test_torchrun_two_processes_equal_one(tiny_model_dir, image_set, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -88,8 +89,19 @@ def test_wrong_image_size_mentions_the_expected_size(factory, size) -> None:
 
 def test_wrong_pixel_rank() -> None:
     model = dymu_viz.patch(make_hf_clip(), thresholds=0.5)
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got \(3, 56, 56\)"):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\) with B >= 1, got \(3, 56, 56\)"):
         dymu_viz.encode(model, torch.zeros(3, 56, 56))
+    with pytest.raises(ValueError, match=r"with B >= 1, got \(0, 3, 56, 56\)"):  # an empty batch
+        dymu_viz.encode(model, torch.zeros(0, 3, 56, 56))
+
+
+def test_an_empty_image_set_has_no_counts_to_show() -> None:
+    from dymu_viz import stats, viz
+    for empty in ([], np.zeros((0, 4), int)):
+        with pytest.raises(ValueError, match="no token counts: the image set is empty"):
+            stats.count_matrix(empty)
+    with pytest.raises(ValueError, match="the image set is empty"):
+        viz.plot_token_extremes([], [])
 
 
 @pytest.mark.parametrize("factory, size", [(make_hf_siglip, 56), (make_timm_map, 64)], ids=["hf_siglip", "timm_map"])

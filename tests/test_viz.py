@@ -13,7 +13,7 @@ from matplotlib import colormaps
 
 import dymu_viz
 from dymu_viz import stats, viz
-from tiny_models import make_open_clip
+from tiny_models import make_hf_clip, make_open_clip
 
 P = 8  # pixels per patch in the hand-made maps
 GROUPS = np.array([[0, 0, 1, 1],
@@ -67,8 +67,10 @@ def test_size_map_colours_every_patch_by_its_group_size() -> None:
 
 
 def test_bad_map_inputs_are_named() -> None:
-    with pytest.raises(ValueError, match="not a whole number"):
+    with pytest.raises(ValueError, match="does not divide into the 4x4 patch grid"):
         viz.merge_map(np.zeros((30, 32, 3), np.uint8), GROUPS)
+    with pytest.raises(ValueError, match=r"not the input of a 4x4 grid of 16x16-pixel patches \(64x64\)"):
+        viz.render_map(np.zeros((400, 600, 3), np.uint8), GROUPS, patch=(16, 16))  # a raw photo, not the model input
     with pytest.raises(ValueError, match="unknown map style"):
         viz.render_map(np.zeros((32, 32, 3), np.uint8), GROUPS, "fancy")
 
@@ -102,7 +104,7 @@ def test_merge_maps_show_each_layers_groups_and_counts(encoded) -> None:
             assert_merge_map(shown, image, groups, 16)
             n = int(result.counts[b, layer])
             assert n == len(np.unique(groups)) + result.protected  # every token is a group (+ CLS)
-            assert axes[b, j].get_title() == f"after layer {viz.layer_index(result, layer)}: {n} tokens"
+            assert axes[b, j].get_title() == f"after layer {viz.layer_index(result, layer)}: {n} tokens ({n - 1} + CLS)"
 
 
 def test_merge_maps_rows_pick_images_of_a_batch(encoded) -> None:
@@ -110,6 +112,62 @@ def test_merge_maps_rows_pick_images_of_a_batch(encoded) -> None:
     fig = viz.plot_merge_maps([images[2]], result, [names[2]], style="size", rows=[2])
     groups = result.patch_groups(-1)[2].numpy()
     np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), viz.size_map(groups, images[2].shape[:2]))
+
+
+def dynamic_pad_timm() -> torch.nn.Module:
+    """A tiny timm ViT that pads images which are not whole 16-px patches (dynamic_img_pad)."""
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4, global_pool="token",
+                             num_classes=0, dynamic_img_size=True, dynamic_img_pad=True).eval()
+
+
+@pytest.mark.parametrize("family, size, grid", [("hf_clip", (60, 90), (4, 6)), ("timm_pad", (70, 70), (5, 5))])
+def test_maps_of_inputs_that_are_not_whole_patches_draw_the_grid_the_model_saw(family, size, grid) -> None:
+    """HF's interpolated positions floor (the conv never sees the last pixels), timm's dynamic
+    padding pads: either way every patch is drawn patch_size pixels wide where it lies in the
+    input, never stretched over the whole picture."""
+    torch.manual_seed(0)
+    model, kwargs = (make_hf_clip(), {"interpolate_pos_encoding": True}) if family == "hf_clip" else (dynamic_pad_timm(), {})
+    pixels = torch.randn(1, 3, *size)
+    dymu_viz.patch(model, 0.0)
+    with torch.no_grad():
+        result = dymu_viz.encode(model, pixels, **kwargs)
+    (gh, gw), (p, _) = result.grid, result.patch_size
+    assert result.grid == grid and result.patch_size == (p, p)
+    groups = result.patch_groups()[0].numpy()
+    assert len(np.unique(groups)) < gh * gw  # it merged
+    shown = viz.display_images(pixels)[0]
+    out = np.asarray(viz.plot_merge_maps([shown], result).axes[1].images[0].get_array())
+    assert out.shape == (gh * p, gw * p, 3)
+    seen = np.full_like(out, 128)  # what the patches cover: the input cropped, or padded grey
+    h, w = min(size[0], gh * p), min(size[1], gw * p)
+    seen[:h, :w] = shown[:h, :w]
+    assert_merge_map(out, seen, groups, p)
+
+
+def test_an_hf_processors_normalisation_is_undone_for_display(tmp_path) -> None:
+    """HF weights come with an image processor, not a torchvision Normalize: its mean / std are
+    read, so a flat colour is shown as itself (not min-max stretched to a colour cast)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    make_hf_clip().save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(tmp_path)
+    transform = dymu_viz.load_encoder(str(tmp_path)).preprocess  # as for a user's HF weights
+    processor = transform.processor
+    colour = (128, 64, 200)
+    pixels = transform(Image.new("RGB", (300, 240), colour))[None]
+    assert pixels.shape == (1, 3, 56, 56)
+    shown = viz.display_images(pixels, transform)[0]
+    assert np.abs(shown.astype(int) - colour).max() <= 1
+    normalisation = (tuple(processor.image_mean), tuple(processor.image_std))
+    assert viz.normalisation_of(transform) == viz.normalisation_of(SimpleNamespace(image_processor=processor)) \
+        == normalisation
+    assert normalisation[0] != viz.normalisation_of(CLIPImageProcessor(image_mean=0.5, image_std=0.5))[0]
+    with pytest.warns(UserWarning, match="no normalisation"):
+        viz.display_images(transform(Image.new("RGB", (224, 224), colour))[None], lambda image: image)
 
 
 def test_token_count_bars_are_the_results_counts(encoded) -> None:
@@ -203,7 +261,7 @@ def test_threshold_profile_lines_are_the_values_with_gaps_where_blocks_never_mer
     np.testing.assert_array_equal(ax.lines[1].get_ydata(), [0.99, np.nan, 0.7, 0.75])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (1 blocks never merge)", "b (1 blocks never merge)"]
     single = viz.plot_thresholds(a)
-    np.testing.assert_array_equal(single.lines[0].get_xdata(), np.arange(4))
+    np.testing.assert_array_equal(single.lines[0].get_xdata(), [1, 2, 3, 4])  # block k: the count after it
 
 
 def test_physical_virtual_bars_and_accounting(encoded) -> None:
@@ -219,6 +277,16 @@ def test_physical_virtual_bars_and_accounting(encoded) -> None:
     virtual, physical = ax.containers
     np.testing.assert_array_equal([b.get_width() for b in physical], acc["physical"])
     np.testing.assert_array_equal([b.get_width() for b in virtual], acc["virtual"])
+
+
+def test_padding_costs_only_attention_at_the_longest_length() -> None:
+    """Norms, projections and MLPs run on valid tokens only; attention runs every image of a
+    padded batch at the longest length, and that is the whole overhead."""
+    counts, width, hidden = torch.tensor([[10, 6, 4], [10, 10, 8]]), 8, 32
+    valid = sum(stats.encoder_flops(row, width, hidden) for row in counts.tolist())
+    extra = 2 * 2 * (10 ** 2 - 6 ** 2) * width  # block 1: image 0 attends at 10 tokens, not 6
+    assert stats.padded_flop_overhead(counts, width, hidden) == pytest.approx(extra / valid)
+    assert stats.padded_flop_overhead(counts[:1], width, hidden) == 0
 
 
 def test_count_table_lists_every_image_and_the_mean(encoded) -> None:

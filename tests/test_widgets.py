@@ -70,8 +70,8 @@ def test_shows_the_merge_map_and_count_of_a_fresh_encode(explorer, model, photos
 
 def test_threshold_scale_re_encodes_and_changes_count_and_picture(explorer, model) -> None:
     before_count, before_png = shown_count(explorer), explorer.map.value
-    explorer.scale.value = 0.0  # tau' = 1 - 0 * (1 - tau) = 1: nothing can beat it
-    assert model.dymu.thresholds == [1.0] * 3
+    explorer.scale.value = 0.0  # merges nothing: inf, not 1 - 0 * (1 - tau) = 1, which identical tokens beat
+    assert model.dymu.thresholds == [np.inf] * 3
     assert shown_count(explorer) == 17 != before_count and explorer.map.value != before_png
     explorer.scale.value = 1.5
     assert model.dymu.thresholds == pytest.approx([1 - 1.5 * 0.3] * 3)
@@ -97,6 +97,17 @@ def test_override_uses_one_tau_everywhere(explorer, model, photos) -> None:
     assert model.dymu.thresholds == [0.5] * 3
     reference = encode_alone(model, photos["astronaut"], [0.5] * 3)
     assert torch.equal(explorer.result.counts, reference.counts)
+
+
+def test_layers_off_in_the_base_schedule_stay_off_under_every_control(model, photos) -> None:
+    base = dymu_viz.Thresholds([0.7, np.inf, 0.7], [1, 0, 1])
+    explorer = widgets.MergeExplorer(model, PREPROCESS, base, photos)
+    explorer.scale.value = 1.5
+    assert model.dymu.thresholds == pytest.approx([0.55, np.inf, 0.55])
+    explorer.override.value = True
+    explorer.tau.value = 0.5
+    assert model.dymu.thresholds == [0.5, np.inf, 0.5]
+    assert explorer.result.counts[0, 2] == explorer.result.counts[0, 1]  # block 2 merged nothing
 
 
 def upload(name: str, content: bytes) -> dict:

@@ -85,9 +85,9 @@ class EncoderAdapter:
         return len(self.blocks)
 
     def check_pixels(self, pixels: Tensor, resize_ok: bool = False) -> None:
-        if not isinstance(pixels, Tensor) or pixels.dim() != 4:
+        if not isinstance(pixels, Tensor) or pixels.dim() != 4 or not pixels.shape[0]:
             got = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
-            raise ValueError(f"{self.family} encoder expects pixels of shape (B, 3, H, W), got {got}")
+            raise ValueError(f"{self.family} encoder expects pixels of shape (B, C, H, W) with B >= 1, got {got}")
         expected = self.expected_size()
         if expected is not None and not resize_ok and tuple(pixels.shape[-2:]) != tuple(expected):
             raise ValueError(
@@ -111,4 +111,5 @@ class EncoderAdapter:
         result = run_blocks(x, parts if run_all else parts[:blocks], config, self.protected, grid,
                             output_hidden_states)
         result.pooled = self.pool(result) if run_all else None
+        result.patch_size = tuple(self.patch_size())
         return result
