@@ -77,7 +77,9 @@ def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpo
         assert counts["output_tokens"] == r["output_tokens"] <= r["generated_tokens"]
         assert r["batch_peak_mib"] is None  # CUDA only
         assert r["prefill_flops"] > 0 and min(r[f"batch_{s}_s"] for s in ("vision", "prefill", "decode")) > 0
-        assert r["vision_flops"] > 0 if family in TOWER_FAMILIES else r["vision_flops"] is None  # Qwen: vanilla tower
+        assert r["images"] == 1
+        # the tower's FLOPs: measured DToMe counts (LLaVA) or Qwen's vanilla tower; InternVL's rounds count none
+        assert r["vision_flops"] is None if family == "internvl" else r["vision_flops"] > 0
     assert any(r["image_tokens"] < r["image_positions"] for r in records)  # DToMe merged something
     assert len({r["image_tokens"] for r in records}) > 1  # and how much depends on the image
     summary = summary_of_results(results)  # what the run reported, against numpy on the logged values
@@ -88,6 +90,7 @@ def test_cli_logs_the_accounting_of_every_sample_and_its_summary(family, checkpo
     assert all(summary[key] == pytest.approx(stats) for key, stats in summarize(records).items())
     row, = run_rows({"dymu": tmp_path})  # the notebook's table
     assert row["accuracy"] == results["results"]["dymu_photos"]["accuracy,none"]
+    assert ("gflops" in row) == (family != "internvl")  # no vision FLOPs: no total
     assert row["image_tokens"] == pytest.approx(summary["image_tokens"]["mean"]) and row["seconds"] > 0
 
 
@@ -326,3 +329,135 @@ def test_dymu_photos_yes_no_reads_the_first_word(response, right):
 
     doc = next(d for d in task_docs() if d["kind"] == "yes_no" and d["answer"].lower() == "yes")
     assert process_results(doc, [response]) == {"accuracy": float(right)}
+
+
+# ---------------------------------------------------------------- budgets and requests, called directly
+
+
+def requests(model, docs: list[dict], gen_kwargs: dict, kind: str = "generate_until") -> list:
+    """lmms-eval requests over ``docs`` (each: a question and its pictures), as its evaluator
+    builds them, with the docs set as the model's task."""
+    from lmms_eval.api.instance import Instance
+
+    model.task_dict = {"t": {"test": docs}}
+    return [Instance(kind, (d["question"], dict(gen_kwargs), lambda doc: doc["images"], i, "t", "test"), i,
+                     metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+
+
+def logged_tokens(model, docs: list[dict]) -> list[int]:
+    return [r.token_counts.dymu["image_tokens"] for r in model.generate_until(requests(model, docs, {"max_new_tokens": 1}))]
+
+
+def test_a_budget_measured_through_the_harness_processor_is_what_the_harness_logs(checkpoints):
+    """Qwen's grids follow the picture size, and an lmms-eval run resizes pictures first (as
+    qwen_vl_utils does) within its own pixel bounds: a budget matched through
+    ``HarnessProcessor`` holds in the run, pictures of very different sizes included, where
+    the plain processor measures other grids."""
+    from dymu_viz.data import sample_photos
+    from dymu_viz.eval import HarnessProcessor
+    from dymu_viz.vlm.baselines import image_token_counts, match_budget
+
+    photos = sample_photos(["astronaut", "chelsea", "rocket"])
+    pictures = [photos["astronaut"], photos["chelsea"].resize((300, 200)), photos["rocket"].resize((900, 300))]
+    docs = [{"question": "What is it?", "images": [p]} for p in pictures]
+    cls = harness_class("qwen2_vl")
+    dymu = cls(pretrained=str(checkpoints["qwen2_vl"]), thresholds=MERGING["qwen2_vl"], batch_size=3)
+    per_sample = logged_tokens(dymu, docs)
+    target = sum(per_sample) / len(per_sample)
+    measuring = HarnessProcessor(dymu.model, dymu.processor)
+    assert image_token_counts(dymu.model, measuring, pictures) == per_sample
+    assert image_token_counts(dymu.model, dymu.processor, pictures) != per_sample  # the premise: sizes differ
+    for kind in ("pool", "tome"):
+        baseline = match_budget(dymu.model, measuring, pictures, target, kind)
+        run = cls(pretrained=str(checkpoints["qwen2_vl"]), batch_size=3, **dict([baseline_arg(baseline).split("=")]))
+        assert sum(logged_tokens(run, docs)) / len(docs) == baseline.measured
+
+
+def test_a_budget_per_sample_of_several_images_is_matched_per_sample(checkpoints):
+    """A task with two pictures per question: samples given as lists are measured together, as
+    one prompt, so the matched baseline's logged tokens per sample meet DyMU's per sample."""
+    from dymu_viz.data import sample_photos
+    from dymu_viz.eval import HarnessProcessor
+    from dymu_viz.vlm.baselines import match_budget, mean_image_tokens
+
+    photos = list(sample_photos().values())
+    samples = [[photos[i], photos[i + 1]] for i in range(0, 6, 2)]
+    docs = [{"question": "Compare them.", "images": s} for s in samples]
+    cls = harness_class("llava")
+    dymu = cls(pretrained=str(checkpoints["llava"]), thresholds=TAU, batch_size=2)
+    per_sample = logged_tokens(dymu, docs)
+    measuring = HarnessProcessor(dymu.model, dymu.processor)
+    assert mean_image_tokens(dymu.model, measuring, samples) == sum(per_sample) / len(docs)
+    baseline = match_budget(dymu.model, measuring, samples, sum(per_sample) / len(docs), "pool")
+    pooled = cls(pretrained=str(checkpoints["llava"]), pool=f"{baseline.rows}x{baseline.cols}", batch_size=2)
+    records = [r.token_counts.dymu for r in pooled.generate_until(requests(pooled, docs, {"max_new_tokens": 1}))]
+    assert all(r["images"] == 2 for r in records)
+    assert sum(r["image_tokens"] for r in records) / len(docs) == baseline.measured == 2 * baseline.rows * baseline.cols
+
+
+def test_answers_are_cut_at_until_only_when_asked_and_qwen_answers_128_tokens_by_default(checkpoints, monkeypatch):
+    """lmms-eval's chat models (which the harness follows) never cut at a task's ``until`` and
+    Qwen's answer up to 128 new tokens when the task sets none; ``stop_at_until=true`` cuts."""
+    from dymu_viz.data import sample_photos
+    from dymu_viz.eval import harness
+
+    asked = []
+
+    def generate(model, **kwargs):  # what the harness asks for, shortened to keep the test quick
+        asked.append(kwargs["max_new_tokens"])
+        return original(model, **{**kwargs, "max_new_tokens": 6})
+    original = harness.vlm.generate
+    monkeypatch.setattr(harness.vlm, "generate", generate)
+    docs = [{"question": "What is it?", "images": [sample_photos(["coffee"])["coffee"]]}]
+    cls = harness_class("qwen2_vl")
+    model = cls(pretrained=str(checkpoints["qwen2_vl"]), mode="full")
+    answer = model.generate_until(requests(model, docs, {}))[0].text
+    assert asked == [128] and len(answer.split()) > 2
+    stop = " " + answer.split()[1]
+    assert model.generate_until(requests(model, docs, {"until": [stop]}))[0].text == answer
+    cutting = cls(pretrained=str(checkpoints["qwen2_vl"]), mode="full", stop_at_until="true")
+    assert cutting.generate_until(requests(cutting, docs, {"until": [stop]}))[0].text == answer.split(stop)[0]
+
+
+def test_text_only_loglikelihood_and_unsupported_requests(checkpoints):
+    """A question without a picture is scored like the others; a request kind the harness does
+    not answer ends an lmms-eval run with a non-zero status instead of an empty result."""
+    from dymu_viz.eval.harness import EvaluationFailed
+
+    model = harness_class("llava")(pretrained=str(checkpoints["llava"]), thresholds=TAU)
+    model.task_dict = {"t": {"test": [{"images": None}]}}
+    (logprob, _), = model.loglikelihood([_Request("Say yes.", " yes", lambda doc: doc["images"], 0, "t", "test")])
+    assert np.isfinite(logprob) and logprob < 0
+    model.exits_on_error = True  # as lmms-eval builds it
+    for method in (model.generate_until_multi_round, model.generate_visual_cot):
+        with pytest.raises(EvaluationFailed, match="answers single-round tasks only"):
+            method([])
+
+
+def test_results_are_read_per_task_with_lmms_evals_aggregated_metric(tmp_path):
+    """A run of several tasks: samples and rows are read for the task named; the metric is the
+    one lmms-eval aggregated (pope-style per-sample dicts are not averaged); a summary that
+    misses samples (answers served by --use_cache) is refused."""
+    import json
+
+    record = {"image_tokens": 90, "vision_flops": 1e9, "prefill_flops": 1e9, "decode_flops": 0.0, "batch_vision_s": 0.1,
+              "batch_prefill_s": 0.1, "batch_decode_s": 0.1, "batch_size": 1}
+    for task in ("pope", "mme"):
+        lines = [json.dumps({"doc_id": i, "token_counts": [{"dymu": record}], f"{task}_score": {"score": 1.0}})
+                 for i in range(2)]
+        (tmp_path / f"x_samples_{task}.jsonl").write_text("\n".join(lines))
+    results = {"results": {"pope": {"pope_score,none": 0.75, "pope_score_stderr,none": 0.1}, "mme": {"mme_score,none": 0.5}},
+               "n-samples": {"pope": {"effective": 2}, "mme": {"effective": 2}},
+               "throughput": {f"avg_dymu_{k}_{s}": 1.0 for k in SUMMARY_KEYS for s in ("mean", "std", "min", "median", "max")}}
+    (tmp_path / "x_results.json").write_text(json.dumps({**results, "throughput": {**results["throughput"],
+                                                                                   "avg_dymu_samples": 4}}))
+    with pytest.raises(ValueError, match="holds 2 logged-sample files; name the task"):
+        load_samples(tmp_path)
+    assert len(load_samples(tmp_path, "mme")) == 2
+    row, = run_rows({"DyMU": tmp_path}, "pope_score", task="pope")
+    assert row["pope_score"] == 0.75 and row["gflops"] == 2.0 and row["samples"] == 2
+    with pytest.raises(ValueError, match="task pope reports no metric 'accuracy'; it reports pope_score"):
+        run_rows({"DyMU": tmp_path}, "accuracy", task="pope")
+    assert summary_of_results(load_results(tmp_path))["image_tokens"]["mean"] == 1.0
+    with pytest.raises(ValueError, match="covers 2 of the run's 4 samples: answers served by --use_cache"):
+        summary_of_results({**results, "throughput": {**results["throughput"], "avg_dymu_samples": 2}})

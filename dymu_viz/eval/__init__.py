@@ -35,6 +35,36 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Per-sample numbers the summary describes (keys of a logged sample's token_counts[0]["dymu"]).
 SUMMARY_KEYS = ("image_tokens", "llm_compact_length", "llm_virtual_length", "kv_cache_entries")
 STATISTICS = ("mean", "std", "min", "median", "max")
+MIN_PIXELS, MAX_PIXELS = 256 * 28 * 28, 1605632  # lmms-eval's Qwen models' picture bounds (model arguments)
+
+
+class HarnessProcessor:
+    """``processor`` as a ``dymu_*`` lmms-eval model calls it: each prompt's pictures prepared as
+    lmms-eval's own model of the family prepares them (``VLMFamily.lmms_pictures``), with its
+    processor options (``VLMFamily.lmms_processor_options`` from ``min_pixels`` / ``max_pixels``,
+    as in ``--model_args``); everything else is the processor's own. Measure budgets with it
+    (``vlm.baselines.match_budget(model, HarnessProcessor(model, processor), ...)``) to see each
+    picture at the size an lmms-eval run gives it: Qwen's grids follow the picture size."""
+
+    def __init__(self, model: Any, processor: Any, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
+        from ..vlm.family import family_of
+
+        self.model, self.processor, self.family = model, processor, family_of(model)
+        self.options = self.family.lmms_processor_options(int(min_pixels), int(max_pixels))
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
+        if images is not None:  # nested per prompt (as dymu_viz passes them) or one flat list
+            nested = all(isinstance(per, (list, tuple)) for per in images)
+            images = [self.family.lmms_pictures(self.model, list(per)) for per in images] if nested \
+                else self.family.lmms_pictures(self.model, list(images))
+        return self.processor(images=images, text=text, **{**self.options, **kwargs})
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "processor":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+
 def models() -> dict[str, str]:
     """lmms-eval model name -> its class in ``harness``: one per VLM family with an lmms_name."""
     from ..vlm.family import FAMILIES
@@ -78,16 +108,17 @@ def summary_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def load_samples(path: Union[str, Path]) -> list[dict[str, Any]]:
-    """The logged samples of one lmms-eval run (a ``*_samples_<task>.jsonl`` file, or a folder
-    searched for exactly one), each with ``dymu`` = its DyMU record (None when the model
-    reported none)."""
+def load_samples(path: Union[str, Path], task: Optional[str] = None) -> list[dict[str, Any]]:
+    """The logged samples of one task of an lmms-eval run (a ``*_samples_<task>.jsonl`` file, or a
+    folder searched for ``task``'s, or for its only one), each with ``dymu`` = its DyMU record
+    (None when the model reported none)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.rglob("*_samples_*.jsonl"))
+        files = sorted(path.rglob(f"*_samples_{task or '*'}.jsonl"))
         if len(files) != 1:
-            raise ValueError(f"{path} holds {len(files)} logged-sample files; name one of them: "
-                             + ", ".join(f.name for f in files))
+            found = ", ".join(f.name for f in sorted(path.rglob("*_samples_*.jsonl"))) or "none"
+            raise ValueError(f"{path} holds {len(files)} logged-sample files" + (f" of task {task}" if task else "")
+                             + f"; name the task (task=...) or a file. Found: {found}")
         path = files[0]
     samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for sample in samples:
@@ -108,12 +139,20 @@ def load_results(path: Union[str, Path]) -> dict[str, Any]:
 
 
 def summary_of_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """The DyMU summary a run's results JSON carries (lmms-eval prefixes throughput keys "avg_")."""
+    """The DyMU summary a run's results JSON carries (lmms-eval prefixes throughput keys "avg_"),
+    refused unless it covers every sample of the run (responses that ``--use_cache`` served from
+    an earlier run were not generated again and carry no DyMU record)."""
     throughput = results.get("throughput", {})
     summary = {key: {stat: throughput.get(f"avg_dymu_{key}_{stat}") for stat in STATISTICS} for key in SUMMARY_KEYS}
     missing = [key for key, stats in summary.items() if None in stats.values()]
     if missing:
-        raise ValueError(f"the results carry no DyMU summary for {', '.join(missing)} (was the model dymu_*?)")
+        raise ValueError(f"the results carry no DyMU summary for {', '.join(missing)}: was the model dymu_*, and "
+                         "were the answers generated in this run (not served by --use_cache)?")
+    covered = throughput.get("avg_dymu_samples")
+    logged = sum(n.get("effective", 0) for n in results.get("n-samples", {}).values())
+    if covered is None or covered < logged:
+        raise ValueError(f"the DyMU summary covers {covered or 0} of the run's {logged} samples: answers served by "
+                         "--use_cache, and loglikelihood tasks, carry no DyMU record (run again without the cache)")
     return summary
 
 
@@ -172,22 +211,40 @@ def sample_seconds(record: dict[str, Any]) -> float:
     return sum(record[f"batch_{stage}_s"] for stage in ("vision", "prefill", "decode")) / record["batch_size"]
 
 
-def run_rows(runs: Mapping[str, Union[str, Path]], metric: str = "accuracy") -> list[dict[str, Any]]:
-    """One row per labelled run folder: the task metric's mean over the logged samples, mean ±
-    std image tokens, seconds per sample (its share of the batch), and GFLOPs per sample."""
+def task_metric(results: dict[str, Any], task: str, metric: str) -> float:
+    """A task's aggregated metric from a run's results JSON (as lmms-eval reports it: pope's F1
+    and mme's scores are aggregated from per-sample dicts, not averaged)."""
+    if task not in results.get("results", {}):
+        raise ValueError(f"the results hold no task {task!r}; they hold {', '.join(results.get('results', {}))}")
+    values = results["results"][task]
+    if f"{metric},none" not in values:
+        names = sorted(k.split(",")[0] for k in values if k.endswith(",none") and "_stderr" not in k)
+        raise ValueError(f"task {task} reports no metric {metric!r}; it reports {', '.join(names)}")
+    return float(values[f"{metric},none"])
+
+
+def run_rows(runs: Mapping[str, Union[str, Path]], metric: str = "accuracy",
+             task: Optional[str] = None) -> list[dict[str, Any]]:
+    """One row per labelled run folder, for one task (``task``; needed when a run has several):
+    the task's aggregated metric (``task_metric``), mean ± std image tokens, seconds per sample
+    (its share of the batch) and GFLOPs per sample (vision + LLM; left out when a family's
+    record has no vision FLOPs)."""
     rows = []
     for label, folder in runs.items():
-        samples = load_samples(folder)
+        samples = load_samples(folder, task)
         records = [s["dymu"] for s in samples]
         if None in records:
             raise ValueError(f"{folder}: some samples carry no DyMU record (a dymu_* model's generate_until run "
-                             "logs one per sample; loglikelihood tasks log none)")
+                             "logs one per sample; loglikelihood tasks and answers served by --use_cache log none)")
+        name = task or next(iter(load_results(folder)["results"]))
         tokens = describe(r["image_tokens"] for r in records)
-        flops = [sum(r[k] or 0 for k in ("vision_flops", "prefill_flops", "decode_flops")) for r in records]
-        rows.append({"setting": label, metric: statistics.fmean(s[metric] for s in samples),
-                     "image_tokens": tokens["mean"], "image_tokens_std": tokens["std"],
-                     "seconds": statistics.fmean(sample_seconds(r) for r in records),
-                     "gflops": statistics.fmean(flops) / 1e9, "samples": len(samples)})
+        row = {"setting": label, metric: task_metric(load_results(folder), name, metric),
+               "image_tokens": tokens["mean"], "image_tokens_std": tokens["std"],
+               "seconds": statistics.fmean(sample_seconds(r) for r in records), "samples": len(samples)}
+        if all(r["vision_flops"] is not None for r in records):
+            row["gflops"] = statistics.fmean(sum(r[f"{s}_flops"] for s in ("vision", "prefill", "decode"))
+                                             for r in records) / 1e9
+        rows.append(row)
     return rows
 
 
@@ -198,6 +255,7 @@ def rows_table(rows: Sequence[dict[str, Any]], metric: str = "accuracy", referen
              "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "" if base is None else f"{r['seconds'] / base:.2f}" + (" SLOWER" if r["seconds"] > base else "")
+        gflops = f"{r['gflops']:.2f}" if "gflops" in r else "-"
         lines.append(f"| {r['setting']} | {r[metric]:.3f} | {r['image_tokens']:.1f} ± {r['image_tokens_std']:.1f} | "
-                     f"{r['seconds']:.3f} | {r['gflops']:.2f} | {ratio} |")
+                     f"{r['seconds']:.3f} | {gflops} | {ratio} |")
     return "\n".join(lines)

@@ -18,12 +18,15 @@ Model arguments (``--model_args key=value,...``):
 * ``mode``: ``vtu`` (default), ``compact`` (the paper's w/o VTU) or ``full`` (nothing merged);
   ``kernel`` and ``cache``: as in ``dymu_viz.vlm.patch_vlm``;
 * ``dtype`` (``auto``: bfloat16 on a GPU, float32 on a CPU), ``device``, ``batch_size``,
-  ``chat_template``, ``download`` (default true: a hub id is fetched as lmms-eval's own models do).
+  ``chat_template``, ``download`` (default true: a hub id is fetched as lmms-eval's own models do);
+* ``stop_at_until`` (default false): cut answers at the task's stop sequences, as lmms-eval's
+  simple models do (its chat models, which these follow, do not).
 
 Prompts are the user turn lmms-eval's own (chat) model of the family builds (``llava_hf``,
-``qwen2_5_vl``, ``qwen3_vl``: the family's ``lmms_*`` hooks prepare the pictures as theirs do), through the
-processor's chat template, so ``mode=full`` answers what theirs answers; unlike them, batches of
-any size run (left padded), and stop sequences (``until``) cut the answers.
+``qwen2_5_vl``, ``qwen3_vl``, ``internvl_hf``: the family's ``lmms_*`` hooks prepare the pictures as theirs
+do, ``dymu_viz.eval.HarnessProcessor``), through the processor's chat template, with their default
+``max_new_tokens`` (``VLMFamily.lmms_max_new_tokens``), so ``mode=full`` answers what theirs answers;
+unlike them, batches of any size run (left padded).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from ..vlm.family import FAMILIES, family_named
 from ..vlm.pipeline import images_per_prompt
 from ..vlm.reductions import Pool, RandomPrune, ToMe
 from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
-from . import flat_summary, summarize, summary_table
+from . import MAX_PIXELS, MIN_PIXELS, HarnessProcessor, flat_summary, summarize, summary_table
 
 CALIBRATE_HINT = {"mid": "192out", "high": "384out"}
 
@@ -68,6 +71,14 @@ class DyMUTokenCounts(TokenCounts):
 def _given(value: Any) -> bool:
     """A model argument counts as given unless absent, empty or "none" (any case)."""
     return value is not None and str(value).lower() not in ("", "none")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A true / false model argument."""
+    text = str(value).lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return text in ("true", "1", "yes")
 
 
 def _number(text: str) -> Optional[float]:
@@ -187,10 +198,11 @@ class DyMUModel(lmms):
 
     def __init__(self, pretrained: Optional[str] = None, thresholds: Any = None, tome: Any = None, pool: Any = None,
                  random: Any = None, seed: Any = None, metric: Optional[str] = None, window: Any = None,
-                 temporal: Any = None, min_pixels: Any = 256 * 28 * 28, max_pixels: Any = 1605632, mode: str = "vtu", kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
+                 temporal: Any = None, min_pixels: Any = MIN_PIXELS, max_pixels: Any = MAX_PIXELS, mode: str = "vtu",
+                 kernel: str = "sdpa", cache: str = "decode_fast", dtype: str = "auto",
                  device: Optional[str] = None, batch_size: int = 1, chat_template: Optional[str] = None,
                  download: Any = True, weights: str = "pretrained", vision_layers: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, **unknown: Any) -> None:
+                 stop_at_until: Any = False, max_batch_size: Optional[int] = None, **unknown: Any) -> None:
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ValueError("--batch_size auto is not supported: give a number (DyMU's batches are padded to their "
@@ -202,7 +214,7 @@ class DyMUModel(lmms):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         family = family_named(self.family)
-        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self.stop_at_until = _flag("stop_at_until", stop_at_until)
         setting = parse_setting(self.family, thresholds, tome, pool, random, seed)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
@@ -211,7 +223,7 @@ class DyMUModel(lmms):
         try:
             loaded = vlm.load_vlm(source, "random" if weights == "random" else "pretrained", device,
                                   None if dtype == "auto" else DTYPES[dtype],
-                                  allow_download=str(download).lower() not in ("false", "0", "no"),
+                                  allow_download=_flag("download", download),
                                   vision_layers=None if vision_layers is None else int(vision_layers))
         except (FileNotFoundError, ValueError) as err:  # say it in --model_args' own words
             raise type(err)(f"cannot load pretrained={source}: {err}. In --model_args: pretrained= takes a hub id "
@@ -221,6 +233,7 @@ class DyMUModel(lmms):
             raise ValueError(f"{source} is a {type(loaded.model).__name__}; --model {self.model_name()} runs "
                              f"{', '.join(family.classes)}")
         self.model, self.processor, self.tokenizer = loaded.model, loaded.processor, loaded.processor.tokenizer
+        self.pictures = HarnessProcessor(self.model, self.processor, int(min_pixels), int(max_pixels))
         self.tokenizer.padding_side = "left"
         self.batch_size_per_gpu, self.chat_template = int(batch_size), chat_template
         self.setting = {"thresholds": thresholds, "tome": tome, "pool": pool, "random": random, "seed": seed,
@@ -246,11 +259,9 @@ class DyMUModel(lmms):
         """Prompts and pictures as the family's own lmms-eval model builds them (its system turn,
         pictures and processor options: ``VLMFamily.lmms_*``), batched."""
         family = family_named(self.family)
-        visuals = [family.lmms_pictures(self.model, v) for v in visuals]
         prompts = [build_prompt(self.processor, c, len(v), self.chat_template, family.placeholder("image"),
                                 family.lmms_system_prompt) for c, v in zip(contexts, visuals)]
-        inputs = self.processor(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True,
-                                **family.lmms_processor_options(self.min_pixels, self.max_pixels))
+        inputs = self.pictures(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     @_failing_the_run
@@ -277,10 +288,11 @@ class DyMUModel(lmms):
         return results
 
     def _generate(self, contexts: list[str], visuals: list[list[Any]], kwargs: dict[str, Any]) -> list[GenerationResult]:
-        until = kwargs.pop("until", None) or [self.tokenizer.decode(self.tokenizer.eos_token_id)]
-        until = [until] if isinstance(until, str) else list(until)
+        until = kwargs.pop("until", None) if self.stop_at_until else None
+        until = [until] if isinstance(until, str) else list(until or [])
         temperature = float(kwargs.get("temperature", 0) or 0)
-        generate_kwargs = dict(max_new_tokens=int(kwargs.get("max_new_tokens", 1024)), do_sample=temperature > 0,
+        max_new_tokens = int(kwargs.get("max_new_tokens", family_named(self.family).lmms_max_new_tokens))
+        generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                num_beams=int(kwargs.get("num_beams", 1)), pad_token_id=self.tokenizer.eos_token_id,
                                eos_token_id=self.tokenizer.eos_token_id)
         if temperature > 0:
@@ -296,6 +308,7 @@ class DyMUModel(lmms):
         stages = times.stages()
         cfg = self.model.config.get_text_config()
         vision = tower_crop_flops(self.model)  # per crop; with beams each sample's crops come once per beam
+        grids = iter(inputs.get("image_grid_thw", torch.empty(0, 3)))  # Qwen: each image's patch grid, in order
         beams, stop = generate_kwargs["num_beams"], self.tokenizer.eos_token_id
         results = []
         for row, (acc, text) in enumerate(zip(out.accounting, texts)):
@@ -305,11 +318,15 @@ class DyMUModel(lmms):
             crops, vision = vision[:len(acc["crop_tokens"])], vision[len(acc["crop_tokens"]) * beams:]
             # the cache entries of its own tokens (not the padding steps after it finished; the last token is not cached)
             entries = acc["llm_compact_length"] + own - 1
-            record = {**acc, **self.setting, "output_tokens": output_tokens, "generated_tokens": own,
+            own_grids = [next(grids) for _ in visuals[row]] if "image_grid_thw" in inputs else []
+            tower = sum(crops) if crops else family_named(self.family).vision_flops(
+                self.model, {"image_grid_thw": torch.stack(own_grids)} if own_grids else {}, acc)
+            record = {**acc, **self.setting, "images": len(visuals[row]), "output_tokens": output_tokens,
+                      "generated_tokens": own,
                       "kv_cache_entries": entries, "kv_key_entries": acc["kv_key_entries"] - acc["kv_cache_entries"] + entries,
                       "batch_size": len(contexts), "num_beams": beams,
                       **{f"batch_{key}": value for key, value in stages.items()}, "batch_peak_mib": peak_mib,
-                      "vision_flops": sum(crops) if crops else None,
+                      "vision_flops": tower,
                       "prefill_flops": llm_prefill_flops(cfg, acc["llm_compact_length"], acc["llm_virtual_length"], 1),
                       "decode_flops": llm_decode_flops(cfg, max(own - 1, 0), acc["llm_virtual_length"])}
             results.append(GenerationResult(cut_at_stop(text, until),
@@ -325,7 +342,8 @@ class DyMUModel(lmms):
         summary = summarize(records)
         elapsed = sum(r[f"batch_{s}_s"] / r["batch_size"] for r in records for s in ("vision", "prefill", "decode"))
         generated = sum(r["output_tokens"] for r in records)
-        log_metrics(elapsed, generated, generated / elapsed if elapsed else 0.0, flat_summary(summary))
+        log_metrics(elapsed, generated, generated / elapsed if elapsed else 0.0,
+                    {**flat_summary(summary), "dymu_samples": len(records)})
         print(f"DyMU accounting over {len(records)} samples ({self.setting}):\n{summary_table(summary)}", flush=True)
 
     @_failing_the_run
@@ -337,7 +355,7 @@ class DyMUModel(lmms):
                 [r.args for r in requests], disable=self.rank != 0, desc=f"{self.model_name()} scoring"):
             continuation = continuation if isinstance(continuation, str) else \
                 continuation(self.task_dict[task][split][doc_id])
-            visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]))
+            visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
             inputs = self._inputs([context], [visuals])
             prompt = inputs.pop("input_ids")
             # the continuation tokenized on its own, so that no token straddles the boundary
@@ -355,8 +373,13 @@ class DyMUModel(lmms):
                             bool((logprobs.argmax(-1) == target).all())))
         return results
 
+    @_failing_the_run
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(f"{self.model_name()} answers single-round tasks only")
+        raise NotImplementedError(f"{self.model_name()} answers single-round tasks only (generate_until, loglikelihood)")
+
+    @_failing_the_run
+    def generate_visual_cot(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(f"{self.model_name()} answers single-round tasks only (generate_until, loglikelihood)")
 
 
 def _family_models() -> dict[str, type]:

@@ -19,6 +19,7 @@ path as DyMU: ``patch_vlm(model, ToMe(...) | Pool(...) | RandomPrune(...), mode=
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -30,50 +31,72 @@ from .reductions import (KINDS, Baseline, Pool, RandomPrune, ToMe, pool_grids, p
                          pool_patches, random_keep, tome_r)
 
 __all__ = ["KINDS", "Baseline", "Pool", "RandomPrune", "ToMe", "image_token_counts", "match_budget", "mean_image_tokens",
-           "pool_grids", "pool_groups", "pool_patches", "random_keep", "size_classes", "size_key", "tome_r"]
+           "pool_grids", "pool_groups", "pool_patches", "random_keep", "sample_images", "size_classes", "size_key",
+           "tome_r"]
 
 
-def image_token_counts(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> list[int]:
-    """Compact image tokens of each image (what the LLM computes on: for OneVision with its
-    newline tokens) under the patched ``model``, one image per prompt (``pipeline.encode_images``)."""
-    return [len(t.features) for t in encode_images(model, processor, images, batch_size)]
+Sample = Any  # an image, or a list of images asked about together in one prompt
 
 
-def mean_image_tokens(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> float:
-    """Mean of ``image_token_counts``."""
-    counts = image_token_counts(model, processor, images, batch_size)
+def sample_images(sample: Sample) -> list[Any]:
+    """The images of one sample: a list as it is, else the single image."""
+    return list(sample) if isinstance(sample, (list, tuple)) else [sample]
+
+
+def image_token_counts(model: nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int = 8) -> list[int]:
+    """Compact image tokens of each sample (what the LLM computes on: for OneVision with its
+    newline tokens) under the patched ``model``, one prompt per sample: an image, or a list of
+    images asked about together, which a family may treat otherwise than alone (OneVision: base
+    crops only). The pixels come from ``processor``'s own call, so a processor that prepares
+    pictures first (``dymu_viz.eval.harness_processor``: as an lmms-eval run does) is measured as used."""
+    tokens = encode_images(model, processor, samples, batch_size)
+    counts, start = [], 0
+    for sample in samples:
+        n = len(sample_images(sample))
+        counts.append(sum(len(t.features) for t in tokens[start:start + n]))
+        start += n
+    return counts
+
+
+def mean_image_tokens(model: nn.Module, processor: Any, samples: Sequence[Sample], batch_size: int = 8) -> float:
+    """Mean of ``image_token_counts``: per sample (per image when every sample is one image)."""
+    counts = image_token_counts(model, processor, samples, batch_size)
     if not counts:
         raise ValueError("no images to count tokens on")
     return sum(counts) / len(counts)
 
 
-def size_key(processor: Any, image: Any) -> tuple:
+def size_key(processor: Any, sample: Sample) -> tuple:
     """What a baseline's count can depend on besides the pixels: the shapes and integer fields
-    (crops, grids, sizes) of ``image`` processed alone."""
-    inputs = prompt_inputs(processor, [image], [""])  # the processor's own call: its defaults apply
+    (crops, grids, sizes) of ``sample`` (an image or a list of images) processed as one prompt."""
+    inputs = prompt_inputs(processor, [sample], [""])  # the processor's own call: its defaults apply
     return tuple((name, tuple(v.shape), None if v.is_floating_point() else tuple(v.flatten().tolist()))
                  for name, v in sorted(inputs.items()) if torch.is_tensor(v))
 
 
-def size_classes(processor: Any, images: Sequence[Any]) -> list[tuple[Any, int]]:
-    """One image per distinct ``size_key`` with the number of ``images`` that share it, in
-    first-seen order: where a baseline's count ignores the pixels, one image of each class
+def size_classes(processor: Any, samples: Sequence[Sample]) -> list[tuple[Any, int]]:
+    """One sample per distinct ``size_key`` with the number of ``samples`` that share it, in
+    first-seen order: where a baseline's count ignores the pixels, one sample of each class
     measures them all."""
     classes: dict[tuple, list] = {}
-    for image in images:
-        classes.setdefault(size_key(processor, image), [image, 0])[1] += 1
-    return [(image, count) for image, count in classes.values()]
+    for sample in samples:
+        classes.setdefault(size_key(processor, sample), [sample, 0])[1] += 1
+    return [(sample, count) for sample, count in classes.values()]
 
 
-def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target: float, kind: str,
-                 mode: str = "vtu", batch_size: int = 8, seed: int = 0) -> Baseline:
-    """The ``kind`` baseline ("tome", "pool" or "random") whose mean image tokens on ``images``
-    is closest to ``target`` (e.g. a DyMU run's ``mean_image_tokens``): a binary search over
-    ToMe's merges per crop (image), the pooling grids of ``pool_grids`` or the patches (units)
-    random pruning keeps (drawn with ``seed``), on the family's grid (``baseline_grid``, the
-    smallest of ``images``), measuring with the real tower each time, on one image of each of
-    ``size_classes`` where the family's baseline counts ignore the pixels. The model is
-    left patched with the result (``mode`` as in ``patch_vlm``); ``measured`` holds its mean."""
+def match_budget(model: nn.Module, processor: Any, samples: Sequence[Sample], target: float, kind: str,
+                 mode: str = "vtu", batch_size: int = 8, seed: int = 0, tolerance: float = 0.05) -> Baseline:
+    """The ``kind`` baseline ("tome", "pool" or "random") whose mean image tokens per sample on
+    ``samples`` (images, or lists of images asked about together) is closest to ``target`` (e.g.
+    a DyMU run's mean per sample): a binary search over ToMe's merges per crop (image), the
+    pooling grids of ``pool_grids`` or the patches (units) random pruning keeps (drawn with
+    ``seed``), on the family's grids (``baseline_grids``; pooling and pruning fit the smallest),
+    measuring with the real tower each time, on one sample of each of ``size_classes`` where the
+    family's baseline counts ignore the pixels. Measure with the processor the evaluation uses
+    (``dymu_viz.eval.harness_processor`` for an lmms-eval run). The model is left patched with
+    the result (``mode`` as in ``patch_vlm``); ``measured`` holds its mean. A result further
+    than ``tolerance`` (a share of the target) from it warns: images of very different sizes
+    can put a fixed budget out of reach."""
     if kind not in KINDS:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
     if mode == "full":
@@ -81,24 +104,25 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
     family = family_of(model)
     if not family.baselines:
         raise ValueError(f"the {family.title} family has no matched-budget baselines")
-    rows, cols = family.baseline_grid(model, processor, images)
-    if kind == "tome":
+    if not samples:
+        raise ValueError("no images to count tokens on")
+    grids = family.baseline_grids(model, processor, [im for sample in samples for im in sample_images(sample)])
+    rows, cols = min(h for h, _ in grids), min(w for _, w in grids)
+    if kind == "tome":  # up to the largest grid: ToMe's cap per step keeps smaller ones valid
         steps_run, steps = family.baseline_steps(model)
-        candidates: list[Baseline] = [ToMe(tome_r(m, steps_run, steps)) for m in range(rows * cols)]
+        candidates: list[Baseline] = [ToMe(tome_r(m, steps_run, steps)) for m in range(max(h * w for h, w in grids))]
     elif kind == "pool":  # like ToMe: the count falls along the list
-        candidates = [Pool(r, c) for r, c in pool_grids(min(rows, cols))]
+        candidates = [Pool(r, c) for r, c in pool_grids((rows, cols))]
     else:
         candidates = [RandomPrune(keep, seed) for keep in range(rows * cols, 0, -1)]
 
-    if not images:
-        raise ValueError("no images to count tokens on")
-    classes = size_classes(processor, images) if family.baseline_counts_by_size else [(image, 1) for image in images]
-    shown = [image for image, _ in classes]
+    classes = size_classes(processor, samples) if family.baseline_counts_by_size else [(s, 1) for s in samples]
+    shown = [sample for sample, _ in classes]
 
     def measure(i: int) -> float:
         patch_vlm(model, candidates[i], mode=mode)
         counts = image_token_counts(model, processor, shown, batch_size)
-        return sum(c * n for c, (_, n) in zip(counts, classes)) / len(images)
+        return sum(c * n for c, (_, n) in zip(counts, classes)) / len(samples)
 
     low, high = 0, len(candidates) - 1  # the count falls from low to high
     counts = {low: measure(low), high: measure(high)}
@@ -109,4 +133,8 @@ def match_budget(model: nn.Module, processor: Any, images: Sequence[Any], target
     best = min((low, high), key=lambda i: abs(counts[i] - target))
     chosen = candidates[best]
     patch_vlm(model, chosen, mode=mode)
+    if abs(counts[best] - target) > tolerance * target:
+        warnings.warn(f"the closest {kind} baseline keeps {counts[best]:.1f} image tokens per sample against a target "
+                      f"of {target:.1f} ({100 * (counts[best] / target - 1):+.0f} %): of these images' grids "
+                      f"(the smallest {rows} x {cols}) no {kind} setting comes closer", stacklevel=2)
     return type(chosen)(**{**chosen.__dict__, "measured": counts[best]})

@@ -75,8 +75,9 @@ class VLMFamily:
     lmms_class: str = ""  # the name of that model's class in dymu_viz.eval.harness
     default_pretrained: Optional[str] = None  # the lmms-eval model's default checkpoint
     lmms_system_prompt: Optional[str] = None  # a system turn lmms-eval's own model of the family writes
+    lmms_max_new_tokens: int = 1024  # that model's answer length when the task sets none
     presets: dict[str, str] = {}  # lmms-eval thresholds=NAME -> a published reference checkpoint
-    baselines: bool = False  # the matched-budget ToMe / pooling / random baselines apply (``baseline_grid``)
+    baselines: bool = False  # the matched-budget ToMe / pooling / random baselines apply (``baseline_grids``)
     baseline_counts_by_size: bool = True  # a baseline's count depends on an image's processed size alone
     rounds: bool = False  # merges in rounds after its tower, calibrated by ``calibrate_rounds``
     checkpoints: dict[str, VLMSpec] = {}  # the ids ``load_vlm`` knows, with their real shapes
@@ -133,9 +134,9 @@ class VLMFamily:
         """Thresholds of the rounds after the tower, found on ``images`` (families with ``rounds``)."""
         raise NotImplementedError(f"the {self.name} family merges inside its tower: calibrate the tower instead")
 
-    def baseline_grid(self, model: nn.Module, processor: Any, images: Any) -> tuple[int, int]:
-        """(rows, columns) of the grid the matched-budget baselines reduce, the smallest among
-        ``images`` (families with ``baselines``)."""
+    def baseline_grids(self, model: nn.Module, processor: Any, images: list[Any]) -> list[tuple[int, int]]:
+        """(rows, columns) of the grid the matched-budget baselines reduce, for each of ``images``
+        as ``processor`` prepares it (families with ``baselines``)."""
         raise NotImplementedError(f"the {self.name} family has no matched-budget baselines")
 
     def baseline_steps(self, model: nn.Module) -> tuple[int, int]:

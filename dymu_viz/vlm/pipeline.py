@@ -181,7 +181,7 @@ def chat(model: nn.Module, processor: Any, images: list[Any], questions: list[st
 @torch.no_grad()
 def encode_images(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int = 8) -> list[ImageTokens]:
     """Each image's tokens as the model's forward splices them when the image is alone in its
-    prompt: ``features`` (n, D), the compact tokens the LLM computes on, and ``mapping``, the token
+    prompt (an entry that is a list of images: those together in one prompt, one result each): ``features`` (n, D), the compact tokens the LLM computes on, and ``mapping``, the token
     of each unit (patch, or 2 x 2 patches). Merged under ``patch_vlm``'s settings (after
     ``patch_vlm(model, None)``: the vanilla tokens). The pixels come from the processor's own call
     (its defaults apply, unlike ``processor.image_processor`` alone), ``batch_size`` prompts at a time."""

@@ -136,13 +136,18 @@ def random_keep(grid: Union[int, tuple[int, int]], keep: int, seed: int, device:
     return kept, distance.argmin(1)  # argmin returns the first of equal minima
 
 
-def pool_grids(side: int) -> list[tuple[int, int]]:
-    """Pooling grids (rows, cols) for a side x side patch grid, most cells first: every grid
-    whose cells are at most 1.5 times longer one way than the other (or differ by one), so the
-    cell count steps finely enough to match a budget; of equal counts the squarest."""
-    grids = [(r, c) for r in range(1, side + 1) for c in range(1, side + 1)
-             if abs(r - c) <= 1 or max(r, c) <= 1.5 * min(r, c)]
-    return sorted(grids, key=lambda g: (-g[0] * g[1], abs(g[0] - g[1]), -g[0]))
+def pool_grids(grid: Union[int, tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pooling grids (rows, cols) for an h x w patch grid (``grid``: its side, or (h, w)), most
+    cells first: every grid that fits and whose cells are at most 1.5 times longer one way than
+    the other (or whose rows and columns differ by one where h = w), so the cell count steps
+    finely enough to match a budget; of equal counts the squarest cells."""
+    h, w = grid_shape(grid)
+
+    def stretch(r: int, c: int) -> float:  # cell height / width, >= 1
+        return max(h * c, w * r) / min(h * c, w * r)
+    grids = [(r, c) for r in range(1, h + 1) for c in range(1, w + 1)
+             if (h == w and abs(r - c) <= 1) or stretch(r, c) <= 1.5]
+    return sorted(grids, key=lambda g: (-g[0] * g[1], stretch(*g), -g[0]))
 
 
 def tome_r(merges: int, layers_run: int, depth: int) -> tuple[int, ...]:

@@ -94,10 +94,10 @@ class TowerFamily(VLMFamily):
 
     baselines = True
 
-    def baseline_grid(self, model: nn.Module, processor: Any, images: Any) -> tuple[int, int]:
+    def baseline_grids(self, model: nn.Module, processor: Any, images: list[Any]) -> list[tuple[int, int]]:
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
-        return side, side
+        return [(side, side)] * len(images)
 
     def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
         depth = model.config.vision_config.num_hidden_layers

@@ -351,9 +351,9 @@ class InternVL(VLMFamily):
             return InternVLSettings("rounds", None, metric, None if full else thresholds)
         return InternVLSettings("rounds", None if full else unit_round_thresholds(thresholds), metric)
 
-    def baseline_grid(self, model: nn.Module, processor: Any, images: Any) -> tuple[int, int]:
+    def baseline_grids(self, model: nn.Module, processor: Any, images: list[Any]) -> list[tuple[int, int]]:
         rows, cols = grid_of(model)
-        return rows // 2, cols // 2
+        return [(rows // 2, cols // 2)] * len(images)
 
     def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
         return rounds_steps(model)

@@ -38,6 +38,7 @@ from ...merge import bipartite_scores, merge_tokens, score_dtype, select_batch_t
 from ...thresholds import Thresholds
 from . import qwen_tower as unit_tower
 from ..family import VisualInput, VLMFamily, VLMSpec, register
+from ..pipeline import prompt_inputs
 from ..reductions import BASELINES, Baseline, Pool, RandomPrune, ToMe, pool_groups, random_keep, reduce_grid
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
                        scaled_text_config, tower_blocks)
@@ -782,6 +783,7 @@ class Qwen2VL(VLMFamily):
     lmms_class = "DyMUQwen2VL"
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
     lmms_processor_resizes = True  # lmms-eval's own model lets the processor resize within its pixel bounds
+    lmms_max_new_tokens = 128  # lmms-eval's own Qwen models' default
 
     def lmms_pictures(self, model: nn.Module, images: list[Any]) -> list[Any]:
         """As lmms-eval's own (chat) Qwen models: resized as qwen_vl_utils does, to multiples of
@@ -892,10 +894,10 @@ class Qwen2VL(VLMFamily):
                            metric=settings.metric, temporal=settings.temporal if video else None,
                            window=settings.window, reduction=settings.reduction)
 
-    def baseline_grid(self, model: nn.Module, processor: Any, images: Sequence[Any]) -> tuple[int, int]:
-        """The unit grid every image's baseline must fit: the fewest unit rows and columns."""
-        grids = unit_grids(model, processor.image_processor(images=list(images), return_tensors="pt")["image_grid_thw"])
-        return min(h for h, _ in grids), min(w for _, w in grids)
+    def baseline_grids(self, model: nn.Module, processor: Any, images: list[Any]) -> list[tuple[int, int]]:
+        """Each image's unit grid, from the processor's own call (one prompt per image): what the
+        baselines reduce."""
+        return unit_grids(model, prompt_inputs(processor, images, [""] * len(images))["image_grid_thw"])
 
     def baseline_steps(self, model: nn.Module) -> tuple[int, int]:
         return rounds_steps(model)
