@@ -62,7 +62,7 @@ def test_compiled_patched_encoder_equals_eager(family: str) -> None:
         assert int(counts[:, -1].min()) < int(counts[:, 0].max()), "test premise: nothing merged"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["hf_siglip", "open_clip"])  # the class swap is the same for every family
 def test_patch_and_unpatch_reach_a_model_compiled_before(family: str) -> None:
     model = FACTORIES[family]()
     x = redundancy_images(image_size(model), patch_size(model))
