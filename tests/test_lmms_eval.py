@@ -373,6 +373,20 @@ def test_a_budget_measured_through_the_harness_processor_is_what_the_harness_log
         assert sum(logged_tokens(run, docs)) / len(docs) == baseline.measured
 
 
+def test_a_pooling_grid_too_large_for_a_picture_fails_before_any_answer(checkpoints, monkeypatch):
+    """A panorama's unit grid is 11 units high: pool=16x16 fits the astronaut (18 x 18) but not
+    it, and the run stops before generating anything, naming the sample."""
+    from dymu_viz.data import sample_photos
+    from dymu_viz.eval import harness
+
+    monkeypatch.setattr(harness.vlm, "generate", lambda *args, **kwargs: pytest.fail("generated before the check"))
+    photo = sample_photos(["astronaut"])["astronaut"]
+    docs = [{"question": "What is it?", "images": [p]} for p in (photo, photo.resize((2400, 300)))]
+    model = harness_class("qwen2_vl")(pretrained=str(checkpoints["qwen2_vl"]), pool="16x16")
+    with pytest.raises(ValueError, match="sample 1: cannot pool a 11 x 86 patch grid to 16 x 16 cells; match"):
+        model.generate_until(requests(model, docs, {"max_new_tokens": 1}))
+
+
 def test_a_budget_per_sample_of_several_images_is_matched_per_sample(checkpoints):
     """A task with two pictures per question: samples given as lists are measured together, as
     one prompt, so the matched baseline's logged tokens per sample meet DyMU's per sample."""

@@ -49,7 +49,7 @@ from ..models import DTYPES
 from ..thresholds import Thresholds
 from ..vlm.family import FAMILIES, family_named
 from ..vlm.pipeline import images_per_prompt
-from ..vlm.reductions import Pool, RandomPrune, ToMe
+from ..vlm.reductions import Pool, RandomPrune, ToMe, check_reduction
 from ..vlm.costs import forward_times, llm_decode_flops, llm_prefill_flops, tower_crop_flops
 from . import MAX_PIXELS, MIN_PIXELS, HarnessProcessor, flat_summary, summarize, summary_table
 
@@ -235,7 +235,7 @@ class DyMUModel(lmms):
         self.model, self.processor, self.tokenizer = loaded.model, loaded.processor, loaded.processor.tokenizer
         self.pictures = HarnessProcessor(self.model, self.processor, int(min_pixels), int(max_pixels))
         self.tokenizer.padding_side = "left"
-        self.batch_size_per_gpu, self.chat_template = int(batch_size), chat_template
+        self.batch_size_per_gpu, self.chat_template, self.reduction = int(batch_size), chat_template, setting
         self.setting = {"thresholds": thresholds, "tome": tome, "pool": pool, "random": random, "seed": seed,
                         "metric": metric, "window": window, "temporal": temporal, "mode": mode}
         vlm.patch_vlm(self.model, setting, mode=mode, kernel=kernel, cache=cache, metric=metric,
@@ -264,8 +264,25 @@ class DyMUModel(lmms):
         inputs = self.pictures(images=images_per_prompt(visuals), text=prompts, return_tensors="pt", padding=True)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
+    def _check_fits(self, visuals: list[list[Any]]) -> None:
+        """A pooling grid or a random keep that some sample's picture cannot take (Qwen's grids
+        follow the picture) fails before any answer, naming the sample, not hours into a run."""
+        if not isinstance(self.reduction, (Pool, RandomPrune)):
+            return
+        family = family_named(self.family)
+        for i, pictures in enumerate(visuals):
+            pictures = [p for p in pictures if not isinstance(p, str)]  # video paths are refused later
+            for grid in family.baseline_grids(self.model, self.pictures, pictures) if pictures else []:
+                try:
+                    check_reduction(self.reduction, grid)
+                except ValueError as err:
+                    raise ValueError(f"sample {i}: {err}; match the baseline on the task's own pictures "
+                                     "(vlm.baselines.match_budget through dymu_viz.eval.HarnessProcessor)") from None
+
     @_failing_the_run
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        self._check_fits([list(to_visual(self.task_dict[t][s][d]) or []) for _, _, to_visual, d, t, s in
+                          (r.args for r in requests)])
         collator = lmms_utils.Collator([r.args for r in requests], lambda a: (-len(self.tokenizer.encode(a[0])), a[0]),
                                        grouping=True)
         results: list[GenerationResult] = []

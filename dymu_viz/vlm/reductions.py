@@ -136,6 +136,14 @@ def random_keep(grid: Union[int, tuple[int, int]], keep: int, seed: int, device:
     return kept, distance.argmin(1)  # argmin returns the first of equal minima
 
 
+def check_reduction(reduction: "Baseline", grid: Union[int, tuple[int, int]]) -> None:
+    """A pooling grid or a random keep that an h x w grid (``grid``) cannot take fails here."""
+    if isinstance(reduction, Pool):
+        pool_groups(grid, reduction.rows, reduction.cols, torch.device("cpu"))
+    elif isinstance(reduction, RandomPrune):
+        random_keep(grid, reduction.keep, 0, torch.device("cpu"))
+
+
 def pool_grids(grid: Union[int, tuple[int, int]]) -> list[tuple[int, int]]:
     """Pooling grids (rows, cols) for an h x w patch grid (``grid``: its side, or (h, w)), most
     cells first: every grid that fits and whose cells are at most 1.5 times longer one way than

@@ -38,12 +38,12 @@ from ...patch import get_state, patch, unpatch
 from ...thresholds import Thresholds
 from ..chunk import runs_of
 from ..family import VisualInput, VLMFamily, VLMSpec, register
-from ..reductions import BASELINES, Baseline, ToMe
+from ..reductions import BASELINES, Baseline, ToMe, check_reduction
 from ..standin import CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note, \
     scaled_text_config, tower_blocks
 from ..tokens import ImageTokens
 from ..tower import tower_output
-from .qwen2_vl import ROUNDS_KIND, check_metric, check_reduction, concat_steps, metric_views, piece_reductions, \
+from .qwen2_vl import ROUNDS_KIND, check_metric, concat_steps, metric_views, piece_reductions, \
     rounds_steps, unit_metric_of, unit_round_thresholds, unit_rounds
 
 PLACEMENTS = ("rounds", "tower")

@@ -39,7 +39,7 @@ from ...thresholds import Thresholds
 from . import qwen_tower as unit_tower
 from ..family import VisualInput, VLMFamily, VLMSpec, register
 from ..pipeline import prompt_inputs
-from ..reductions import BASELINES, Baseline, Pool, RandomPrune, ToMe, pool_groups, random_keep, reduce_grid
+from ..reductions import BASELINES, Baseline, ToMe, reduce_grid
 from ..standin import (CHATML_ROLES, CHATML_SPECIALS, answer_in_words, build_tokenizer, scaled_llm_note,
                        scaled_text_config, tower_blocks)
 from ..tokens import ImageTokens
@@ -189,14 +189,6 @@ def piece_reductions(pieces: list[tuple[Tensor, Tensor]], grids: Sequence[tuple[
         kept = (size > 0).sum(-1).tolist()
         return [(x[b, :kept[b]], groups[b, :len(f)]) for b, (f, _) in enumerate(pieces)]
     return [reduce_grid(f, grid, reduction, p) for (f, _), grid, p in zip(pieces, grids, pixels)]
-
-
-def check_reduction(reduction: Baseline, grid: tuple[int, int]) -> None:
-    """A pooling grid or a random keep that a rows x cols unit grid cannot take fails here."""
-    if isinstance(reduction, Pool):
-        pool_groups(grid, reduction.rows, reduction.cols, torch.device("cpu"))
-    elif isinstance(reduction, RandomPrune):
-        random_keep(grid, reduction.keep, 0, torch.device("cpu"))
 
 
 def rounds_steps(model: nn.Module) -> tuple[int, int]:
