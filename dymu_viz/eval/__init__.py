@@ -53,7 +53,8 @@ class HarnessProcessor:
         self.options = self.family.lmms_processor_options(int(min_pixels), int(max_pixels))
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
-        if images is not None:  # nested per prompt (as dymu_viz passes them) or one flat list
+        if images is not None:  # nested per prompt (as dymu_viz passes them), one flat list, or one image
+            images = images if isinstance(images, (list, tuple)) else [images]
             nested = all(isinstance(per, (list, tuple)) for per in images)
             images = [self.family.lmms_pictures(self.model, list(per)) for per in images] if nested \
                 else self.family.lmms_pictures(self.model, list(images))

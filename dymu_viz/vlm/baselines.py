@@ -48,7 +48,7 @@ def image_token_counts(model: nn.Module, processor: Any, samples: Sequence[Sampl
     newline tokens) under the patched ``model``, one prompt per sample: an image, or a list of
     images asked about together, which a family may treat otherwise than alone (OneVision: base
     crops only). The pixels come from ``processor``'s own call, so a processor that prepares
-    pictures first (``dymu_viz.eval.harness_processor``: as an lmms-eval run does) is measured as used."""
+    pictures first (``dymu_viz.eval.HarnessProcessor``: as an lmms-eval run does) is measured as used."""
     tokens = encode_images(model, processor, samples, batch_size)
     counts, start = [], 0
     for sample in samples:
@@ -93,7 +93,7 @@ def match_budget(model: nn.Module, processor: Any, samples: Sequence[Sample], ta
     ``seed``), on the family's grids (``baseline_grids``; pooling and pruning fit the smallest),
     measuring with the real tower each time, on one sample of each of ``size_classes`` where the
     family's baseline counts ignore the pixels. Measure with the processor the evaluation uses
-    (``dymu_viz.eval.harness_processor`` for an lmms-eval run). The model is left patched with
+    (``dymu_viz.eval.HarnessProcessor`` for an lmms-eval run). The model is left patched with
     the result (``mode`` as in ``patch_vlm``); ``measured`` holds its mean. A result further
     than ``tolerance`` (a share of the target) from it warns: images of very different sizes
     can put a fixed budget out of reach."""
