@@ -355,6 +355,10 @@ def build_vlm(run: Run, model_id: str) -> tuple[nn.Module, Any]:
     config = copy.deepcopy(loaded.model.config)
     config.text_config.update(plan.llms[model_id])
     config.vision_config.update(plan.towers.get(model_id, {}))
+    for part in (config.text_config, config.vision_config):  # a per-layer list follows the new depth
+        kinds, depth = getattr(part, "layer_types", None), getattr(part, "num_hidden_layers", None)
+        if kinds and depth and len(kinds) != depth:
+            part.layer_types = (list(kinds) + [kinds[-1]] * depth)[:depth]
     if hasattr(config.vision_config, "out_hidden_size"):  # Qwen2.5-VL: the PatchMerger feeds the LLM
         config.vision_config.out_hidden_size = config.text_config.hidden_size
     with torch.device(run.device):
