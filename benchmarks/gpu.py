@@ -144,7 +144,8 @@ SMOKE = Plan(
     encoder_shape=dict(TINY_VIT, image_size=168, num_hidden_layers=4), encoder_batches=(1, 2, 4),
     towers={LLAVA: TINY_VIT, ONEVISION: TINY_VIT, QWEN: dict(hidden_size=64, intermediate_size=128, num_heads=2)},
     vision_layers={LLAVA: 4, ONEVISION: 2, QWEN: 2},
-    llms={LLAVA: tiny_llm(2), ONEVISION: tiny_llm(1), QWEN: tiny_llm(1)},
+    llms={LLAVA: tiny_llm(2), ONEVISION: dict(tiny_llm(1), num_hidden_layers=3),  # deeper than the stand-in LLM
+          QWEN: tiny_llm(1)},
     decode_batches=(1, 2), decode_steps=2, new_tokens=3, onevision_side=384, qwen_side=224, reps=1, warmup=1,
     decode_reps=1)
 
