@@ -325,7 +325,7 @@ class DyMUModel(lmms):
         stages = times.stages()
         cfg = self.model.config.get_text_config()
         vision = tower_crop_flops(self.model)  # per crop; with beams each sample's crops come once per beam
-        grids = iter(inputs.get("image_grid_thw", torch.empty(0, 3)))  # Qwen: each image's patch grid, in order
+        family, first = family_named(self.family), 0  # first: the row's first image in the batch
         beams, stop = generate_kwargs["num_beams"], self.tokenizer.eos_token_id
         results = []
         for row, (acc, text) in enumerate(zip(out.accounting, texts)):
@@ -335,9 +335,9 @@ class DyMUModel(lmms):
             crops, vision = vision[:len(acc["crop_tokens"])], vision[len(acc["crop_tokens"]) * beams:]
             # the cache entries of its own tokens (not the padding steps after it finished; the last token is not cached)
             entries = acc["llm_compact_length"] + own - 1
-            own_grids = [next(grids) for _ in visuals[row]] if "image_grid_thw" in inputs else []
-            tower = sum(crops) if crops else family_named(self.family).vision_flops(
-                self.model, {"image_grid_thw": torch.stack(own_grids)} if own_grids else {}, acc)
+            tower = sum(crops) if crops else family.vision_flops(
+                self.model, family.item_inputs(inputs, first, len(visuals[row])), acc)
+            first += len(visuals[row])
             record = {**acc, **self.setting, "images": len(visuals[row]), "output_tokens": output_tokens,
                       "generated_tokens": own,
                       "kv_cache_entries": entries, "kv_key_entries": acc["kv_key_entries"] - acc["kv_cache_entries"] + entries,

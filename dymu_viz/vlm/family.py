@@ -149,6 +149,11 @@ class VLMFamily:
         ``model.dymu_vlm.last`` entry), when the family counts them; None here."""
         return None
 
+    def item_inputs(self, inputs: dict[str, Any], first: int, count: int) -> dict[str, Any]:
+        """The per-image arguments of images ``first`` .. ``first + count`` of a batch's ``inputs``
+        (what ``vision_flops`` reads for one sample's images); none here."""
+        return {}
+
     def lmms_pictures(self, model: nn.Module, images: list[Any]) -> list[Any]:
         """Pictures as lmms-eval's own model of the family hands them to the processor."""
         return images

@@ -897,6 +897,10 @@ class Qwen2VL(VLMFamily):
     def vision_flops(self, model: nn.Module, inputs: dict[str, Any], accounting: dict[str, Any]) -> Optional[float]:
         return unit_tower.vision_flops(model, inputs, accounting)
 
+    def item_inputs(self, inputs: dict[str, Any], first: int, count: int) -> dict[str, Any]:
+        grids = inputs.get("image_grid_thw")
+        return {} if grids is None else {"image_grid_thw": grids[first:first + count]}
+
     def positions(self, model: nn.Module, input_ids: Tensor, mask: Tensor, start: Tensor,
                   arguments: dict[str, Any]) -> Optional[Tensor]:
         grids = {k: arguments.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
